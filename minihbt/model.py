@@ -1,0 +1,278 @@
+"""The encoder: a Hugging Face checkpoint as a flat parameter dict plus the forward pass.
+
+    embeddings:  word[ids] + position[pos_ids] + token_type[type_ids] -> LayerNorm -> dropout
+    each layer:  h = LN(h + dropout(Wo · attention(Wq h, Wk h, Wv h) + bo))
+                 h = LN(h + dropout(W2 · gelu(W1 h + b1) + b2))          (post-LayerNorm)
+    pooling:     mean over the attention mask | first token | tanh(pooler(first token))
+    then L2 normalisation.
+"""
+import glob
+import json
+import os
+import shutil
+
+import numpy as np
+
+from . import layers as L
+from .backend import get_xp, get_dtype, to_numpy
+from .config import ModelConfig, ConfigError
+from .tokenizer import Tokenizer
+from .weights import load_weights, save_weights
+
+POOLINGS = ("mean", "cls", "pooler")
+DEFAULT_PREFIXES = {"query": "query: ", "passage": "passage: "}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "sentencepiece.bpe.model", "vocab.txt")
+
+
+class Model:
+    """A loaded encoder. `params` maps HF tensor names to arrays of `xp` (numpy or cupy)."""
+
+    def __init__(self, config, params, tokenizer, xp, dtype, device="cpu", pooling="mean",
+                 raw_config=None, path=None):
+        self.config = config
+        self.params = params
+        self.tokenizer = tokenizer
+        self.xp = xp
+        self.dtype = dtype
+        self.device = device
+        self.pooling = pooling
+        self.prefixes = dict(DEFAULT_PREFIXES)
+        self.raw_config = raw_config or config.to_dict()
+        self.path = path
+
+    def __repr__(self):
+        c = self.config
+        n = sum(int(np.prod(p.shape)) for p in self.params.values())
+        return (f"Model({c.model_type}, layers={c.num_hidden_layers}, hidden={c.hidden_size}, "
+                f"heads={c.num_attention_heads}, params={n:,}, pooling={self.pooling!r}, "
+                f"device={self.device!r}, dtype={np.dtype(self.dtype).name})")
+
+    @property
+    def max_length(self):
+        """Longest sequence the position table allows (RoBERTa positions start at pad_id + 1)."""
+        c = self.config
+        offset = c.pad_token_id + 1 if c.family == "roberta" else 0
+        return c.max_position_embeddings - offset
+
+    def position_ids(self, input_ids):
+        """RoBERTa: cumsum(ids != pad) * (ids != pad) + pad, so real tokens start at pad + 1
+        and padding sits on the pad row; BERT: 0 .. T-1."""
+        xp = self.xp
+        B, T = input_ids.shape
+        if self.config.family == "roberta":
+            pad = self.config.pad_token_id
+            real = (input_ids != pad).astype(np.int64)              # [B, T]
+            return xp.cumsum(real, axis=1) * real + pad            # [B, T]
+        return xp.broadcast_to(xp.arange(T, dtype=np.int64), (B, T))
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None, caches=None, rng=None, dropout=False):
+        """Last hidden states [B, T, H] for padded token ids [B, T].
+
+        With `caches` (a list) each operation appends what its backward needs; with
+        `dropout` True and an explicit `rng`, dropout is applied as in training.
+        """
+        xp, P, c = self.xp, self.params, self.config
+        input_ids = xp.asarray(input_ids)
+        attention_mask = xp.asarray(attention_mask)
+        token_type_ids = xp.zeros_like(input_ids) if token_type_ids is None else xp.asarray(token_type_ids)
+        p_hidden = c.hidden_dropout_prob if dropout else 0.0
+        p_attn = c.attention_probs_dropout_prob if dropout else 0.0
+        keep = caches is not None
+
+        def linear(x, name):
+            y, cache = L.linear_forward(xp, x, P[name + ".weight"], P[name + ".bias"])
+            return y, cache
+
+        def layernorm(x, name):
+            return L.layernorm_forward(xp, x, P[name + ".weight"], P[name + ".bias"], c.layer_norm_eps)
+
+        # embeddings
+        pos_ids = self.position_ids(input_ids)
+        h, _ = L.embedding_forward(xp, P["embeddings.word_embeddings.weight"], input_ids)       # [B, T, H]
+        h += P["embeddings.position_embeddings.weight"][pos_ids]
+        h += P["embeddings.token_type_embeddings.weight"][token_type_ids]
+        h, ln_cache = layernorm(h, "embeddings.LayerNorm")
+        h, drop_cache = L.dropout_forward(xp, h, p_hidden, rng)
+        if keep:
+            caches.append(("embeddings", (input_ids, pos_ids, token_type_ids, ln_cache, drop_cache)))
+        mask_bias = L.mask_bias_from(xp, attention_mask, self.dtype)                          # [B, 1, 1, T]
+
+        for i in range(c.num_hidden_layers):
+            p = f"encoder.layer.{i}."
+            q, q_cache = linear(h, p + "attention.self.query")                                # [B, T, H]
+            k, k_cache = linear(h, p + "attention.self.key")                                  # [B, T, H]
+            v, v_cache = linear(h, p + "attention.self.value")                                # [B, T, H]
+            ctx, attn_cache = L.attention_forward(xp, q, k, v, mask_bias, c.num_attention_heads, p_attn, rng)
+            a, ao_cache = linear(ctx, p + "attention.output.dense")                           # [B, T, H]
+            a, ad_cache = L.dropout_forward(xp, a, p_hidden, rng)
+            a += h                                                                            # residual
+            h1, ln1_cache = layernorm(a, p + "attention.output.LayerNorm")                    # [B, T, H]
+            f, fi_cache = linear(h1, p + "intermediate.dense")                                # [B, T, F]
+            g, gelu_cache = L.gelu_forward(xp, f)                                             # [B, T, F]
+            o, fo_cache = linear(g, p + "output.dense")                                       # [B, T, H]
+            o, od_cache = L.dropout_forward(xp, o, p_hidden, rng)
+            o += h1                                                                           # residual
+            h, ln2_cache = layernorm(o, p + "output.LayerNorm")                               # [B, T, H]
+            if keep:
+                caches.append((p, (q_cache, k_cache, v_cache, attn_cache, ao_cache, ad_cache, ln1_cache,
+                                   fi_cache, gelu_cache, fo_cache, od_cache, ln2_cache)))
+        return h
+
+    def pool(self, hidden, attention_mask, pooling=None, caches=None):
+        """[B, T, H] -> [B, H] by the model's pooling mode (not yet normalised)."""
+        xp, mode = self.xp, pooling or self.pooling
+        if mode == "mean":
+            out, cache = L.mean_pool_forward(xp, hidden, xp.asarray(attention_mask))
+        elif mode == "cls":
+            out, cache = L.cls_pool_forward(xp, hidden)
+        elif mode == "pooler":
+            if "pooler.dense.weight" not in self.params:
+                raise ValueError("pooling='pooler' needs pooler.dense.* weights, which this checkpoint lacks")
+            first, cls_cache = L.cls_pool_forward(xp, hidden)
+            z, lin_cache = L.linear_forward(xp, first, self.params["pooler.dense.weight"],
+                                            self.params["pooler.dense.bias"])
+            out = xp.tanh(z)
+            cache = (cls_cache, lin_cache, out)
+        else:
+            raise ValueError(f"unknown pooling {mode!r}: use one of {POOLINGS}")
+        if caches is not None:
+            caches.append(("pool:" + mode, cache))
+        return out
+
+    def embed(self, input_ids, attention_mask, token_type_ids=None):
+        """Token ids -> L2-normalised embeddings [B, H] (xp array). No caches, no dropout."""
+        hidden = self.forward(input_ids, attention_mask, token_type_ids)
+        pooled = self.pool(hidden, attention_mask)
+        out, _ = L.l2_normalize_forward(self.xp, pooled)
+        return out
+
+    def save(self, out_dir):
+        """Write a Hugging Face directory (config.json, model.safetensors, tokenizer files)
+        that opens in `transformers`. Files are written atomically."""
+        os.makedirs(out_dir, exist_ok=True)
+        host = {k: to_numpy(v) for k, v in self.params.items()}
+        save_weights(host, os.path.join(out_dir, "model.safetensors"))
+        cfg = dict(self.raw_config)
+        cfg["architectures"] = ["XLMRobertaModel" if cfg["model_type"] == "xlm-roberta" else
+                                "RobertaModel" if cfg["model_type"] == "roberta" else "BertModel"]
+        cfg["torch_dtype"] = np.dtype(self.dtype).name
+        _write_json_atomic(os.path.join(out_dir, "config.json"), cfg)
+        if self.path and os.path.abspath(self.path) != os.path.abspath(out_dir):
+            src = self.path
+            for name in TOKENIZER_FILES + ("modules.json", "sentence_bert_config.json"):
+                if os.path.exists(os.path.join(src, name)):
+                    _copy_atomic(os.path.join(src, name), os.path.join(out_dir, name))
+            for sub in glob.glob(os.path.join(src, "1_Pooling")) + glob.glob(os.path.join(src, "2_Normalize")):
+                shutil.copytree(sub, os.path.join(out_dir, os.path.basename(sub)), dirs_exist_ok=True)
+
+
+def _write_json_atomic(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+    os.replace(tmp, path)
+
+
+def _copy_atomic(src, dst):
+    tmp = dst + ".tmp"
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def default_pooling(model_dir, params):
+    """The pooling a checkpoint declares through its sentence-transformers files, else mean.
+
+    `1_Pooling/config.json` with pooling_mode_cls_token -> 'cls' ('pooler' when the
+    checkpoint has pooler weights and a Dense module follows, as LaBSE); with
+    pooling_mode_mean_tokens or no such file -> 'mean' (multilingual-E5, XLM-R).
+    """
+    pcfg = os.path.join(model_dir, "1_Pooling", "config.json")
+    if not os.path.exists(pcfg):
+        return "mean"
+    with open(pcfg, encoding="utf-8") as f:
+        d = json.load(f)
+    if d.get("pooling_mode_cls_token"):
+        has_dense = bool(glob.glob(os.path.join(model_dir, "2_Dense")))
+        return "pooler" if has_dense and "pooler.dense.weight" in params else "cls"
+    return "mean"
+
+
+def load_model(path, device="cpu", dtype="float32", pooling=None):
+    """Load a Hugging Face encoder directory (config.json, safetensors weights, tokenizer.json).
+
+    device: "cpu" (NumPy) or "cuda" (CuPy; an error if no GPU is usable).
+    dtype: compute dtype, "float32" (default) or "float64".
+    pooling: "mean", "cls" or "pooler"; None reads the checkpoint's sentence-transformers
+        pooling config and otherwise uses "mean" (right for multilingual-E5 and XLM-R).
+    """
+    xp = get_xp(device)
+    dt = get_dtype(dtype)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: model directory not found")
+    cfg_path = os.path.join(path, "config.json")
+    config = ModelConfig.from_file(cfg_path)
+    with open(cfg_path, encoding="utf-8") as f:
+        raw_config = json.load(f)
+    params = load_weights(path, config, dtype=dt)
+    tokenizer = Tokenizer(os.path.join(path, "tokenizer.json"), fallback_pad_id=config.pad_token_id)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ConfigError(f"{path}: tokenizer.json has {tokenizer.vocab_size} tokens but config.json's "
+                          f"vocab_size is {config.vocab_size}: ids would index past the embedding table")
+    pooling = pooling or default_pooling(path, params)
+    if pooling not in POOLINGS:
+        raise ValueError(f"unknown pooling {pooling!r}: use one of {POOLINGS}")
+    if pooling == "pooler" and "pooler.dense.weight" not in params:
+        raise ValueError(f"{path}: pooling='pooler' needs pooler.dense.* weights, which this checkpoint lacks")
+    params = {k: xp.asarray(v) for k, v in params.items()}
+    return Model(config, params, tokenizer, xp, dt, device=device, pooling=pooling,
+                 raw_config=raw_config, path=path)
+
+
+def resolve_prefix(model, kind, prefix):
+    """prefix True -> the model's default for `kind` ('query: ' / 'passage: '); a string ->
+    itself; False/None -> no prefix."""
+    if kind not in DEFAULT_PREFIXES:
+        raise ValueError(f"kind must be 'query' or 'passage', got {kind!r}")
+    if prefix is True:
+        return model.prefixes[kind]
+    if not prefix:
+        return ""
+    if not isinstance(prefix, str):
+        raise TypeError(f"prefix must be True, False/None or a string, got {type(prefix).__name__}")
+    return prefix
+
+
+def encode(model, texts, kind="query", batch_size=64, max_length=512, prefix=True, progress=False, pairs=None):
+    """Embed `texts` -> numpy float32 array [len(texts), H], L2-normalised, in input order.
+
+    kind: "query" or "passage" chooses the E5/HBT prefix ("query: " / "passage: ").
+    prefix: True (the default prefix of `kind`), a string to use instead, or False/None.
+    max_length: truncation in tokens, special tokens included; capped at what the model's
+        position table allows (512 for XLM-R and BERT checkpoints).
+    pairs: optional second segments (e.g. the paragraph of each sentence, as LAReQA).
+    Texts are sorted by token length and batched, so little compute goes to padding.
+    """
+    if isinstance(texts, str):
+        raise TypeError("encode() takes a list of texts, not a single string")
+    texts = list(texts)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    max_length = min(max_length, model.max_length)
+    H = model.config.hidden_size
+    if not texts:
+        return np.zeros((0, H), dtype=np.float32)
+    pre = resolve_prefix(model, kind, prefix)
+    ids, type_ids = model.tokenizer.encode([pre + t for t in texts], max_length=max_length, pairs=pairs)
+    order = np.argsort([-len(x) for x in ids], kind="stable")        # longest first
+    out = np.empty((len(texts), H), dtype=np.float32)
+    starts = range(0, len(texts), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+        starts = tqdm(starts, desc=f"encode {kind}", unit="batch")
+    for s in starts:
+        idx = order[s:s + batch_size]
+        input_ids, mask, tt = model.tokenizer.pad([ids[i] for i in idx], [type_ids[i] for i in idx])
+        emb = model.embed(input_ids, mask, tt)                          # [b, H]
+        out[idx] = to_numpy(emb)
+    return out

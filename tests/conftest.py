@@ -1,0 +1,26 @@
+"""Shared fixtures: the committed tiny checkpoints and multilingual-e5-small built from ../shared."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FIXTURES = os.path.join(HERE, "fixtures")
+SHARED = os.environ.get("MINIHBT_SHARED", os.path.abspath(os.path.join(HERE, "..", "..", "shared")))
+TINY = {"xlmr": os.path.join(FIXTURES, "tiny-xlmr"), "bert": os.path.join(FIXTURES, "tiny-bert")}
+
+
+def shared_path(*parts):
+    return os.path.join(SHARED, *parts)
+
+
+@pytest.fixture(scope="session")
+def me5_dir(tmp_path_factory):
+    """multilingual-e5-small as a Hugging Face directory, built by ../shared/tools/build_me5_small.py."""
+    build = shared_path("tools", "build_me5_small.py")
+    if not os.path.exists(build):
+        pytest.skip(f"../shared is absent ({build} not found): real-weights test skipped")
+    out = str(tmp_path_factory.mktemp("me5"))
+    subprocess.run([sys.executable, build, out], check=True, capture_output=True)
+    return out
