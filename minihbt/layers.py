@@ -15,12 +15,23 @@ def embedding_forward(xp, table, ids):
     return out, (ids, table.shape)
 
 
+def embedding_backward(xp, d_out, cache, d_table=None):
+    """out[b, t] = table[ids[b, t]], so d_table[v] = sum of d_out[b, t] over the (b, t) with
+    ids[b, t] == v: a scatter-add into the rows that were used (the rest stay 0).
+    Pass `d_table` to add into an existing gradient instead of allocating [V, H] zeros."""
+    ids, shape = cache
+    if d_table is None:
+        d_table = xp.zeros(shape, dtype=d_out.dtype)              # [V, H]
+    xp.add.at(d_table, ids.reshape(-1), d_out.reshape(-1, shape[1]))
+    return d_table
+
+
 def linear_forward(xp, x, weight, bias):
     """y = x W^T + b as one 2-D GEMM. x [..., I], weight [O, I] (HF layout), bias [O] -> [..., O]."""
     x2 = x.reshape(-1, x.shape[-1])                      # [M, I]
     y = x2 @ weight.T                                    # [M, O]
     y += bias
-    return y.reshape(*x.shape[:-1], weight.shape[0]), x2
+    return y.reshape(*x.shape[:-1], weight.shape[0]), (x2, weight, x.shape)
 
 
 def layernorm_forward(xp, x, gamma, beta, eps):
@@ -114,3 +125,100 @@ def l2_normalize_forward(xp, x, eps=1e-12):
     norm = xp.sqrt((x * x).sum(axis=-1, keepdims=True))            # [B, 1]
     norm = xp.maximum(norm, eps)
     return x / norm, (x, norm)
+
+
+# ----------------------------------------------------------------------------- backward
+# Each `x_backward(xp, d_out, cache)` returns the gradient of the input(s) and, for layers
+# with parameters, their gradients. `d_` names a gradient of the loss.
+
+def linear_backward(xp, d_y, cache):
+    """y = x W^T + b  =>  dx = dy W,  dW = dy^T x,  db = sum over rows of dy.
+    d_y [..., O] -> (d_x [..., I], d_weight [O, I], d_bias [O])."""
+    x2, weight, x_shape = cache
+    d_y2 = d_y.reshape(-1, weight.shape[0])                        # [M, O]
+    d_weight = d_y2.T @ x2                                         # [O, I]
+    d_bias = d_y2.sum(axis=0)                                      # [O]
+    d_x = (d_y2 @ weight).reshape(x_shape)                         # [..., I]
+    return d_x, d_weight, d_bias
+
+
+def layernorm_backward(xp, d_y, cache):
+    """y = xhat * g + b, xhat = (x - mu) * rstd.
+    dg = sum(dy * xhat), db = sum(dy) (over all but the last axis). With dxhat = dy * g and
+    H features, differentiating mu and rstd through xhat gives
+        dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)).
+    """
+    xhat, rstd, gamma = cache
+    H = xhat.shape[-1]
+    d_gamma = (d_y * xhat).reshape(-1, H).sum(axis=0)              # [H]
+    d_beta = d_y.reshape(-1, H).sum(axis=0)                        # [H]
+    d_xhat = d_y * gamma                                           # [..., H]
+    d_x = d_xhat - d_xhat.mean(axis=-1, keepdims=True)
+    d_x -= xhat * (d_xhat * xhat).mean(axis=-1, keepdims=True)
+    d_x *= rstd
+    return d_x, d_gamma, d_beta
+
+
+def gelu_backward(xp, d_y, cache):
+    """y = x Phi(x)  =>  dy/dx = Phi(x) + x phi(x), phi(x) = exp(-x^2 / 2) / sqrt(2 pi)."""
+    x, cdf = cache
+    pdf = xp.exp(-0.5 * x * x)
+    pdf *= 1.0 / math.sqrt(2.0 * math.pi)
+    pdf *= x
+    pdf += cdf
+    return d_y * pdf
+
+
+def dropout_backward(xp, d_y, scale):
+    """y = x * scale (scale = keep / (1 - p))  =>  dx = dy * scale."""
+    return d_y if scale is None else d_y * scale
+
+
+def softmax_backward(xp, d_probs, probs):
+    """p = softmax(s) row-wise  =>  ds = p * (dp - sum_j(dp_j p_j)).
+    Masked entries have p = 0 and so get no gradient."""
+    d_s = d_probs * probs
+    d_s -= probs * d_s.sum(axis=-1, keepdims=True)
+    return d_s
+
+
+def attention_backward(xp, d_ctx, cache):
+    """Back through ctx = dropout(softmax(q k^T / sqrt(D) + mask)) v, per head.
+    d_ctx [B, T, H] -> (d_q, d_k, d_v) each [B, T, H]."""
+    qh, kh, vh, probs, drop, num_heads = cache
+    B, N, T, D = qh.shape
+    d_ctx = d_ctx.reshape(B, T, N, D).transpose(0, 2, 1, 3)       # [B, N, T, D]
+    probs_d = probs if drop is None else probs * drop              # what multiplied v
+    d_vh = probs_d.transpose(0, 1, 3, 2) @ d_ctx                   # [B, N, T, D]
+    d_probs = d_ctx @ vh.transpose(0, 1, 3, 2)                     # [B, N, T, T]
+    d_probs = dropout_backward(xp, d_probs, drop)
+    d_scores = softmax_backward(xp, d_probs, probs)                # [B, N, T, T]
+    d_scores *= qh.dtype.type(1.0 / math.sqrt(D))
+    d_qh = d_scores @ kh                                           # [B, N, T, D]
+    d_kh = d_scores.transpose(0, 1, 3, 2) @ qh                     # [B, N, T, D]
+
+    def merge(t):                                                  # [B, N, T, D] -> [B, T, H]
+        return t.transpose(0, 2, 1, 3).reshape(B, T, N * D)
+    return merge(d_qh), merge(d_kh), merge(d_vh)
+
+
+def mean_pool_backward(xp, d_out, cache, shape):
+    """out = sum_t(h_t m_t) / count  =>  d_h[b, t] = d_out[b] * m[b, t] / count[b]."""
+    m, count = cache
+    return (d_out / count)[:, None, :] * m                         # [B, T, H]
+
+
+def cls_pool_backward(xp, d_out, shape):
+    """out = h[:, 0]  =>  d_h is d_out at position 0 and zero elsewhere."""
+    d_h = xp.zeros(shape, dtype=d_out.dtype)                       # [B, T, H]
+    d_h[:, 0] = d_out
+    return d_h
+
+
+def l2_normalize_backward(xp, d_y, cache):
+    """y = x / n, n = max(||x||, eps). Where n = ||x||: dx = (dy - y (dy . y)) / n."""
+    x, norm = cache
+    y = x / norm
+    d_x = d_y - y * (d_y * y).sum(axis=-1, keepdims=True)
+    d_x /= norm
+    return d_x

@@ -140,6 +140,78 @@ class Model:
             caches.append(("pool:" + mode, cache))
         return out
 
+    def pool_backward(self, d_pooled, hidden_shape, caches, grads):
+        """Back through pool(): d_pooled [B, H] -> d_hidden [B, T, H]; pops pool's cache."""
+        xp = self.xp
+        tag, cache = caches.pop()
+        mode = tag.split(":", 1)[1]
+        if mode == "mean":
+            return L.mean_pool_backward(xp, d_pooled, cache, hidden_shape)
+        if mode == "cls":
+            return L.cls_pool_backward(xp, d_pooled, hidden_shape)
+        cls_cache, lin_cache, out = cache                   # pooler: out = tanh(W h0 + b)
+        d_z = d_pooled * (1.0 - out * out)                  # tanh' = 1 - tanh^2
+        d_first, d_w, d_b = L.linear_backward(xp, d_z, lin_cache)
+        _accumulate(grads, "pooler.dense.weight", d_w)
+        _accumulate(grads, "pooler.dense.bias", d_b)
+        return L.cls_pool_backward(xp, d_first, hidden_shape)
+
+    def backward(self, d_hidden, caches, grads):
+        """Back through forward(): d_hidden [B, T, H] (gradient of the last hidden states).
+
+        Pops the caches forward() appended, newest first, so each activation is freed as
+        soon as its backward has used it. Adds parameter gradients into `grads` (name -> array).
+        """
+        xp, c = self.xp, self.config
+        d_h = d_hidden
+        for i in reversed(range(c.num_hidden_layers)):
+            p, (q_cache, k_cache, v_cache, attn_cache, ao_cache, ad_cache, ln1_cache,
+                fi_cache, gelu_cache, fo_cache, od_cache, ln2_cache) = caches.pop()
+            # h = LN2(o + h1), o = dropout(W2 gelu(W1 h1 + b1) + b2)
+            d_o, d_g2, d_b2 = L.layernorm_backward(xp, d_h, ln2_cache)
+            _accumulate(grads, p + "output.LayerNorm.weight", d_g2)
+            _accumulate(grads, p + "output.LayerNorm.bias", d_b2)
+            d_h1 = d_o                                                              # residual path
+            d_o = L.dropout_backward(xp, d_o, od_cache)
+            d_gelu, d_w, d_b = L.linear_backward(xp, d_o, fo_cache)                 # [B, T, F]
+            _accumulate(grads, p + "output.dense.weight", d_w)
+            _accumulate(grads, p + "output.dense.bias", d_b)
+            d_f = L.gelu_backward(xp, d_gelu, gelu_cache)
+            del d_gelu, gelu_cache
+            d_x, d_w, d_b = L.linear_backward(xp, d_f, fi_cache)
+            _accumulate(grads, p + "intermediate.dense.weight", d_w)
+            _accumulate(grads, p + "intermediate.dense.bias", d_b)
+            d_h1 = d_h1 + d_x
+            # h1 = LN1(a + h), a = dropout(Wo attention(q, k, v) + bo)
+            d_a, d_g1, d_b1 = L.layernorm_backward(xp, d_h1, ln1_cache)
+            _accumulate(grads, p + "attention.output.LayerNorm.weight", d_g1)
+            _accumulate(grads, p + "attention.output.LayerNorm.bias", d_b1)
+            d_prev = d_a                                                            # residual path
+            d_a = L.dropout_backward(xp, d_a, ad_cache)
+            d_ctx, d_w, d_b = L.linear_backward(xp, d_a, ao_cache)
+            _accumulate(grads, p + "attention.output.dense.weight", d_w)
+            _accumulate(grads, p + "attention.output.dense.bias", d_b)
+            d_q, d_k, d_v = L.attention_backward(xp, d_ctx, attn_cache)
+            del attn_cache
+            for name, d, cache in (("query", d_q, q_cache), ("key", d_k, k_cache), ("value", d_v, v_cache)):
+                d_x, d_w, d_b = L.linear_backward(xp, d, cache)
+                _accumulate(grads, p + f"attention.self.{name}.weight", d_w)
+                _accumulate(grads, p + f"attention.self.{name}.bias", d_b)
+                d_prev = d_prev + d_x
+            d_h = d_prev
+        # embeddings: h = dropout(LN(word[ids] + position[pos] + type[tt]))
+        _, (input_ids, pos_ids, token_type_ids, ln_cache, drop_cache) = caches.pop()
+        d_e = L.dropout_backward(xp, d_h, drop_cache)
+        d_e, d_g, d_b = L.layernorm_backward(xp, d_e, ln_cache)
+        _accumulate(grads, "embeddings.LayerNorm.weight", d_g)
+        _accumulate(grads, "embeddings.LayerNorm.bias", d_b)
+        P = self.params
+        for name, ids in (("word_embeddings", input_ids), ("position_embeddings", pos_ids),
+                          ("token_type_embeddings", token_type_ids)):
+            key = f"embeddings.{name}.weight"
+            grads[key] = L.embedding_backward(xp, d_e, (ids, P[key].shape), grads.get(key))
+        return grads
+
     def embed(self, input_ids, attention_mask, token_type_ids=None):
         """Token ids -> L2-normalised embeddings [B, H] (xp array). No caches, no dropout."""
         hidden = self.forward(input_ids, attention_mask, token_type_ids)
@@ -165,6 +237,14 @@ class Model:
                     _copy_atomic(os.path.join(src, name), os.path.join(out_dir, name))
             for sub in glob.glob(os.path.join(src, "1_Pooling")) + glob.glob(os.path.join(src, "2_Normalize")):
                 shutil.copytree(sub, os.path.join(out_dir, os.path.basename(sub)), dirs_exist_ok=True)
+
+
+def _accumulate(grads, name, g):
+    """grads[name] += g, creating the entry on first use."""
+    if name in grads:
+        grads[name] += g
+    else:
+        grads[name] = g
 
 
 def _write_json_atomic(path, obj):
