@@ -87,28 +87,33 @@ def _erf_f32(x):
     return p
 
 
-def parallel_map(fn, x, out_dtype=None):
-    """Apply an element-wise `fn` to numpy `x` in cache-sized chunks on all cores.
+def parallel_chunks(fn, n, chunk=_CHUNK):
+    """Call fn(start, stop) over [0, n) in chunks of `chunk`, on all cores.
 
-    NumPy's ufuncs release the GIL, so threads give real parallelism; chunking keeps each
-    multi-pass formula in cache. Returns a new array of x's shape.
+    NumPy's ufuncs release the GIL, so threads give real parallelism; chunking keeps a
+    multi-pass formula in cache between its passes.
     """
     global _pool
+    ranges = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+    if len(ranges) <= 1 or (os.cpu_count() or 1) == 1:
+        for s, e in ranges:
+            fn(s, e)
+        return
+    if _pool is None:
+        from concurrent.futures import ThreadPoolExecutor
+        _pool = ThreadPoolExecutor(max_workers=os.cpu_count(), thread_name_prefix="minihbt")
+    for _ in _pool.map(lambda r: fn(*r), ranges):
+        pass
+
+
+def parallel_map(fn, x, out_dtype=None):
+    """Apply an element-wise `fn` to numpy `x` in cache-sized chunks on all cores (new array)."""
     flat = np.ascontiguousarray(x).reshape(-1)
     out = np.empty(flat.shape, dtype=out_dtype or x.dtype)
-    starts = range(0, flat.size, _CHUNK)
 
-    def work(s):
-        out[s:s + _CHUNK] = fn(flat[s:s + _CHUNK])
-
-    if flat.size <= _CHUNK or (os.cpu_count() or 1) == 1:
-        for s in starts:
-            work(s)
-    else:
-        if _pool is None:
-            from concurrent.futures import ThreadPoolExecutor
-            _pool = ThreadPoolExecutor(max_workers=os.cpu_count(), thread_name_prefix="minihbt")
-        list(_pool.map(work, starts))
+    def work(s, e):
+        out[s:e] = fn(flat[s:e])
+    parallel_chunks(work, flat.size)
     return out.reshape(x.shape)
 
 

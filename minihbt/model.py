@@ -55,6 +55,11 @@ class Model:
         offset = c.pad_token_id + 1 if c.family == "roberta" else 0
         return c.max_position_embeddings - offset
 
+    def trainable_names(self):
+        """Parameters a training step updates: all but the pooler, unless pooling uses it
+        (an unused pooler gets no gradient, and PyTorch's optimisers skip such tensors)."""
+        return [k for k in self.params if self.pooling == "pooler" or not k.startswith("pooler.")]
+
     def position_ids(self, input_ids):
         """RoBERTa: cumsum(ids != pad) * (ids != pad) + pad, so real tokens start at pad + 1
         and padding sits on the pad row; BERT: 0 .. T-1."""
@@ -195,6 +200,11 @@ class Model:
             del attn_cache
             for name, d, cache in (("query", d_q, q_cache), ("key", d_k, k_cache), ("value", d_v, v_cache)):
                 d_x, d_w, d_b = L.linear_backward(xp, d, cache)
+                if name == "key":
+                    # The key bias adds q_i . b_k to every score of row i: a constant per row,
+                    # which softmax ignores. Its gradient is exactly 0; computed, it is float
+                    # noise (~1e-9) that AdamW's normalisation would blow up to lr-sized steps.
+                    d_b = xp.zeros_like(d_b)
                 _accumulate(grads, p + f"attention.self.{name}.weight", d_w)
                 _accumulate(grads, p + f"attention.self.{name}.bias", d_b)
                 d_prev = d_prev + d_x
