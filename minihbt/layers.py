@@ -60,12 +60,14 @@ def dropout_forward(xp, x, p, rng):
 
     `rng` is an explicit random state (numpy/cupy Generator), so a forward can be replayed
     exactly by re-creating the same state. With p == 0 or rng None it is the identity.
+    The cache is the boolean keep-mask (1 byte an element) and the scale.
     """
     if not p or rng is None:
         return x, None
     keep = rng.random(x.shape, dtype=x.dtype) >= p        # [...] bool
-    scale = keep * x.dtype.type(1.0 / (1.0 - p))          # [...]
-    return x * scale, scale
+    y = x * keep
+    y *= x.dtype.type(1.0 / (1.0 - p))
+    return y, (keep, x.dtype.type(1.0 / (1.0 - p)))
 
 
 def attention_forward(xp, q, k, v, mask_bias, num_heads, dropout_p=0.0, rng=None):
@@ -169,9 +171,14 @@ def gelu_backward(xp, d_y, cache):
     return d_y * pdf
 
 
-def dropout_backward(xp, d_y, scale):
-    """y = x * scale (scale = keep / (1 - p))  =>  dx = dy * scale."""
-    return d_y if scale is None else d_y * scale
+def dropout_backward(xp, d_y, cache):
+    """y = x * keep / (1 - p)  =>  dx = dy * keep / (1 - p)."""
+    if cache is None:
+        return d_y
+    keep, scale = cache
+    d_x = d_y * keep
+    d_x *= scale
+    return d_x
 
 
 def softmax_backward(xp, d_probs, probs):
@@ -188,7 +195,7 @@ def attention_backward(xp, d_ctx, cache):
     qh, kh, vh, probs, drop, num_heads = cache
     B, N, T, D = qh.shape
     d_ctx = d_ctx.reshape(B, T, N, D).transpose(0, 2, 1, 3)       # [B, N, T, D]
-    probs_d = probs if drop is None else probs * drop              # what multiplied v
+    probs_d = dropout_backward(xp, probs, drop)                    # what multiplied v (dropout is linear)
     d_vh = probs_d.transpose(0, 1, 3, 2) @ d_ctx                   # [B, N, T, D]
     d_probs = d_ctx @ vh.transpose(0, 1, 3, 2)                     # [B, N, T, T]
     d_probs = dropout_backward(xp, d_probs, drop)

@@ -1,5 +1,9 @@
 """Tokenization with the `tokenizers` library on the checkpoint's own `tokenizer.json`.
 
+Whitespace in XLM-R (sentencepiece) tokenizers is split as sentencepiece and `transformers`
+>= 5 do: trailing or repeated spaces produce no lone '▁' token (transformers 4.x's fast
+tokenizer emitted one for trailing whitespace).
+
 Special tokens come from the checkpoint (XLM-R: `<s>`=0, `<pad>`=1, `</s>`=2; BERT:
 `[CLS]`, `[PAD]`, `[SEP]`): the tokenizer.json's post-processor adds them, exactly as
 `transformers`' fast tokenizer does. Truncation keeps the special tokens (the text is cut,
@@ -27,9 +31,26 @@ class Tokenizer:
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
             raise CheckpointError(f"{path}: cannot be read as a tokenizer.json ({e})") from None
         self.path = path
+        self._match_sentencepiece_whitespace(path)
         self._tok.no_padding()
         self._tok.no_truncation()
         self.pad_token_id = self._find_pad_id(path, fallback_pad_id)
+
+    def _match_sentencepiece_whitespace(self, path):
+        """XLM-R-style tokenizer.json files (a Unigram model behind a bare Metaspace
+        pre-tokenizer) turn trailing or repeated whitespace into a lone '▁' token; the
+        original sentencepiece model, and `transformers` >= 5, split on whitespace first and
+        produce none. We do as sentencepiece: WhitespaceSplit, then Metaspace."""
+        from tokenizers import pre_tokenizers
+
+        with open(path, encoding="utf-8") as f:
+            spec = json.load(f)
+        pre = spec.get("pre_tokenizer") or {}
+        if (spec.get("model") or {}).get("type") == "Unigram" and pre.get("type") == "Metaspace":
+            self._tok.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.WhitespaceSplit(),
+                pre_tokenizers.Metaspace(replacement=pre.get("replacement", "▁"), prepend_scheme="always",
+                                         split=True)])
 
     def _find_pad_id(self, path, fallback):
         """pad token: tokenizer_config.json / special_tokens_map.json beside it, else `<pad>`/`[PAD]`."""

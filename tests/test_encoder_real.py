@@ -28,3 +28,16 @@ def test_me5_matches_sentence_transformers(me5_dir):
     cos = (emb * ref["embeddings"]).sum(axis=1)
     assert cos.min() >= 0.99999, cos
     assert np.abs(emb - ref["embeddings"]).max(axis=1).max() <= 1e-4
+
+
+def test_me5_whitespace_tokenization_matches_transformers(me5_dir):
+    """XQuAD-R/MLQA-R texts on which a raw tokenizer.json and transformers disagree
+    (trailing and repeated whitespace), and hand-made cases: minihbt's ids equal transformers'."""
+    ref = np.load(os.path.join(FIXTURES, "me5_expected.npz"))
+    texts = [str(t) for t in ref["ws_texts"]]
+    assert len(texts) > 700
+    expected = np.split(ref["ws_ids_flat"], np.cumsum(ref["ws_ids_lengths"])[:-1])
+    model = minihbt.load_model(me5_dir)
+    ids, _ = model.tokenizer.encode(texts, max_length=512)
+    bad = [t for t, got, want in zip(texts, ids, expected) if got != want.tolist()]
+    assert not bad, bad[:5]
