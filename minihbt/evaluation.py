@@ -1,0 +1,101 @@
+"""The LAReQA / HBT evaluation protocol on XQuAD-R and MLQA-R.
+
+Settings (all zero-shot, ../shared/reference/hbt.md):
+- Mo.  (monolingual):  queries of X against the candidates of X, for every language X;
+- Cr.  (cross-lingual): queries of X against the candidates of Y, for every ordered pair
+       X != Y; a query counts only where its parallel question exists in Y (MLQA-R);
+- Mul. (multilingual): queries of X against the pooled candidates of all languages; the
+       relevant candidates are the gold sentences of the query's id in every language.
+Per setting: per-language (per-pair) means over queries, then macro means over languages
+(pairs), as the paper reports them. Language bias is the mean rank distance (max - min rank
+of a query's parallel relevant candidates) in the Mul. ranking, per query language, then
+averaged over languages.
+"""
+import numpy as np
+
+from . import metrics as M
+from .retrieval import rank_of_relevant
+
+DEFINITIONS = {
+    "map": "full-list average precision (LAReQA; = sklearn average_precision_score without ties), mean over queries",
+    "map@20": "XTREME-R mAP@20: precision summed over relevant items in the top 20, divided by min(R, 20)",
+    "r@k": "fraction of a query's relevant candidates in the top k (hit rate when R = 1)",
+    "mrr": "mean reciprocal rank of the first relevant candidate",
+    "ndcg@10": "binary-gain nDCG@10",
+    "rank_distance": "language bias: max - min rank of a query's parallel relevant candidates in the Mul. ranking",
+    "macro": "per-language (or per-pair) means over queries, then the unweighted mean over languages (pairs)",
+    "ties": "equal scores are ordered by lower candidate index (candidates: languages in order, then file order)",
+}
+
+
+def _query_metrics(ranks_list, recall_ks):
+    """Per-query metric dicts from the relevant ranks of each query, averaged."""
+    out = {"map": M.mean(M.average_precision(r) for r in ranks_list),
+           "map@20": M.mean(M.map_at_k(r, 20) for r in ranks_list),
+           "mrr": M.mean(M.reciprocal_rank(r) for r in ranks_list),
+           "ndcg@10": M.mean(M.ndcg_at_k(r, 10) for r in ranks_list),
+           "n_queries": len(ranks_list)}
+    for k in recall_ks:
+        out[f"r@{k}"] = M.mean(M.recall_at_k(r, k) for r in ranks_list)
+    return out
+
+
+def _macro(per, keys):
+    return {k: M.mean(v[k] for v in per.values()) for k in keys}
+
+
+def evaluate(rs, query_emb, cand_emb, progress=False):
+    """Run Mo., Cr. and Mul. on a RetrievalSet given embeddings.
+
+    query_emb: {lang: [len(rs.queries[lang]), D]}; cand_emb: [len(rs.cand_text), D].
+    Returns the results dict (see evaluate.py for its JSON shape).
+    """
+    langs = rs.languages
+    cand_lang = np.array(rs.cand_lang)
+    idx_of = {l: np.flatnonzero(cand_lang == l) for l in langs}
+    pos_in_lang = {}                                    # global candidate index -> index within its language
+    for l in langs:
+        pos_in_lang.update({int(g): i for i, g in enumerate(idx_of[l])})
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        total = sum(len(rs.queries[l]) for l in langs) * (len(langs) + 1)
+        bar = tqdm(total=total, desc="rank", unit="query")
+
+    mono, cross, multi, bias = {}, {}, {}, {}
+    for x in langs:
+        qids = [qid for qid, _ in rs.queries[x]]
+        Qx = query_emb[x]
+        # Mo. and Cr.: against the candidates of each language y
+        for y in langs:
+            keep = [i for i, qid in enumerate(qids) if (qid, y) in rs.gold]
+            if not keep:
+                continue
+            rel = [[pos_in_lang[rs.gold[(qids[i], y)]]] for i in keep]
+            ranks = rank_of_relevant(Qx[keep], cand_emb[idx_of[y]], rel, progress=bar)
+            res = _query_metrics(ranks, recall_ks=(1, 10))
+            if x == y:
+                mono[x] = res
+            else:
+                cross[f"{x}-{y}"] = res
+        # Mul.: against the pooled candidates; relevant = gold in every language
+        rel = [[rs.gold[(qid, l)] for l in langs if (qid, l) in rs.gold] for qid in qids]
+        ranks = rank_of_relevant(Qx, cand_emb, rel, progress=bar)
+        multi[x] = _query_metrics(ranks, recall_ks=(1, 10))
+        bias[x] = M.mean(M.rank_distance(r) for r in ranks if len(r) > 1)
+    if bar is not None:
+        bar.close()
+    keys = ("map", "map@20", "r@1", "r@10", "mrr", "ndcg@10")
+    return {
+        "dataset": rs.name,
+        "languages": list(langs),
+        "mono": {**_macro(mono, keys), "per_language": mono},
+        "cross": {**_macro(cross, keys), "per_pair": cross},
+        "multi": {**_macro(multi, keys), "per_language": multi},
+        "bias": {"rank_distance": M.mean(bias.values()), "per_language": bias},
+        "counts": {"queries": {l: len(rs.queries[l]) for l in langs},
+                   "candidates": {l: int(len(idx_of[l])) for l in langs},
+                   "pooled_candidates": len(rs.cand_text),
+                   "dropped_no_sentence": dict(rs.dropped)},
+        "definitions": DEFINITIONS,
+    }
