@@ -69,13 +69,12 @@ def top_k(queries, candidates, k, max_bytes=DEFAULT_MAX_BYTES):
     for s, e in _query_blocks(len(queries), N, max_bytes):
         scores = queries[s:e] @ candidates.T                              # [b, N]
         if k < N:
-            # the k-th best score of each row; keep every candidate at least that good, so
-            # that ties at the boundary are settled by index below, not by argpartition
-            kth = -np.partition(-scores, k - 1, axis=1)[:, k - 1:k]       # [b, 1]
-            part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-            n_keep = (scores >= kth).sum(axis=1)
-            for i in np.flatnonzero(n_keep > k):                          # ties at the boundary: lowest indices win
-                part[i] = _tied_candidates(scores[i], kth[i, 0], k)
+            part = np.argpartition(-scores, k - 1, axis=1)[:, :k]         # the k best, unordered
+            kth = np.take_along_axis(scores, part, axis=1).min(axis=1)    # the k-th best score of each row
+            # a row where more than k candidates reach the k-th score has ties at the boundary:
+            # argpartition chose among them arbitrarily; take the lowest indices instead
+            for i in np.flatnonzero((scores >= kth[:, None]).sum(axis=1) > k):
+                part[i] = _tied_candidates(scores[i], kth[i], k)
         else:
             part = np.broadcast_to(np.arange(N), scores.shape)
         sc = np.take_along_axis(scores, part, axis=1)
