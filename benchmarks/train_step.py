@@ -67,11 +67,11 @@ def run_minihbt(model_dir, triplets, args):
 
     model = minihbt.load_model(model_dir)
     opt = AdamW({k: model.params[k] for k in model.trainable_names()}, lr=3e-5, weight_decay=0.01)
-    rng = np.random.default_rng(0)
+    seeds = iter(range(1000))
     q, p, n = [t[0] for t in triplets], [t[1] for t in triplets], [[t[2]] for t in triplets]
 
     def step():
-        loss, grads = loss_and_grads(model, q, p, n, temperature=0.05, dropout=True, rng=rng,
+        loss, grads = loss_and_grads(model, q, p, n, temperature=0.05, dropout=True, seed=next(seeds),
                                      max_query_length=args.query_len, max_passage_length=args.passage_len)
         clip_grad_norm(np, grads, 1.0)
         opt.step(model.params, grads)

@@ -121,3 +121,173 @@ def load_lareqa(data_dir, languages=None, name=None):
                 rs.queries[lang].append((qid, question))
                 rs.gold[(qid, lang)] = first + hit[0]
     return rs
+
+
+# ----------------------------------------------------------------------------- training data
+import re
+
+# file-name stems that name a language: ISO codes are used as they are
+LANGUAGE_NAMES = {"arabic": "ar", "bengali": "bn", "english": "en", "finnish": "fi", "indonesian": "id",
+                  "korean": "ko", "russian": "ru", "swahili": "sw", "telugu": "te", "german": "de",
+                  "spanish": "es", "hindi": "hi", "vietnamese": "vi", "chinese": "zh", "greek": "el",
+                  "thai": "th", "turkish": "tr", "arcd": "ar", "cmrc": "zh", "cmrc2018": "zh"}
+_ISO = re.compile(r"^[a-z]{2,3}$")
+_MLQA = re.compile(r"context-([a-z]{2,3})-question-([a-z]{2,3})")
+
+# Sentence splitting for contexts without LAReQA `sentence_breaks`: a sentence ends after
+# . ! ? ؟ (followed by whitespace), after 。！？।॥ (CJK and Devanagari stops, no space
+# needed), or at a line break. Deterministic and language-agnostic; abbreviations such as
+# "Dr." do split, which only makes the hard negatives a little shorter.
+_SENTENCE_END = re.compile(r"(?<=[.!?\u061f])\s+|(?<=[\u3002\uff01\uff1f\u0964\u0965])\s*|\s*\n+\s*")
+
+
+def split_sentences(context):
+    """[(start, end)] character spans of the sentences of `context` (see _SENTENCE_END)."""
+    spans, start = [], 0
+    for m in _SENTENCE_END.finditer(context):
+        if m.start() > start:
+            spans.append((start, m.start()))
+        start = m.end()
+    if start < len(context):
+        spans.append((start, len(context)))
+    out = []
+    for s, e in spans:                                   # trim surrounding whitespace
+        while s < e and context[s].isspace():
+            s += 1
+        while e > s and context[e - 1].isspace():
+            e -= 1
+        if e > s:
+            out.append((s, e))
+    return out
+
+
+def language_from_filename(path):
+    """`ar.json` -> ar; `arabic_tydiqa_dev.json` -> ar; `arcd.json` -> ar; MLQA's
+    `dev-context-ar-question-de.json` -> (ar, de) as a pair; None if no rule applies."""
+    stem = os.path.splitext(os.path.basename(path))[0].lower()
+    m = _MLQA.search(stem)
+    if m:
+        return m.group(1), m.group(2)
+    if _ISO.match(stem):
+        return stem
+    for token in re.split(r"[_\-.]", stem):
+        if token in LANGUAGE_NAMES:
+            return LANGUAGE_NAMES[token]
+    return None
+
+
+def read_squad(path, lang=None, source=None):
+    """Training examples from a SQuAD-format file: (question, the sentence containing the
+    answer, the other sentences of the paragraph as hard negatives), group = question id.
+
+    Sentences come from LAReQA's `sentence_breaks` when present, else from split_sentences.
+    Questions whose answer lies in no sentence are skipped. Returns (examples, n_skipped).
+    """
+    if lang is None:
+        lang = language_from_filename(path)
+        if isinstance(lang, tuple):
+            if lang[0] != lang[1]:
+                raise DataError(f"{path}: an MLQA file with context in {lang[0]} and questions in {lang[1]}; use the "
+                                "same-language files (dev-context-X-question-X.json): the xy sampler pairs languages "
+                                "itself through the shared question ids")
+            lang = lang[0]
+        if lang is None:
+            raise DataError(f"{path}: cannot tell the language from the file name; name it like ar.json or give "
+                            "--train LANG=PATH")
+    doc = _load_json(path)
+    try:
+        paragraphs = [p for art in doc["data"] for p in art["paragraphs"]]
+    except (KeyError, TypeError):
+        raise DataError(f"{path}: expected SQuAD format {{'data': [{{'paragraphs': [...]}}]}}") from None
+    source = source or os.path.splitext(os.path.basename(path))[0]
+    examples, skipped = [], 0
+    for pi, p in enumerate(paragraphs):
+        if "context" not in p or "qas" not in p:
+            raise DataError(f"{path}: paragraph {pi} lacks 'context' or 'qas'")
+        ctx = p["context"]
+        if "sentence_breaks" in p and "sentences" in p:
+            spans, texts = [tuple(b) for b in p["sentence_breaks"]], list(p["sentences"])
+        else:
+            spans = split_sentences(ctx)
+            texts = [ctx[s:e] for s, e in spans]
+        for qa in p["qas"]:
+            try:
+                qid, question = str(qa["id"]), qa["question"].strip()
+                start = qa["answers"][0]["answer_start"] if qa.get("answers") else None
+            except (KeyError, TypeError, AttributeError):
+                raise DataError(f"{path}: paragraph {pi}: a question lacks 'id' or 'question'") from None
+            hit = [k for k, (s, e) in enumerate(spans) if start is not None and s <= start < e]
+            if not hit or not question:
+                skipped += 1
+                continue
+            k = hit[0]
+            negatives = tuple(t for j, t in enumerate(texts) if j != k and t != texts[k])
+            examples.append(Example(id=qid, lang=lang, query=question, positive=texts[k], negatives=negatives,
+                                    group=qid, source=source))
+    return examples, skipped
+
+
+def read_jsonl(path, source=None):
+    """Training examples from JSON lines, one object a line:
+        {"id": str, "lang": str, "query": str, "positive": str, "negatives": [str, ...], "group": str}
+    `lang`, `query` and `positive` are required; `id` defaults to the line number, `negatives`
+    to [], `group` (links translations of the same example) to the id."""
+    source = source or os.path.splitext(os.path.basename(path))[0]
+    examples = []
+    try:
+        f = open(path, encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    with f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+            for key in ("lang", "query", "positive"):
+                if not isinstance(obj.get(key), str) or not obj[key].strip():
+                    raise DataError(f"{path}:{n}: field {key!r} is missing or not a non-empty string")
+            negs = obj.get("negatives", [])
+            if not isinstance(negs, list) or not all(isinstance(t, str) for t in negs):
+                raise DataError(f"{path}:{n}: field 'negatives' must be a list of strings")
+            ex_id = str(obj.get("id", n))
+            examples.append(Example(id=ex_id, lang=obj["lang"], query=obj["query"], positive=obj["positive"],
+                                    negatives=tuple(negs), group=str(obj.get("group", ex_id)), source=source))
+    if not examples:
+        raise DataError(f"{path}: no examples")
+    return examples
+
+
+def read_training_data(spec):
+    """Examples from one --train argument: a SQuAD-format .json file, a directory of them, or
+    a .jsonl file; `LANG=PATH` forces the language of SQuAD files. One source per argument,
+    named after the file or directory. Returns (examples, report lines)."""
+    lang = None
+    if "=" in spec and not os.path.exists(spec):
+        lang, spec = spec.split("=", 1)
+    path = spec.rstrip("/")
+    source = os.path.splitext(os.path.basename(path))[0]
+    if not os.path.exists(path):
+        raise DataError(f"{path}: not found")
+    if path.endswith(".jsonl"):
+        ex = read_jsonl(path, source=source)
+        return ex, [f"{path}: {len(ex)} examples"]
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(path, f) for f in os.listdir(path) if f.endswith(".json"))
+    if not files:
+        raise DataError(f"{path}: no .json files")
+    examples, report = [], []
+    for f in files:
+        guess = language_from_filename(f)
+        if lang is None and isinstance(guess, tuple) and guess[0] != guess[1] and os.path.isdir(path):
+            report.append(f"{f}: skipped (mixed-language MLQA file; xy batches pair languages by question id)")
+            continue
+        ex, skipped = read_squad(f, lang=lang, source=source)
+        examples += ex
+        report.append(f"{f}: {len(ex)} examples" + (f", {skipped} questions skipped (answer in no sentence)"
+                                                    if skipped else ""))
+    return examples, report

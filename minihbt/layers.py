@@ -55,16 +55,46 @@ def gelu_forward(xp, x):
     return x * cdf, (x, cdf)
 
 
+class RowDropout:
+    """Per-sequence dropout randomness: one random stream per text, seeded by the caller.
+
+    The masks of a text depend only on its seed and its length, never on the batch it is in
+    or on how far it is padded: for [B, T, H] activations row b draws [len_b, H] numbers, for
+    [B, N, T, T] attention probabilities it draws [N, len_b, len_b]; padded positions are kept
+    (they reach no output). So a text gets the same dropout whether it is embedded in one big
+    batch or in a GradCache chunk, and a step can be replayed exactly.
+    """
+
+    def __init__(self, seeds, lengths):
+        import numpy as np
+        self.gens = [np.random.default_rng(s) for s in seeds]
+        self.lengths = [int(n) for n in lengths]
+
+    def keep_mask(self, xp, shape, p, dtype):
+        import numpy as np
+        keep = np.ones(shape, dtype=bool)
+        for b, (g, n) in enumerate(zip(self.gens, self.lengths)):
+            if len(shape) == 3:                                   # [B, T, H]
+                keep[b, :n] = g.random((n, shape[2]), dtype=dtype) >= p
+            else:                                                 # [B, N, T, T]
+                keep[b, :, :n, :n] = g.random((shape[1], n, n), dtype=dtype) >= p
+        return xp.asarray(keep)
+
+
 def dropout_forward(xp, x, p, rng):
     """Inverted dropout: zero with probability p, scale the rest by 1/(1-p).
 
-    `rng` is an explicit random state (numpy/cupy Generator), so a forward can be replayed
-    exactly by re-creating the same state. With p == 0 or rng None it is the identity.
-    The cache is the boolean keep-mask (1 byte an element) and the scale.
+    `rng` is an explicit random state: a numpy/cupy Generator (one draw for the whole
+    tensor) or a RowDropout (per-text streams). Re-creating the same state replays the same
+    masks. With p == 0 or rng None it is the identity. The cache is the boolean keep-mask
+    (1 byte an element) and the scale.
     """
     if not p or rng is None:
         return x, None
-    keep = rng.random(x.shape, dtype=x.dtype) >= p        # [...] bool
+    if isinstance(rng, RowDropout):
+        keep = rng.keep_mask(xp, x.shape, p, x.dtype)
+    else:
+        keep = rng.random(x.shape, dtype=x.dtype) >= p    # [...] bool
     y = x * keep
     y *= x.dtype.type(1.0 / (1.0 - p))
     return y, (keep, x.dtype.type(1.0 / (1.0 - p)))

@@ -199,9 +199,8 @@ def test_whole_model_float64_with_dropout(kind, pooling):
     args = ([t[0] for t in TRIPLETS], [t[1] for t in TRIPLETS], [t[2] for t in TRIPLETS])
 
     def loss():
-        return loss_and_grads(model, *args, temperature=0.1, dropout=True, rng=np.random.default_rng(5),
-                              return_numpy=False)[0]
-    _, grads = loss_and_grads(model, *args, temperature=0.1, dropout=True, rng=np.random.default_rng(5))
+        return loss_and_grads(model, *args, temperature=0.1, dropout=True, seed=5, return_numpy=False)[0]
+    _, grads = loss_and_grads(model, *args, temperature=0.1, dropout=True, seed=5)
     pick = np.random.default_rng(1)
     for name in model.trainable_names():
         p = model.params[name]
