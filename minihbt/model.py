@@ -241,12 +241,38 @@ class Model:
         cfg["torch_dtype"] = np.dtype(self.dtype).name
         _write_json_atomic(os.path.join(out_dir, "config.json"), cfg)
         if self.path and os.path.abspath(self.path) != os.path.abspath(out_dir):
-            src = self.path
-            for name in TOKENIZER_FILES + ("modules.json", "sentence_bert_config.json"):
-                if os.path.exists(os.path.join(src, name)):
-                    _copy_atomic(os.path.join(src, name), os.path.join(out_dir, name))
-            for sub in glob.glob(os.path.join(src, "1_Pooling")) + glob.glob(os.path.join(src, "2_Normalize")):
-                shutil.copytree(sub, os.path.join(out_dir, os.path.basename(sub)), dirs_exist_ok=True)
+            for name in TOKENIZER_FILES:
+                if os.path.exists(os.path.join(self.path, name)):
+                    _copy_atomic(os.path.join(self.path, name), os.path.join(out_dir, name))
+        self._save_sentence_transformers_files(out_dir)
+
+    def _save_sentence_transformers_files(self, out_dir):
+        """modules.json and the module folders so that sentence-transformers loads the
+        directory with this model's pooling: mean or CLS pooling then Normalize; for
+        'pooler', CLS pooling, a Dense layer holding the pooler weights with tanh, then
+        Normalize (the layout of LaBSE)."""
+        H = self.config.hidden_size
+        modules = [("", "sentence_transformers.models.Transformer"), ("1_Pooling", "sentence_transformers.models.Pooling")]
+        if self.pooling == "pooler":
+            modules.append(("2_Dense", "sentence_transformers.models.Dense"))
+        modules.append((f"{len(modules)}_Normalize", "sentence_transformers.models.Normalize"))
+        _write_json_atomic(os.path.join(out_dir, "modules.json"), [
+            {"idx": i, "name": str(i), "path": path, "type": kind} for i, (path, kind) in enumerate(modules)])
+        _write_json_atomic(os.path.join(out_dir, "sentence_bert_config.json"),
+                           {"max_seq_length": self.max_length, "do_lower_case": False})
+        for path, _ in modules[1:]:
+            os.makedirs(os.path.join(out_dir, path), exist_ok=True)
+        _write_json_atomic(os.path.join(out_dir, "1_Pooling", "config.json"), {
+            "word_embedding_dimension": H, "pooling_mode_cls_token": self.pooling != "mean",
+            "pooling_mode_mean_tokens": self.pooling == "mean", "pooling_mode_max_tokens": False,
+            "pooling_mode_mean_sqrt_len_tokens": False})
+        if self.pooling == "pooler":
+            _write_json_atomic(os.path.join(out_dir, "2_Dense", "config.json"), {
+                "in_features": H, "out_features": H, "bias": True,
+                "activation_function": "torch.nn.modules.activation.Tanh"})
+            save_weights({"linear.weight": to_numpy(self.params["pooler.dense.weight"]),
+                          "linear.bias": to_numpy(self.params["pooler.dense.bias"])},
+                         os.path.join(out_dir, "2_Dense", "model.safetensors"))
 
 
 def _accumulate(grads, name, g):
