@@ -36,12 +36,19 @@ def linear_schedule(step, lr, warmup, total):
 def clip_grad_norm(xp, grads, max_norm):
     """Scale all gradients in place so that their global L2 norm is at most max_norm.
     Returns the norm before clipping (a float)."""
-    total = math.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in grads.values()))
+    total = math.sqrt(sum(_sum_of_squares(g) for g in grads.values()))
     coef = max_norm / (total + 1e-6)
     if coef < 1.0:
         for g in grads.values():
             g *= g.dtype.type(coef)
     return total
+
+
+def _sum_of_squares(g, chunk=1 << 20):
+    """sum(g^2) accumulated in float64 over float32 chunks: accurate, no full-size temporary."""
+    flat = g.reshape(-1)
+    return sum(float(flat[s:s + chunk].astype(np.float64) @ flat[s:s + chunk].astype(np.float64))
+               for s in range(0, flat.size, chunk))
 
 
 class AdamW:
