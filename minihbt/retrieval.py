@@ -68,25 +68,49 @@ def top_k(queries, candidates, k, max_bytes=DEFAULT_MAX_BYTES):
     score_out = np.empty((len(queries), k), dtype=np.float32)
     for s, e in _query_blocks(len(queries), N, max_bytes):
         scores = queries[s:e] @ candidates.T                              # [b, N]
-        if k < N:
-            part = np.argpartition(-scores, k - 1, axis=1)[:, :k]         # the k best, unordered
-            kth = np.take_along_axis(scores, part, axis=1).min(axis=1)    # the k-th best score of each row
-            # a row where more than k candidates reach the k-th score has ties at the boundary:
-            # argpartition chose among them arbitrarily; take the lowest indices instead
-            for i in np.flatnonzero((scores >= kth[:, None]).sum(axis=1) > k):
-                part[i] = _tied_candidates(scores[i], kth[i], k)
-        else:
-            part = np.broadcast_to(np.arange(N), scores.shape)
-        sc = np.take_along_axis(scores, part, axis=1)
-        order = np.lexsort((part, -sc), axis=1)[:, :k]                    # by score desc, then index asc
-        idx_out[s:e] = np.take_along_axis(part, order, axis=1)
-        score_out[s:e] = np.take_along_axis(sc, order, axis=1)
+        idx_out[s:e], score_out[s:e] = _top_k_rows(scores, k)
     return idx_out, score_out
+
+
+def _top_k_rows(scores, k):
+    """Exact top-k of each row of `scores` [b, N], best first, ties by lower column index.
+
+    Selection without a full partition of every row: the k-th best score among a strided
+    sample of m >= k columns is a lower bound t of the row's true k-th best, so every column
+    with score >= t (at least k of them, usually a few times k) is a candidate; the exact
+    top k is then chosen among those few.
+    """
+    b, N = scores.shape
+    if k == N:
+        part = np.broadcast_to(np.arange(N), scores.shape)
+    else:
+        stride = max(1, N // max(4 * k, 2048))
+        sample = scores[:, ::stride]                                     # [b, m], m >= k
+        t = -np.partition(-sample, k - 1, axis=1)[:, k - 1]              # [b] lower bound of the k-th best
+        rows, cols = np.nonzero(scores >= t[:, None])                    # survivors, row-major: cols ascending
+        counts = np.bincount(rows, minlength=b)
+        pos = np.arange(rows.size) - (np.cumsum(counts) - counts)[rows]  # place within its row
+        width = int(counts.max())
+        cand_col = np.zeros((b, width), dtype=np.int64)
+        cand_val = np.full((b, width), -np.inf, dtype=np.float32)
+        cand_col[rows, pos] = cols
+        cand_val[rows, pos] = scores[rows, cols]
+        sel = np.argpartition(-cand_val, k - 1, axis=1)[:, :k]           # [b, k] places in cand_*
+        kth = np.take_along_axis(cand_val, sel, axis=1).min(axis=1)
+        sel.sort(axis=1)                                                 # places ascending = columns ascending
+        part = np.take_along_axis(cand_col, sel, axis=1)
+        # rows where more than k survivors reach the k-th score: ties at the boundary, which
+        # argpartition settled arbitrarily; take the lowest columns instead
+        for i in np.flatnonzero((cand_val >= kth[:, None]).sum(axis=1) > k):
+            part[i] = _tied_candidates(scores[i], kth[i], k)
+    sc = np.take_along_axis(scores, part, axis=1)
+    order = np.argsort(-sc, axis=1, kind="stable")                      # columns ascending within equal scores
+    return np.take_along_axis(part, order, axis=1), np.take_along_axis(sc, order, axis=1)
 
 
 def _tied_candidates(row, kth, k):
     """Indices of the k best entries of one score row with ties at the k-th score resolved
-    by lower index: everything strictly better, then the lowest-indexed ties."""
+    by lower index: everything strictly better, then the lowest-indexed ties (ascending)."""
     better = np.flatnonzero(row > kth)
     tied = np.flatnonzero(row == kth)[: k - better.size]
-    return np.concatenate([better, tied])
+    return np.sort(np.concatenate([better, tied]))
