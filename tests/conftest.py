@@ -24,3 +24,26 @@ def me5_dir(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("me5"))
     subprocess.run([sys.executable, build, out], check=True, capture_output=True)
     return out
+
+
+def _cuda_skip_reason():
+    try:
+        import cupy
+    except ImportError:
+        return "CuPy is not installed: the CUDA backend is not tested here"
+    try:
+        if cupy.cuda.runtime.getDeviceCount() > 0:
+            return None
+    except Exception as e:  # no driver, no device
+        return f"CuPy sees no GPU ({e})"
+    return "CuPy sees no GPU"
+
+
+CUDA_SKIP = _cuda_skip_reason()
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(CUDA_SKIP is not None, reason=CUDA_SKIP or ""))]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """Each backend: CPU always, CUDA where CuPy sees a GPU (skipped with the reason otherwise)."""
+    return request.param
