@@ -61,6 +61,7 @@ def encode_all(model, rs, args):
         if os.path.exists(path):
             with np.load(path) as z:
                 print(f"embeddings from cache {path}", file=sys.stderr)
+                args.cached = True
                 return {l: z["q_" + l] for l in rs.languages}, z["candidates"]
     kw = dict(batch_size=args.batch_size, max_length=args.max_length, progress=True)
     queries = {}
@@ -188,7 +189,8 @@ def main(argv=None):
     t2 = time.perf_counter()
     res["model"] = os.path.abspath(args.model)
     res["candidate_encoding"] = args.candidates
-    res["seconds"] = {"encode": round(t1 - t0, 2), "retrieve_and_metrics": round(t2 - t1, 2)}
+    res["seconds"] = {"encode": round(t1 - t0, 2), "retrieve_and_metrics": round(t2 - t1, 2),
+                      "embeddings_from_cache": bool(getattr(args, "cached", False))}
     print(summary_table(res))
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
