@@ -9,6 +9,8 @@ the one with the lower index ranks higher. The rank of candidate c for query q i
     rank(q, c) = #{j : s_qj > s_qc} + #{j < c : s_qj == s_qc}      (0-based),
 which is the position c would take in a stable sort by descending score.
 """
+import os
+
 import numpy as np
 
 DEFAULT_MAX_BYTES = 256 << 20
@@ -57,53 +59,81 @@ def rank_of_relevant(queries, candidates, relevant, max_bytes=DEFAULT_MAX_BYTES,
     return out
 
 
-def top_k(queries, candidates, k, max_bytes=DEFAULT_MAX_BYTES):
+def top_k(queries, candidates, k, max_bytes=DEFAULT_MAX_BYTES, workers=None):
     """The k best candidates of each query, best first: (indices [Q, k], scores [Q, k]),
-    ties broken by lower candidate index."""
+    ties broken by lower candidate index.
+
+    Query blocks of at most 256 rows are shared among `workers` threads (default: one per
+    core), each doing its block's GEMM and selection, with BLAS held to one thread meanwhile
+    (threadpoolctl) so the cores are not oversubscribed; all blocks in flight together stay
+    under `max_bytes`. Scores are float32 GEMM results, so a different block shape or thread
+    count may round a score differently in the last bit, which can swap two near-tied
+    candidates (faiss has the same property); the selection itself is exact.
+    """
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     candidates = np.ascontiguousarray(candidates, dtype=np.float32)
     N = candidates.shape[0]
     k = min(k, N)
     idx_out = np.empty((len(queries), k), dtype=np.int64)
     score_out = np.empty((len(queries), k), dtype=np.float32)
-    for s, e in _query_blocks(len(queries), N, max_bytes):
+    workers = max(1, workers or os.cpu_count() or 1)
+    rows = max(1, min(256, int(max_bytes // (4 * max(1, N) * workers))))
+    blocks = [(s, min(s + rows, len(queries))) for s in range(0, len(queries), rows)]
+
+    def work(block):
+        s, e = block
         scores = queries[s:e] @ candidates.T                              # [b, N]
         idx_out[s:e], score_out[s:e] = _top_k_rows(scores, k)
+
+    if workers == 1 or len(blocks) == 1:
+        for block in blocks:
+            work(block)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+        from threadpoolctl import threadpool_limits
+        with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
+            for _ in pool.map(work, blocks):
+                pass
     return idx_out, score_out
 
 
-def _top_k_rows(scores, k):
+def _top_k_rows(scores, k, group=8):
     """Exact top-k of each row of `scores` [b, N], best first, ties by lower column index.
 
-    Selection without a full partition of every row: the k-th best score among a strided
-    sample of m >= k columns is a lower bound t of the row's true k-th best, so every column
-    with score >= t (at least k of them, usually a few times k) is a candidate; the exact
-    top k is then chosen among those few.
+    Selection without sorting or partitioning whole rows. Columns are dealt into G = N // group
+    groups (column j*G + i belongs to group i); the group maxima are one element-wise pass.
+    The k-th best group maximum t is a lower bound of the row's k-th best score (k different
+    groups each hold a score >= t), so every column of the top k lies in a group whose
+    maximum is >= t. Those k groups (k * group columns, plus the N % group columns left over)
+    are the only candidates; the exact top k is chosen among them. Rows where more than k
+    groups or candidates tie at the boundary are redone exactly, one row at a time.
     """
     b, N = scores.shape
-    if k == N:
-        part = np.broadcast_to(np.arange(N), scores.shape)
-    else:
-        stride = max(1, N // max(4 * k, 2048))
-        sample = scores[:, ::stride]                                     # [b, m], m >= k
-        t = -np.partition(-sample, k - 1, axis=1)[:, k - 1]              # [b] lower bound of the k-th best
-        rows, cols = np.nonzero(scores >= t[:, None])                    # survivors, row-major: cols ascending
-        counts = np.bincount(rows, minlength=b)
-        pos = np.arange(rows.size) - (np.cumsum(counts) - counts)[rows]  # place within its row
-        width = int(counts.max())
-        cand_col = np.zeros((b, width), dtype=np.int64)
-        cand_val = np.full((b, width), -np.inf, dtype=np.float32)
-        cand_col[rows, pos] = cols
-        cand_val[rows, pos] = scores[rows, cols]
-        sel = np.argpartition(-cand_val, k - 1, axis=1)[:, :k]           # [b, k] places in cand_*
-        kth = np.take_along_axis(cand_val, sel, axis=1).min(axis=1)
-        sel.sort(axis=1)                                                 # places ascending = columns ascending
-        part = np.take_along_axis(cand_col, sel, axis=1)
-        # rows where more than k survivors reach the k-th score: ties at the boundary, which
-        # argpartition settled arbitrarily; take the lowest columns instead
-        for i in np.flatnonzero((cand_val >= kth[:, None]).sum(axis=1) > k):
-            part[i] = _tied_candidates(scores[i], kth[i], k)
-    sc = np.take_along_axis(scores, part, axis=1)
+    G = N // group
+    if G < 2 * k:                                                        # small pools: plain sort
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return order, np.take_along_axis(scores, order, axis=1)
+    gmax = scores[:, :G].copy()                                         # [b, G]
+    for j in range(1, group):
+        np.maximum(gmax, scores[:, j * G:(j + 1) * G], out=gmax)
+    gsel = np.argpartition(gmax, G - k, axis=1)[:, G - k:]              # [b, k] the k best groups
+    gsel.sort(axis=1)
+    t = np.take_along_axis(gmax, gsel, axis=1).min(axis=1)              # [b]
+    base = (np.arange(b) * N)[:, None]                                  # flat offset of each row
+    cols = ((G * np.arange(group))[None, :, None] + gsel[:, None, :]).reshape(b, group * k)
+    if group * G < N:                                                   # leftover columns: always candidates
+        cols = np.concatenate([cols, np.broadcast_to(np.arange(group * G, N), (b, N - group * G))], axis=1)
+    # cols is ascending within each row, so ascending places below are ascending columns
+    vals = np.take(scores.reshape(-1), base + cols)                     # [b, m]
+    sel = np.argpartition(vals, vals.shape[1] - k, axis=1)[:, -k:]
+    sel.sort(axis=1)
+    part = np.take_along_axis(cols, sel, axis=1)                        # [b, k] columns ascending
+    sc = np.take_along_axis(vals, sel, axis=1)
+    kth = sc.min(axis=1)
+    tied = ((gmax >= t[:, None]).sum(axis=1) > k) | ((vals >= kth[:, None]).sum(axis=1) > k)
+    for i in np.flatnonzero(tied):
+        part[i] = _tied_candidates(scores[i], kth[i], k)
+        sc[i] = scores[i, part[i]]
     order = np.argsort(-sc, axis=1, kind="stable")                      # columns ascending within equal scores
     return np.take_along_axis(part, order, axis=1), np.take_along_axis(sc, order, axis=1)
 

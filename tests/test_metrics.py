@@ -92,3 +92,33 @@ def test_retriever_matches_a_full_sort_and_stays_within_memory_blocks():
     # small blocks give the same answer for well-separated scores
     small = rank_of_relevant(Q, C, rel, max_bytes=4 * 300 * 7)
     assert all(a.tolist() == b.tolist() for a, b in zip(small[1:], ranks[1:]))
+
+
+@pytest.mark.parametrize("n", [160, 203, 1000])                  # 203: leftover columns past the last group
+def test_top_k_selection_is_exact_with_many_ties(n):
+    """The grouped selection of top_k against a full stable sort, on score rows quantised to
+    a few levels (so the boundary of the top k is nearly always a tie) and on continuous ones."""
+    from minihbt.retrieval import _top_k_rows
+    rng = np.random.default_rng(n)
+    for levels in (3, 20, None):
+        S = rng.standard_normal((40, n)).astype(np.float32)
+        if levels:
+            S = np.round(S * levels / 4).astype(np.float32)
+        for k in (1, 10, 20):
+            idx, sc = _top_k_rows(S, k)
+            ref = np.argsort(-S, axis=1, kind="stable")[:, :k]
+            assert idx.tolist() == ref.tolist()
+            assert np.array_equal(sc, np.take_along_axis(S, ref, axis=1))
+
+
+def test_top_k_threads_and_block_sizes_agree():
+    """Several workers and tiny memory blocks give the rows of one big call (integer-valued
+    vectors, so every score is exact whatever the GEMM's blocking)."""
+    rng = np.random.default_rng(3)
+    Q = rng.integers(-3, 4, (70, 16)).astype(np.float32)
+    C = rng.integers(-3, 4, (500, 16)).astype(np.float32)
+    one = top_k(Q, C, 25, workers=1)
+    many = top_k(Q, C, 25, workers=3, max_bytes=4 * 500 * 3 * 4)  # 4 rows a block, 18 blocks
+    ref = np.argsort(-(Q.astype(np.float64) @ C.T.astype(np.float64)), axis=1, kind="stable")[:, :25]
+    assert one[0].tolist() == ref.tolist() and many[0].tolist() == ref.tolist()
+    assert np.array_equal(one[1], many[1])
