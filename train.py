@@ -34,7 +34,8 @@ DEFAULTS = dict(sampler="hybrid", alpha=0.5, batch_size=100, lr=3e-5, weight_dec
                 schedule="constant", decay_steps=None, steps=1000, max_query_len=64, max_passage_len=256,
                 temperature=0.05, candidates="inbatch", symmetric=False, seed=0, device="cpu", out="runs/hbt",
                 save_every=500, resume=None, grad_cache_chunk=0, max_grad_norm=1.0, max_negatives=1,
-                xx_weighting="uniform", pooling=None, model=None, train=None, quiet=False)
+                xx_weighting="uniform", pooling=None, model=None, train=None, quiet=False, tf32=False,
+                fused_kernels=False)
 
 
 def build_parser():
@@ -73,6 +74,11 @@ def build_parser():
     a("--pooling", choices=["mean", "cls", "pooler"], help="default: the checkpoint's own, else mean")
     a("--seed", type=int, help="seed of batches and dropout (default 0)")
     a("--device", choices=["cpu", "cuda"], help="cpu (NumPy, default) or cuda (CuPy)")
+    a("--tf32", action="store_true", default=None,
+      help="cuda only: float32 GEMMs on TF32 tensor cores (faster, ~1e-3 relative error; default off)")
+    a("--fused-kernels", action="store_true", default=None,
+      help="cuda only: fused CuPy kernels for bias+GELU, residual+LayerNorm, softmax and AdamW "
+           "(default off: not yet verified on a GPU, see minihbt/kernels.py)")
     a("--out", help="run directory: checkpoint-N/, final/ (each a Hugging Face directory with optimizer.npz and "
                     "trainer_state.json beside the weights), log.jsonl (default runs/hbt)")
     a("--save-every", type=int, help="checkpoint every N steps (default 500; 0 = only at the end)")
@@ -109,11 +115,11 @@ def resolve_args(argv):
             sys.exit(f"train.py: --resume {settings['resume']}: no checkpoint-N with {STATE_FILE} in it")
         with open(os.path.join(ckpt, STATE_FILE), encoding="utf-8") as f:
             saved = json.load(f)["settings"]
-        changeable = {"steps", "save_every", "device"}
+        changeable = {"steps", "save_every", "device", "tf32", "fused_kernels"}
         changed = {k for k in given if k in saved and k not in changeable | {"resume"} and given[k] != saved[k]}
         if changed:
             sys.exit(f"train.py: --resume: {sorted(changed)} differ from the run's saved settings; "
-                     "only --steps, --save-every and --device may change")
+                     "only --steps, --save-every, --device, --tf32 and --fused-kernels may change")
         settings = {**saved, **{k: given[k] for k in changeable if k in given}, "resume": settings["resume"],
                     "out": settings["resume"], "checkpoint": ckpt}
     for need in ("model", "train"):
@@ -191,6 +197,12 @@ def main(argv=None):
     start = s.get("checkpoint") or s["model"]
     model = minihbt.load_model(start, device=s["device"], pooling=s["pooling"])
     model.path = start
+    if s.get("tf32"):
+        from minihbt.backend import set_tf32
+        set_tf32(model.xp, True)
+    if s.get("fused_kernels"):
+        from minihbt import kernels
+        kernels.set_fused(True)
     opt = AdamW({k: model.params[k] for k in model.trainable_names()}, lr=s["lr"], weight_decay=s["weight_decay"],
                 xp=model.xp)
     step = 0

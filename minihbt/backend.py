@@ -133,3 +133,17 @@ def erf(xp, x):
 
 
 _erf_exact = np.vectorize(math.erf, otypes=[np.float64])
+
+
+def set_tf32(xp, enabled):
+    """Let cuBLAS use TF32 tensor cores for float32 GEMMs (True) or not (False, the default:
+    exact float32, as on the CPU). Only CuPy is affected; on NumPy this is a no-op.
+
+    TF32 rounds GEMM inputs to 10 mantissa bits (products accumulate in float32): results
+    move by about 1e-3 relative, beyond the float32 tolerances of the parity tests.
+    The environment variable CUPY_TF32=1 set before CuPy's first GEMM has the same effect.
+    """
+    if xp is np:
+        return
+    from cupy._core import _routines_linalg as rl       # CuPy's own switch for this (cuBLAS compute type)
+    rl.set_compute_type(np.float32, rl.COMPUTE_TYPE_TF32 if enabled else rl.COMPUTE_TYPE_DEFAULT)

@@ -6,6 +6,7 @@ CPU and GPU. Shapes: B batch, T tokens, H hidden, F FFN width, N heads, D = H / 
 """
 import math
 
+from . import kernels as K
 from .backend import erf
 
 
@@ -27,10 +28,12 @@ def embedding_backward(xp, d_out, cache, d_table=None):
 
 
 def linear_forward(xp, x, weight, bias):
-    """y = x W^T + b as one 2-D GEMM. x [..., I], weight [O, I] (HF layout), bias [O] -> [..., O]."""
+    """y = x W^T + b as one 2-D GEMM. x [..., I], weight [O, I] (HF layout), bias [O] -> [..., O].
+    With bias None the caller adds it (fused into the next operation, see kernels.bias_gelu)."""
     x2 = x.reshape(-1, x.shape[-1])                      # [M, I]
     y = x2 @ weight.T                                    # [M, O]
-    y += bias
+    if bias is not None:
+        y += bias
     return y.reshape(*x.shape[:-1], weight.shape[0]), (x2, weight, x.shape)
 
 
@@ -63,22 +66,86 @@ class RowDropout:
     [B, N, T, T] attention probabilities it draws [N, len_b, len_b]; padded positions are kept
     (they reach no output). So a text gets the same dropout whether it is embedded in one big
     batch or in a GradCache chunk, and a step can be replayed exactly.
+
+    On NumPy each text has a numpy Generator. On CuPy the masks are made on the GPU, all
+    texts at once, by a counter-based generator (`hash_uniform`): the uniform of element e
+    of the c-th mask of a text with key k is fmix32(key(k, c) ^ e * golden) / 2^32, where e
+    indexes the element within the text's own [len, H] or [N, len, len] block, so the same
+    properties hold (and the NumPy form of the same formula is what tests check it against).
     """
 
     def __init__(self, seeds, lengths):
         import numpy as np
+        self.seeds = seeds
         self.gens = [np.random.default_rng(s) for s in seeds]
         self.lengths = [int(n) for n in lengths]
+        self.calls = 0
 
     def keep_mask(self, xp, shape, p, dtype):
         import numpy as np
+        if xp is not np:
+            return self.hash_keep_mask(xp, shape, p)
         keep = np.ones(shape, dtype=bool)
         for b, (g, n) in enumerate(zip(self.gens, self.lengths)):
             if len(shape) == 3:                                   # [B, T, H]
                 keep[b, :n] = g.random((n, shape[2]), dtype=dtype) >= p
             else:                                                 # [B, N, T, T]
                 keep[b, :, :n, :n] = g.random((shape[1], n, n), dtype=dtype) >= p
-        return xp.asarray(keep)
+        return keep
+
+    def hash_keep_mask(self, xp, shape, p):
+        """The device-side masks (any xp): uniforms from `hash_uniform`, padding kept."""
+        import numpy as np
+        self.calls += 1
+        keys = xp.asarray(np.array([_fmix32(_text_key(s) ^ _fmix32(self.calls * 0x9E3779B9 & 0xFFFFFFFF))
+                                    for s in self.seeds], dtype=np.uint32))
+        lengths = xp.asarray(np.array(self.lengths))
+        if len(shape) == 3:                                       # [B, T, H]: element t * H + h
+            B, T, H = shape
+            elem = (xp.arange(T, dtype=xp.uint32)[:, None] * xp.uint32(H) + xp.arange(H, dtype=xp.uint32))[None]
+            keep = hash_uniform(xp, keys[:, None, None], elem) >= p
+            keep |= xp.arange(T)[None, :, None] >= lengths[:, None, None]
+        else:                                                     # [B, N, T, T]: element (n * 2048 + i) * 2048 + j
+            B, N, T, _ = shape
+            r = xp.arange(T, dtype=xp.uint32)
+            elem = ((xp.arange(N, dtype=xp.uint32)[:, None, None] * xp.uint32(2048) + r[:, None]) * xp.uint32(2048)
+                    + r)[None]
+            keep = hash_uniform(xp, keys[:, None, None, None], elem) >= p
+            pos = xp.arange(T)
+            keep |= (pos[None, :, None] >= lengths[:, None, None])[:, None]
+            keep |= (pos[None, None, :] >= lengths[:, None, None])[:, None]
+        return keep
+
+
+def _fmix32(h):
+    """MurmurHash3's 32-bit finaliser on a Python int."""
+    h &= 0xFFFFFFFF
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+
+
+def _text_key(seed):
+    import numpy as np
+    return int(np.random.SeedSequence(seed).generate_state(1, dtype=np.uint32)[0])
+
+
+def hash_uniform(xp, key, elem):
+    """Uniforms in [0, 1) (float32, 24 random bits) from uint32 keys and element indices
+    (broadcast together): fmix32(key ^ elem * 0x9E3779B9) >> 8, times 2^-24."""
+    h = elem * xp.uint32(0x9E3779B9)
+    h = h ^ key
+    h ^= h >> xp.uint32(16)
+    h *= xp.uint32(0x85EBCA6B)
+    h ^= h >> xp.uint32(13)
+    h *= xp.uint32(0xC2B2AE35)
+    h ^= h >> xp.uint32(16)
+    h >>= xp.uint32(8)
+    u = h.astype(xp.float32)
+    u *= xp.float32(2.0 ** -24)
+    return u
 
 
 def dropout_forward(xp, x, p, rng):
@@ -112,9 +179,7 @@ def attention_forward(xp, q, k, v, mask_bias, num_heads, dropout_p=0.0, rng=None
     kh = k.reshape(B, T, num_heads, D).transpose(0, 2, 1, 3)      # [B, N, T, D]
     vh = v.reshape(B, T, num_heads, D).transpose(0, 2, 1, 3)      # [B, N, T, D]
     scores = qh @ kh.transpose(0, 1, 3, 2)                         # [B, N, T, T]
-    scores *= q.dtype.type(1.0 / math.sqrt(D))
-    scores += mask_bias
-    probs = softmax_forward(xp, scores)                            # [B, N, T, T]
+    probs = K.scaled_masked_softmax(xp, scores, 1.0 / math.sqrt(D), mask_bias)   # softmax(s / sqrt D + mask)
     probs_d, drop = dropout_forward(xp, probs, dropout_p, rng)     # [B, N, T, T]
     ctx = probs_d @ vh                                             # [B, N, T, D]
     ctx = ctx.transpose(0, 2, 1, 3).reshape(B, T, H)               # [B, T, H]
@@ -184,10 +249,7 @@ def layernorm_backward(xp, d_y, cache):
     H = xhat.shape[-1]
     d_gamma = (d_y * xhat).reshape(-1, H).sum(axis=0)              # [H]
     d_beta = d_y.reshape(-1, H).sum(axis=0)                        # [H]
-    d_xhat = d_y * gamma                                           # [..., H]
-    d_x = d_xhat - d_xhat.mean(axis=-1, keepdims=True)
-    d_x -= xhat * (d_xhat * xhat).mean(axis=-1, keepdims=True)
-    d_x *= rstd
+    d_x = K.layernorm_grad(xp, d_y, xhat, rstd, gamma)            # [..., H], the formula above
     return d_x, d_gamma, d_beta
 
 
@@ -229,7 +291,7 @@ def attention_backward(xp, d_ctx, cache):
     d_vh = probs_d.transpose(0, 1, 3, 2) @ d_ctx                   # [B, N, T, D]
     d_probs = d_ctx @ vh.transpose(0, 1, 3, 2)                     # [B, N, T, T]
     d_probs = dropout_backward(xp, d_probs, drop)
-    d_scores = softmax_backward(xp, d_probs, probs)                # [B, N, T, T]
+    d_scores = K.softmax_grad(xp, d_probs, probs)                  # [B, N, T, T], as softmax_backward
     d_scores *= qh.dtype.type(1.0 / math.sqrt(D))
     d_qh = d_scores @ kh                                           # [B, N, T, D]
     d_kh = d_scores.transpose(0, 1, 3, 2) @ qh                     # [B, N, T, D]

@@ -13,6 +13,7 @@ import shutil
 
 import numpy as np
 
+from . import kernels as K
 from . import layers as L
 from .backend import get_xp, get_dtype, to_numpy
 from .config import ModelConfig, ConfigError
@@ -92,6 +93,9 @@ class Model:
         def layernorm(x, name):
             return L.layernorm_forward(xp, x, P[name + ".weight"], P[name + ".bias"], c.layer_norm_eps)
 
+        def add_layernorm(x, residual, name):                                   # LN(x + residual), x owned
+            return K.add_layernorm(xp, x, residual, P[name + ".weight"], P[name + ".bias"], c.layer_norm_eps)
+
         # embeddings
         pos_ids = self.position_ids(input_ids)
         h, _ = L.embedding_forward(xp, P["embeddings.word_embeddings.weight"], input_ids)       # [B, T, H]
@@ -111,14 +115,12 @@ class Model:
             ctx, attn_cache = L.attention_forward(xp, q, k, v, mask_bias, c.num_attention_heads, p_attn, rng)
             a, ao_cache = linear(ctx, p + "attention.output.dense")                           # [B, T, H]
             a, ad_cache = L.dropout_forward(xp, a, p_hidden, rng)
-            a += h                                                                            # residual
-            h1, ln1_cache = layernorm(a, p + "attention.output.LayerNorm")                    # [B, T, H]
-            f, fi_cache = linear(h1, p + "intermediate.dense")                                # [B, T, F]
-            g, gelu_cache = L.gelu_forward(xp, f)                                             # [B, T, F]
+            h1, ln1_cache = add_layernorm(a, h, p + "attention.output.LayerNorm")             # LN(a + h) [B, T, H]
+            f, fi_cache = L.linear_forward(xp, h1, P[p + "intermediate.dense.weight"], None)  # [B, T, F], no bias yet
+            g, gelu_cache = K.bias_gelu(xp, f, P[p + "intermediate.dense.bias"])              # gelu(f + b) [B, T, F]
             o, fo_cache = linear(g, p + "output.dense")                                       # [B, T, H]
             o, od_cache = L.dropout_forward(xp, o, p_hidden, rng)
-            o += h1                                                                           # residual
-            h, ln2_cache = layernorm(o, p + "output.LayerNorm")                               # [B, T, H]
+            h, ln2_cache = add_layernorm(o, h1, p + "output.LayerNorm")                       # LN(o + h1) [B, T, H]
             if keep:
                 caches.append((p, (q_cache, k_cache, v_cache, attn_cache, ao_cache, ad_cache, ln1_cache,
                                    fi_cache, gelu_cache, fo_cache, od_cache, ln2_cache)))
@@ -181,7 +183,7 @@ class Model:
             d_gelu, d_w, d_b = L.linear_backward(xp, d_o, fo_cache)                 # [B, T, F]
             _accumulate(grads, p + "output.dense.weight", d_w)
             _accumulate(grads, p + "output.dense.bias", d_b)
-            d_f = L.gelu_backward(xp, d_gelu, gelu_cache)
+            d_f = K.gelu_grad(xp, d_gelu, *gelu_cache)                              # as L.gelu_backward
             del d_gelu, gelu_cache
             d_x, d_w, d_b = L.linear_backward(xp, d_f, fi_cache)
             _accumulate(grads, p + "intermediate.dense.weight", d_w)

@@ -18,6 +18,7 @@ import math
 
 import numpy as np
 
+from . import kernels
 from .backend import parallel_chunks, to_numpy
 
 
@@ -80,7 +81,7 @@ class AdamW:
                 pf, gf, mf, vf = p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1)
                 parallel_chunks(lambda s, e: _adamw_update(pf[s:e], gf[s:e], mf[s:e], vf[s:e], *consts), p.size)
             else:
-                _adamw_update(p, g, m, v, *consts)
+                kernels.adamw(xp, p, g, m, v, *consts)   # one fused kernel on the GPU when enabled
 
     def state_dict(self):
         return {"t": self.t, "lr": self.lr, "betas": list(self.betas), "eps": self.eps,
