@@ -137,3 +137,46 @@ def test_training_gradients_with_fused_kernels_match_unfused_on_gpu(arch):
     for name in g0:
         scale = max(1.0, float(np.abs(g0[name]).max()))
         assert float(np.abs(g0[name] - g1[name]).max()) <= 1e-4 * scale, name
+
+
+def _nvrtc():
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+        nvrtc.getVersion()
+        return nvrtc
+    except Exception:
+        return None
+
+
+@pytest.mark.skipif(_nvrtc() is None, reason="CuPy with NVRTC (pip install cupy-cuda12x nvidia-cuda-nvrtc-cu12) "
+                                               "is not importable: the CUDA sources are not compiled here")
+def test_kernel_sources_compile_with_nvrtc():
+    """Compiles every CUDA source of minihbt.kernels for sm_90 with NVRTC, which needs no GPU:
+    the row kernels as written, and each ElementwiseKernel's operation inside a kernel that
+    binds its parameters as CuPy does (inputs by value, outputs by reference), for float and
+    double. This catches CUDA errors on machines without a GPU; running them is the GPU tests' job."""
+    nvrtc = _nvrtc()
+
+    def compile_ok(src, name):
+        prog = nvrtc.createProgram(src, name, [], [])
+        try:
+            nvrtc.compileProgram(prog, ["-arch=compute_90", "-std=c++14"])
+        except Exception as e:
+            pytest.fail(f"{name}: {e}\n{nvrtc.getProgramLog(prog)}")
+        assert len(nvrtc.getPTX(prog)) > 0
+
+    compile_ok(K._ROW_SOURCE, "rows.cu")
+    for name, (ins, outs, op) in K._ELEMENTWISE.items():
+        params, bind = [], []
+        for decl in ins.split(","):
+            v = decl.split()[1]
+            params.append(f"const T* {v}_")
+            bind.append(f"const T {v} = {v}_[i];")
+        for decl in outs.split(","):
+            v = decl.split()[1]
+            params.append(f"T* {v}_")
+            bind.append(f"T& {v} = {v}_[i];")
+        body = (f'extern "C" __global__ void k({", ".join(params)}, int n) {{ int i = blockIdx.x * blockDim.x '
+                f'+ threadIdx.x; if (i >= n) return; {" ".join(bind)} {op} }}')
+        for t in ("float", "double"):
+            compile_ok(f"typedef {t} T;\n{body}\n", f"{name}_{t}.cu")
