@@ -194,7 +194,7 @@ def run_torch(model_dir, triplets, args):
         torch.backends.cuda.matmul.allow_tf32 = args.precision == "tf32"
         torch.backends.cudnn.allow_tf32 = args.precision == "tf32"
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModel.from_pretrained(model_dir, attn_implementation="eager").to(dev).train()   # dropout on
+    model = AutoModel.from_pretrained(model_dir).to(dev).train()     # dropout on; default attention (sdpa)
     named = [(n, p) for n, p in model.named_parameters() if not n.startswith("pooler.")]
     params = [p for _, p in named]
     decay = [p for n, p in named if not (n.endswith("bias") or "LayerNorm" in n)]
