@@ -37,7 +37,13 @@ def linear_schedule(step, lr, warmup, total):
 def clip_grad_norm(xp, grads, max_norm):
     """Scale all gradients in place so that their global L2 norm is at most max_norm.
     Returns the norm before clipping (a float)."""
-    total = math.sqrt(sum(_sum_of_squares(g) for g in grads.values()))
+    if xp is np:
+        total = math.sqrt(sum(_sum_of_squares(g) for g in grads.values()))
+    else:                                         # accumulate on the device: one transfer, not one a chunk
+        acc = xp.zeros((), dtype=xp.float64)
+        for g in grads.values():
+            acc = acc + _sum_of_squares(g, to_float=False)
+        total = math.sqrt(float(acc))
     coef = max_norm / (total + 1e-6)
     if coef < 1.0:
         for g in grads.values():
@@ -45,11 +51,13 @@ def clip_grad_norm(xp, grads, max_norm):
     return total
 
 
-def _sum_of_squares(g, chunk=1 << 20):
-    """sum(g^2) accumulated in float64 over float32 chunks: accurate, no full-size temporary."""
+def _sum_of_squares(g, chunk=1 << 20, to_float=True):
+    """sum(g^2) accumulated in float64 over float32 chunks: accurate, no full-size temporary.
+    A Python float, or (to_float False) a 0-d array on g's device."""
     flat = g.reshape(-1)
-    return sum(float(flat[s:s + chunk].astype(np.float64) @ flat[s:s + chunk].astype(np.float64))
-               for s in range(0, flat.size, chunk))
+    parts = (flat[s:s + chunk].astype(np.float64) @ flat[s:s + chunk].astype(np.float64)
+             for s in range(0, flat.size, chunk))
+    return sum(float(x) for x in parts) if to_float else sum(parts)
 
 
 class AdamW:
