@@ -180,3 +180,34 @@ def test_kernel_sources_compile_with_nvrtc():
                 f'+ threadIdx.x; if (i >= n) return; {" ".join(bind)} {op} }}')
         for t in ("float", "double"):
             compile_ok(f"typedef {t} T;\n{body}\n", f"{name}_{t}.cu")
+
+
+# The tolerances each GPU mode is held to against PyTorch's float32 fixtures (dropout off):
+# (loss, gradients relative to max(1, max |g_torch|)). Fused kernels are float32 and keep
+# the CPU tolerances; TF32 GEMMs round their inputs to 10 mantissa bits, so ~1e-3 relative.
+GPU_MODE_TOLERANCES = {"fused": (1e-5, 1e-4), "tf32": (2e-3, 2e-2)}
+
+
+@cuda_only
+@pytest.mark.parametrize("mode", sorted(GPU_MODE_TOLERANCES))
+@pytest.mark.parametrize("arch", ["xlmr", "bert"])
+def test_gpu_modes_match_torch_within_their_tolerances(mode, arch):
+    import cupy
+    import minihbt
+    from minihbt.backend import set_tf32
+    from fixtures.spec import TEMPERATURE, TRIPLETS
+    ref = np.load(TINY[arch] + "/grads.npz")
+    model = minihbt.load_model(TINY[arch], pooling="mean", device="cuda")
+    K.set_fused(mode == "fused")
+    set_tf32(cupy, mode == "tf32")
+    try:
+        loss, grads = minihbt.loss_and_grads(model, [t[0] for t in TRIPLETS], [t[1] for t in TRIPLETS],
+                                             [t[2] for t in TRIPLETS], temperature=TEMPERATURE)
+    finally:
+        K.set_fused(False)
+        set_tf32(cupy, False)
+    tol_loss, tol_grad = GPU_MODE_TOLERANCES[mode]
+    assert abs(loss - float(ref["loss"])) <= tol_loss
+    for name, g in grads.items():
+        g_torch = ref["grad/" + name]
+        assert np.abs(g - g_torch).max() <= tol_grad * max(1.0, np.abs(g_torch).max()), name
