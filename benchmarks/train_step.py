@@ -27,6 +27,7 @@ excluded on both). After one warm-up step the mean of --steps steps is reported.
 """
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -178,8 +179,7 @@ def run_minihbt(model_dir, triplets, args):
         if xp is np:
             return None
         return xp.get_default_memory_pool().total_bytes() / 2 ** 20
-    return (step, memory, lambda: xp.cuda.runtime.getDeviceProperties(0)["name"].decode() if xp is not np else None,
-            model), None
+    return (step, memory, lambda: xp.cuda.runtime.getDeviceProperties(0)["name"].decode() if xp is not np else None), None
 
 
 def run_torch(model_dir, triplets, args):
@@ -227,7 +227,7 @@ def run_torch(model_dir, triplets, args):
 
     def memory():
         return torch.cuda.max_memory_reserved() / 2 ** 20 if cuda else None
-    return (step, memory, lambda: torch.cuda.get_device_name(0) if cuda else None, model), None
+    return (step, memory, lambda: torch.cuda.get_device_name(0) if cuda else None), None
 
 
 def child(args):
@@ -237,7 +237,7 @@ def child(args):
     if made is None:
         print(json.dumps({"skipped": why}))
         return
-    step, memory, device_name, _ = made
+    step, memory, device_name = made
     step()                                                          # warm-up
     times, losses, pool = [], [], [memory()]
     for _ in range(args.steps):
@@ -298,8 +298,8 @@ def main():
         config = json.load(f)
     from safetensors import safe_open
     with safe_open(os.path.join(model_dir, "model.safetensors"), "np") as f:
-        n_nonembed = sum(f.get_slice(k).get_shape()[0] * (f.get_slice(k).get_shape()[1:] or [1])[0]
-                         for k in f.keys() if ".embeddings." not in "." + k and "pooler" not in k)
+        n_nonembed = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys()
+                         if ".embeddings." not in "." + k and "pooler" not in k)
     triplets = (long_triplets if args.shape == "xlmr-base" else xquad_triplets)(args.triplets, args.data)
     tq, tp, Tq, Tp = count_tokens(model_dir, triplets, args)
     flops = flops_per_step(config, n_nonembed, tq, tp, Tq, Tp)

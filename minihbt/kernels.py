@@ -76,9 +76,8 @@ def scaled_masked_softmax_reference(xp, scores, scale, mask_bias):
 
 
 def softmax_grad_reference(xp, d_probs, probs):
-    d_s = d_probs * probs
-    d_s -= probs * d_s.sum(axis=-1, keepdims=True)
-    return d_s
+    from .layers import softmax_backward
+    return softmax_backward(xp, d_probs, probs)
 
 
 def adamw_reference(xp, p, g, m, v, decay, one_minus_b1, b2, one_minus_b2, inv_bc2_sqrt, eps, step_size):
@@ -139,7 +138,7 @@ def scaled_masked_softmax(xp, scores, scale, mask_bias):
     if not fused_enabled(xp, scores, mask_bias) or not scores.flags.c_contiguous:
         return scaled_masked_softmax_reference(xp, scores, scale, mask_bias)
     B, N, T, S = scores.shape
-    bias = xp.ascontiguousarray(xp.broadcast_to(mask_bias, (B, 1, 1, S))).reshape(B, S)
+    bias = xp.ascontiguousarray(mask_bias).reshape(B, S)
     _raw("scaled_masked_softmax")((B * N * T,), (_BLOCK,), (scores, bias, xp.int32(S), xp.int32(N * T),
                                                            xp.float32(scale)))
     return scores

@@ -78,6 +78,7 @@ class RowDropout:
         import numpy as np
         self.seeds = seeds
         self.gens = [np.random.default_rng(s) for s in seeds]
+        self.keys = None                                          # per-text hash keys, made at first use
         self.lengths = [int(n) for n in lengths]
         self.calls = 0
 
@@ -97,8 +98,10 @@ class RowDropout:
         """The device-side masks (any xp): uniforms from `hash_uniform`, padding kept."""
         import numpy as np
         self.calls += 1
-        keys = xp.asarray(np.array([_fmix32(_text_key(s) ^ _fmix32(self.calls * 0x9E3779B9 & 0xFFFFFFFF))
-                                    for s in self.seeds], dtype=np.uint32))
+        if self.keys is None:
+            self.keys = np.array([_text_key(s) for s in self.seeds], dtype=np.uint32)
+        call_key = _fmix32(np.array([self.calls * 0x9E3779B9 & 0xFFFFFFFF], dtype=np.uint32))
+        keys = xp.asarray(_fmix32(self.keys ^ call_key))
         lengths = xp.asarray(np.array(self.lengths))
         if len(shape) == 3:                                       # [B, T, H]: element t * H + h
             B, T, H = shape
@@ -118,12 +121,11 @@ class RowDropout:
 
 
 def _fmix32(h):
-    """MurmurHash3's 32-bit finaliser on a Python int."""
-    h &= 0xFFFFFFFF
-    h ^= h >> 16
-    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+    """MurmurHash3's 32-bit finaliser on a uint32 array (any xp; products wrap mod 2^32)."""
+    h = h ^ (h >> 16)
+    h = h * h.dtype.type(0x85EBCA6B)
     h ^= h >> 13
-    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+    h *= h.dtype.type(0xC2B2AE35)
     return h ^ (h >> 16)
 
 
@@ -135,13 +137,7 @@ def _text_key(seed):
 def hash_uniform(xp, key, elem):
     """Uniforms in [0, 1) (float32, 24 random bits) from uint32 keys and element indices
     (broadcast together): fmix32(key ^ elem * 0x9E3779B9) >> 8, times 2^-24."""
-    h = elem * xp.uint32(0x9E3779B9)
-    h = h ^ key
-    h ^= h >> xp.uint32(16)
-    h *= xp.uint32(0x85EBCA6B)
-    h ^= h >> xp.uint32(13)
-    h *= xp.uint32(0xC2B2AE35)
-    h ^= h >> xp.uint32(16)
+    h = _fmix32((elem * xp.uint32(0x9E3779B9)) ^ key)
     h >>= xp.uint32(8)
     u = h.astype(xp.float32)
     u *= xp.float32(2.0 ** -24)

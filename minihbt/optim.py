@@ -37,13 +37,7 @@ def linear_schedule(step, lr, warmup, total):
 def clip_grad_norm(xp, grads, max_norm):
     """Scale all gradients in place so that their global L2 norm is at most max_norm.
     Returns the norm before clipping (a float)."""
-    if xp is np:
-        total = math.sqrt(sum(_sum_of_squares(g) for g in grads.values()))
-    else:                                         # accumulate on the device: one transfer, not one a chunk
-        acc = xp.zeros((), dtype=xp.float64)
-        for g in grads.values():
-            acc = acc + _sum_of_squares(g, to_float=False)
-        total = math.sqrt(float(acc))
+    total = math.sqrt(float(sum(_sum_of_squares(g) for g in grads.values())))   # one device->host transfer
     coef = max_norm / (total + 1e-6)
     if coef < 1.0:
         for g in grads.values():
@@ -51,13 +45,12 @@ def clip_grad_norm(xp, grads, max_norm):
     return total
 
 
-def _sum_of_squares(g, chunk=1 << 20, to_float=True):
+def _sum_of_squares(g, chunk=1 << 20):
     """sum(g^2) accumulated in float64 over float32 chunks: accurate, no full-size temporary.
-    A Python float, or (to_float False) a 0-d array on g's device."""
+    A float64 scalar on g's device (0-d on CuPy), so summing many costs no transfer."""
     flat = g.reshape(-1)
-    parts = (flat[s:s + chunk].astype(np.float64) @ flat[s:s + chunk].astype(np.float64)
-             for s in range(0, flat.size, chunk))
-    return sum(float(x) for x in parts) if to_float else sum(parts)
+    return sum(flat[s:s + chunk].astype(np.float64) @ flat[s:s + chunk].astype(np.float64)
+               for s in range(0, flat.size, chunk))
 
 
 class AdamW:

@@ -16,9 +16,10 @@ import numpy as np
 DEFAULT_MAX_BYTES = 256 << 20
 
 
-def _query_blocks(n_queries, n_candidates, max_bytes):
-    """Query-row blocks whose float32 score matrix (rows x n_candidates) fits max_bytes."""
-    rows = max(1, int(max_bytes // (4 * max(1, n_candidates))))
+def _query_blocks(n_queries, n_candidates, max_bytes, max_rows=None):
+    """Query-row blocks whose float32 score matrix (rows x n_candidates) fits max_bytes,
+    of at most max_rows rows when given."""
+    rows = max(1, min(max_rows or n_queries, int(max_bytes // (4 * max(1, n_candidates)))))
     return [(s, min(s + rows, n_queries)) for s in range(0, n_queries, rows)]
 
 
@@ -77,8 +78,7 @@ def top_k(queries, candidates, k, max_bytes=DEFAULT_MAX_BYTES, workers=None):
     idx_out = np.empty((len(queries), k), dtype=np.int64)
     score_out = np.empty((len(queries), k), dtype=np.float32)
     workers = max(1, workers or os.cpu_count() or 1)
-    rows = max(1, min(256, int(max_bytes // (4 * max(1, N) * workers))))
-    blocks = [(s, min(s + rows, len(queries))) for s in range(0, len(queries), rows)]
+    blocks = _query_blocks(len(queries), N * workers, max_bytes, max_rows=256)   # `workers` blocks at once
 
     # BLAS runs ~5% faster on a row-major [D, N] operand than on the transposed view; the
     # copy is made only when it fits the memory budget, so memory stays bounded
