@@ -53,6 +53,7 @@ def evaluate(rs, query_emb, cand_emb, progress=False):
     langs = rs.languages
     cand_lang = np.array(rs.cand_lang)
     idx_of = {l: np.flatnonzero(cand_lang == l) for l in langs}
+    cands_of = {l: cand_emb[idx_of[l]] for l in langs}  # each language's candidates, gathered once
     pos_in_lang = {}                                    # global candidate index -> index within its language
     for l in langs:
         pos_in_lang.update({int(g): i for i, g in enumerate(idx_of[l])})
@@ -72,7 +73,7 @@ def evaluate(rs, query_emb, cand_emb, progress=False):
             if not keep:
                 continue
             rel = [[pos_in_lang[rs.gold[(qids[i], y)]]] for i in keep]
-            ranks = rank_of_relevant(Qx[keep], cand_emb[idx_of[y]], rel, progress=bar)
+            ranks = rank_of_relevant(Qx[keep], cands_of[y], rel, progress=bar)
             res = _query_metrics(ranks, recall_ks=(1, 10))
             if x == y:
                 mono[x] = res
