@@ -128,13 +128,6 @@ def resolve_args(argv):
     return settings
 
 
-def learning_rate(step, s):
-    from minihbt.optim import linear_schedule
-    if s["schedule"] == "linear":
-        return linear_schedule(step, s["lr"], s["warmup"], s["decay_steps"] or s["steps"])
-    return s["lr"] * min(1.0, step / s["warmup"]) if s["warmup"] else s["lr"]
-
-
 class StopFlag:
     """First Ctrl-C: finish the step, save, exit. Second: abort at once."""
 
@@ -177,7 +170,7 @@ def main(argv=None):
     from minihbt.checkpoint import load_training_state, save_checkpoint
     from minihbt.data import DataError, read_training_data
     from minihbt.loss import loss_and_grads
-    from minihbt.optim import AdamW, clip_grad_norm
+    from minihbt.optim import AdamW, clip_grad_norm, scheduled_lr
     from minihbt.sampler import HBTSampler
     from tqdm.auto import tqdm
 
@@ -242,7 +235,7 @@ def main(argv=None):
                 sys.exit(f"train.py: the loss is {loss} at step {step} (batch {index} of epoch {epoch}, {batch.kind}); "
                          f"stopping. The last good checkpoint is kept in {s['out']}; try a lower --lr or --warmup.")
             norm = clip_grad_norm(model.xp, grads, s["max_grad_norm"]) if s["max_grad_norm"] else float("nan")
-            lr = learning_rate(step, s)
+            lr = scheduled_lr(step, s["lr"], s["warmup"], s["schedule"], s["decay_steps"] or s["steps"])
             opt.step(model.params, grads, lr=lr)
             del grads
             step += 1

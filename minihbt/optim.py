@@ -27,11 +27,25 @@ def no_decay(name):
     return name.endswith(".bias") or "LayerNorm" in name
 
 
+SCHEDULES = ("constant", "linear")
+
+
 def linear_schedule(step, lr, warmup, total):
     """Learning rate for optimiser step `step` (0-based)."""
     if step < warmup:
         return lr * step / warmup
     return lr * max(0.0, (total - step) / max(1, total - warmup))
+
+
+def scheduled_lr(step, lr, warmup=0, schedule="constant", total=None):
+    """Learning rate of optimiser step `step` (0-based): linear warm-up from 0 over `warmup`
+    steps, then `constant` (lr from then on, so a run can be extended) or `linear` (decay to
+    0 at step `total`, as transformers' get_linear_schedule_with_warmup)."""
+    if schedule == "linear":
+        return linear_schedule(step, lr, warmup, total)
+    if schedule != "constant":
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    return lr * min(1.0, step / warmup) if warmup else lr
 
 
 def clip_grad_norm(xp, grads, max_norm):

@@ -1,0 +1,61 @@
+"""Writing files so that an interruption never leaves a half-written one, and hashing them.
+
+Every writer in minihbt goes through `atomic_path`: the content is written to a temporary
+name beside the target and renamed into place (`os.replace` is atomic on one filesystem),
+so a reader sees the old file or the new one, never a torn one.
+"""
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path`; on success rename it onto `path`, on error remove it.
+
+        with atomic_path("x.npz") as tmp:
+            np.savez(tmp, a=a)
+    """
+    base, ext = os.path.splitext(path)
+    tmp = f"{base}.tmp-{os.getpid()}{ext}"        # keep the extension: np.savez appends .npz otherwise
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text(path, text):
+    """Write a str atomically (UTF-8)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+
+def write_json(path, obj, indent=2):
+    """Write a JSON document atomically (UTF-8, non-ASCII kept)."""
+    write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+
+
+def copy_file(src, dst):
+    """Copy src to dst atomically."""
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+
+
+def sha256_file(path):
+    """sha256 hex digest of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def stat_digest(path):
+    """A cheap fingerprint of a big file: sha256 of its name, size and modification time."""
+    st = os.stat(path)
+    return hashlib.sha256(f"{os.path.basename(path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
