@@ -163,7 +163,8 @@ def main(argv=None):
                     help="encode a candidate as its sentence alone (default) or as the (sentence, paragraph) pair, "
                          "as LAReQA does")
     ap.add_argument("--batch-size", type=int, default=64, help="encoding batch size (default 64)")
-    ap.add_argument("--max-length", type=int, default=512, help="max tokens per text (default 512)")
+    ap.add_argument("--max-length", type=int, default=None,
+                    help="max tokens per text (default: the model's maximum, 512 for XLM-R and BERT checkpoints)")
     ap.add_argument("--query-prefix", default=None, help="prefix for questions (default: the model's 'query: ')")
     ap.add_argument("--passage-prefix", default=None, help="prefix for candidates (default: the model's 'passage: ')")
     ap.add_argument("--pooling", choices=["mean", "cls", "pooler"], default=None,

@@ -169,7 +169,7 @@ def main(argv=None):
     import minihbt
     from minihbt.checkpoint import load_training_state, save_checkpoint
     from minihbt.data import DataError, read_training_data
-    from minihbt.loss import loss_and_grads
+    from minihbt.step import loss_and_grads
     from minihbt.optim import AdamW, clip_grad_norm, scheduled_lr
     from minihbt.sampler import HBTSampler
     from tqdm.auto import tqdm
@@ -188,16 +188,11 @@ def main(argv=None):
         sys.exit(f"train.py: {e}")
     # model and optimiser
     start = s.get("checkpoint") or s["model"]
-    model = minihbt.load_model(start, device=s["device"], pooling=s["pooling"])
+    model = minihbt.load_model(start, device=s["device"], pooling=s["pooling"], tf32=s.get("tf32"),
+                               fused_kernels=s.get("fused_kernels"))
     model.path = start
-    if s.get("tf32"):
-        from minihbt.backend import set_tf32
-        set_tf32(model.xp, True)
-    if s.get("fused_kernels"):
-        from minihbt import kernels
-        kernels.set_fused(True)
     opt = AdamW({k: model.params[k] for k in model.trainable_names()}, lr=s["lr"], weight_decay=s["weight_decay"],
-                xp=model.xp)
+                backend=model.backend)
     step = 0
     if s.get("checkpoint"):
         step = load_training_state(s["checkpoint"], opt)["step"]
@@ -234,7 +229,7 @@ def main(argv=None):
                 bar.close()
                 sys.exit(f"train.py: the loss is {loss} at step {step} (batch {index} of epoch {epoch}, {batch.kind}); "
                          f"stopping. The last good checkpoint is kept in {s['out']}; try a lower --lr or --warmup.")
-            norm = clip_grad_norm(model.xp, grads, s["max_grad_norm"]) if s["max_grad_norm"] else float("nan")
+            norm = clip_grad_norm(grads, s["max_grad_norm"]) if s["max_grad_norm"] else float("nan")
             lr = scheduled_lr(step, s["lr"], s["warmup"], s["schedule"], s["decay_steps"] or s["steps"])
             opt.step(model.params, grads, lr=lr)
             del grads

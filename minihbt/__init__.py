@@ -1,16 +1,16 @@
 """minihbt: hybrid batch training for multilingual dense retrieval, from scratch in NumPy/CuPy.
 
 Public API:
-    load_model(path, device="cpu", dtype="float32", pooling=None) -> Model
+    load_model(path, device="cpu", dtype="float32", pooling=None, tf32=False, fused_kernels=False) -> Model
     encode(model, texts, kind="query", batch_size=64, max_length=512, prefix=True, progress=False)
     loss_and_grads(model, queries, positives, negatives=None, temperature=0.05, candidates="inbatch",
                    dropout=False) -> (loss, grads)
 """
-from .backend import DeviceError
+from .backend import Backend, DeviceError
 from .config import ConfigError, ModelConfig
-from .loss import loss_and_grads
 from .model import Model, encode, load_model
+from .step import loss_and_grads
 from .weights import CheckpointError
 
-__all__ = ["load_model", "encode", "loss_and_grads", "Model", "ModelConfig", "CheckpointError", "ConfigError", "DeviceError"]
+__all__ = ["Backend", "load_model", "encode", "loss_and_grads", "Model", "ModelConfig", "CheckpointError", "ConfigError", "DeviceError"]
 __version__ = "0.1.0"

@@ -1,46 +1,30 @@
-"""The one place that decides the array module `xp` (NumPy or CuPy) and the compute dtype.
+"""The one place that decides NumPy or CuPy: a `Backend` built once per model.
 
-Every other module receives `xp` from here (through the model object) and never asks
-"am I on a GPU?" itself. Data crosses to the host only at the edges: `to_numpy`.
+A Backend holds the array module `xp`, the compute dtype and the GPU switches (TF32 GEMMs,
+fused kernels). Every other module receives it (`model.backend`, passed as `be`) and asks it
+instead of testing the array module itself. Data crosses to the host only at the edges:
+`to_numpy`. On the CPU, element-wise passes that NumPy runs on one core are spread over a
+small thread pool (`be.map_chunks`): NumPy's ufuncs release the GIL.
 """
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+try:                                  # optional: only device="cuda" needs it
+    import cupy
+    from cupyx.scipy.special import erf as _cupy_erf
+    from cupy._core import _routines_linalg as _cupy_linalg
+except Exception:                     # no CuPy (or a broken install): device="cuda" is refused with a clear error
+    cupy = None
+
 DTYPES = {"float32": np.float32, "float64": np.float64}
+CHUNK = 1 << 16           # elements per chunk of a threaded element-wise pass (fits in L2 with its temporaries)
 
 
 class DeviceError(RuntimeError):
     """The requested device cannot be used (e.g. cuda without CuPy or without a GPU)."""
-
-
-def get_xp(device="cpu"):
-    """Return the array module for `device`: numpy for "cpu", cupy for "cuda".
-
-    Asking for cuda where CuPy is missing or sees no GPU is an error, never a silent
-    fallback to the CPU.
-    """
-    if device == "cpu":
-        return np
-    if device in ("cuda", "gpu") or str(device).startswith("cuda:"):
-        try:
-            import cupy
-        except ImportError as e:
-            raise DeviceError(
-                f"device={device!r} needs CuPy, which is not importable ({e}). "
-                "Install the build matching your CUDA, e.g. `pip install cupy-cuda12x`, "
-                "or use device='cpu'.") from None
-        try:
-            n = cupy.cuda.runtime.getDeviceCount()
-        except Exception as e:  # cudaErrorNoDevice, driver missing, ...
-            raise DeviceError(f"device={device!r}: CuPy is installed but no usable GPU was found ({e}).") from None
-        if n == 0:
-            raise DeviceError(f"device={device!r}: CuPy is installed but sees no GPU.")
-        if ":" in str(device):
-            cupy.cuda.Device(int(str(device).split(":")[1])).use()
-        return cupy
-    raise DeviceError(f"unknown device {device!r}: use 'cpu' or 'cuda'.")
 
 
 def get_dtype(dtype):
@@ -49,6 +33,106 @@ def get_dtype(dtype):
     if name not in DTYPES:
         raise ValueError(f"unsupported compute dtype {dtype!r}: use one of {sorted(DTYPES)}")
     return np.dtype(DTYPES[name])
+
+
+def _cuda_module(device):
+    """CuPy, checked to see a GPU (and switched to device 'cuda:N' if named)."""
+    if cupy is None:
+        raise DeviceError(f"device={device!r} needs CuPy, which is not installed. Install the build matching "
+                          "your CUDA, e.g. `pip install cupy-cuda12x`, or use device='cpu'.")
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # cudaErrorNoDevice, driver missing, ...
+        raise DeviceError(f"device={device!r}: CuPy is installed but no usable GPU was found ({e}).") from None
+    if n == 0:
+        raise DeviceError(f"device={device!r}: CuPy is installed but sees no GPU.")
+    if ":" in str(device):
+        cupy.cuda.Device(int(str(device).split(":")[1])).use()
+    return cupy
+
+
+class Backend:
+    """Array module, dtype and switches, decided once.
+
+    device: "cpu" (NumPy) or "cuda"/"cuda:N" (CuPy; an error if no GPU is usable, never a
+        silent fallback). dtype: "float32" or "float64". tf32: float32 GEMMs on TF32 tensor
+        cores (CuPy only; ~1e-3 relative error). fused: the fused CuPy kernels of kernels.py
+        for float32 on CuPy. threads: worker threads for CPU element-wise passes (default:
+        all cores).
+    """
+
+    def __init__(self, device="cpu", dtype="float32", tf32=False, fused=False, threads=None):
+        self.device = str(device)
+        if self.device == "cpu":
+            self.xp = np
+        elif self.device in ("cuda", "gpu") or self.device.startswith("cuda:"):
+            self.xp = _cuda_module(self.device)
+        else:
+            raise DeviceError(f"unknown device {device!r}: use 'cpu' or 'cuda'.")
+        self.is_cuda = self.xp is not np
+        self.dtype = get_dtype(dtype)
+        self.tf32 = bool(tf32) and self.is_cuda
+        self.fused = bool(fused) and self.is_cuda and self.dtype == np.float32
+        self.threads = threads or os.cpu_count() or 1
+        self._pool = None
+        if self.is_cuda:
+            mode = _cupy_linalg.COMPUTE_TYPE_TF32 if self.tf32 else _cupy_linalg.COMPUTE_TYPE_DEFAULT
+            _cupy_linalg.set_compute_type(np.float32, mode)       # CuPy's own switch (cuBLAS compute type)
+
+    def __repr__(self):
+        return (f"Backend({self.device!r}, {self.dtype.name}" + (", tf32" if self.tf32 else "")
+                + (", fused" if self.fused else "") + ")")
+
+    def asarray(self, x, dtype=None):
+        return self.xp.asarray(x, dtype=dtype)
+
+    def map_chunks(self, fn, n):
+        """Call fn(start, stop) over [0, n) in chunks of CHUNK; on the CPU across the thread pool.
+        Chunking also keeps a multi-pass formula in cache between its passes."""
+        ranges = [(s, min(s + CHUNK, n)) for s in range(0, n, CHUNK)]
+        if self.is_cuda or self.threads == 1 or len(ranges) <= 1:
+            for s, e in ranges:
+                fn(s, e)
+            return
+        for _ in self._executor().map(lambda r: fn(*r), ranges):
+            pass
+
+    def map_tasks(self, fn, items):
+        """Call fn(item) for each item; on the CPU across the thread pool (NumPy releases the GIL)."""
+        items = list(items)
+        if self.is_cuda or self.threads == 1 or len(items) <= 1:
+            for it in items:
+                fn(it)
+            return
+        for _ in self._executor().map(fn, items):
+            pass
+
+    def _executor(self):
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="minihbt")
+        return self._pool
+
+    def elementwise(self, fn, *arrays, out_dtype=None):
+        """out = fn(*arrays) for same-shaped arrays, chunked over the CPU's cores (one call on CuPy)."""
+        if self.is_cuda:
+            return fn(*arrays)
+        flats = [np.ascontiguousarray(a).reshape(-1) for a in arrays]
+        out = np.empty(flats[0].shape, dtype=out_dtype or arrays[0].dtype)
+
+        def work(s, e):
+            out[s:e] = fn(*(f[s:e] for f in flats))
+        self.map_chunks(work, out.size)
+        return out.reshape(arrays[0].shape)
+
+    def erf(self, x, threaded=True):
+        """Element-wise error function. CuPy: cupyx.scipy.special.erf. NumPy float64: math.erf
+        element by element (exact; float64 is for verification). NumPy float32: the Eigen/XLA
+        rational approximation (max abs error 5e-7), chunked over all cores if `threaded`."""
+        if self.is_cuda:
+            return _cupy_erf(x)
+        if x.dtype != np.float32:
+            return _erf_exact(x)
+        return self.elementwise(_erf_f32, x) if threaded else _erf_f32(x)
 
 
 def to_numpy(x):
@@ -65,8 +149,6 @@ _ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5
           -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)
 _ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
           -1.42647390514189e-02)
-_CHUNK = 1 << 17   # elements per chunk: small enough to stay in cache between passes
-_pool = None
 
 
 def _erf_f32(x):
@@ -87,63 +169,4 @@ def _erf_f32(x):
     return p
 
 
-def parallel_chunks(fn, n, chunk=_CHUNK):
-    """Call fn(start, stop) over [0, n) in chunks of `chunk`, on all cores.
-
-    NumPy's ufuncs release the GIL, so threads give real parallelism; chunking keeps a
-    multi-pass formula in cache between its passes.
-    """
-    global _pool
-    ranges = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
-    if len(ranges) <= 1 or (os.cpu_count() or 1) == 1:
-        for s, e in ranges:
-            fn(s, e)
-        return
-    if _pool is None:
-        from concurrent.futures import ThreadPoolExecutor
-        _pool = ThreadPoolExecutor(max_workers=os.cpu_count(), thread_name_prefix="minihbt")
-    for _ in _pool.map(lambda r: fn(*r), ranges):
-        pass
-
-
-def parallel_map(fn, x, out_dtype=None):
-    """Apply an element-wise `fn` to numpy `x` in cache-sized chunks on all cores (new array)."""
-    flat = np.ascontiguousarray(x).reshape(-1)
-    out = np.empty(flat.shape, dtype=out_dtype or x.dtype)
-
-    def work(s, e):
-        out[s:e] = fn(flat[s:e])
-    parallel_chunks(work, flat.size)
-    return out.reshape(x.shape)
-
-
-def erf(xp, x):
-    """Element-wise error function.
-
-    CuPy: cupyx.scipy.special.erf. NumPy float64: math.erf element by element (exact; float64
-    is for verification, e.g. gradient checks). NumPy float32: the Eigen/XLA rational
-    approximation above (max abs error 5e-7), chunked over all cores.
-    """
-    if xp is not np:
-        from cupyx.scipy.special import erf as cupy_erf
-        return cupy_erf(x)
-    if x.dtype == np.float32:
-        return parallel_map(_erf_f32, x)
-    return _erf_exact(x)
-
-
 _erf_exact = np.vectorize(math.erf, otypes=[np.float64])
-
-
-def set_tf32(xp, enabled):
-    """Let cuBLAS use TF32 tensor cores for float32 GEMMs (True) or not (False, the default:
-    exact float32, as on the CPU). Only CuPy is affected; on NumPy this is a no-op.
-
-    TF32 rounds GEMM inputs to 10 mantissa bits (products accumulate in float32): results
-    move by about 1e-3 relative, beyond the float32 tolerances of the parity tests.
-    The environment variable CUPY_TF32=1 set before CuPy's first GEMM has the same effect.
-    """
-    if xp is np:
-        return
-    from cupy._core import _routines_linalg as rl       # CuPy's own switch for this (cuBLAS compute type)
-    rl.set_compute_type(np.float32, rl.COMPUTE_TYPE_TF32 if enabled else rl.COMPUTE_TYPE_DEFAULT)

@@ -1,11 +1,10 @@
-"""Fused GPU kernels, each beside the NumPy reference it must reproduce.
+"""Fused CuPy kernels: their CUDA sources and the functions that launch them.
 
-Every function here takes `xp` and computes exactly what its reference computes. On the
-CPU, and on the GPU unless fused kernels are switched on, the reference runs: it is the
-composition of the plain operations of `layers.py` / `optim.py`, so NumPy results do not
-depend on this module at all. With CuPy and fused kernels on (`set_fused(True)` or the
-environment variable MINIHBT_FUSED=1) and float32 arrays, one kernel launch replaces
-several element-wise passes:
+This module imports nothing from minihbt. `layers.py` and `optim.py` own the mathematics:
+each op there decides, in one visible line, whether a kernel here serves it (CuPy, float32,
+fused kernels switched on in the Backend) or its plain array expression runs; the plain
+expression is the reference a kernel must reproduce (tests/test_kernels.py compares them
+on a GPU). One launch replaces several element-wise passes:
 
     bias_gelu        x = y + b; cdf = Phi(x); out = x * cdf        (ElementwiseKernel)
     gelu_grad        dx = dy * (cdf + x * phi(x))                   (ElementwiseKernel)
@@ -14,151 +13,80 @@ several element-wise passes:
     scaled_masked_softmax   softmax(s * scale + mask_bias), in place           (RawKernel)
     softmax_grad     ds = p (dp - sum(dp p)), in place on dp                   (RawKernel)
     adamw            the whole AdamW update of one tensor                      (ElementwiseKernel)
+    dropout_keep     the counter-based dropout mask of dropout.py          (ElementwiseKernel)
 
-Fused kernels are OFF by default: they have not yet been run on a GPU by this project (no
-GPU was lent to the session that wrote them). `tests/test_kernels.py` compares each with
-its reference under CuPy and is skipped where CuPy sees no GPU; switch them on by default
-only once it passes there.
+Every launcher takes and returns CuPy float32 arrays.
 """
 import math
-import os
 
-_fused = os.environ.get("MINIHBT_FUSED", "0") == "1"
+try:
+    import cupy
+except Exception:            # the kernels exist only where CuPy does; nothing here runs without it
+    cupy = None
+
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
-def set_fused(enabled):
-    """Use the fused CuPy kernels (True) or the reference operations (False) from now on."""
-    global _fused
-    _fused = bool(enabled)
+def bias_gelu(y, bias):
+    """GELU(y + bias) for y [..., F] (overwritten with x = y + bias), bias [F] -> (out, cdf)."""
+    cdf = cupy.empty_like(y)
+    out = cupy.empty_like(y)
+    _elementwise("bias_gelu")(bias, y, cdf, out)
+    return out, cdf
 
 
-def fused_enabled(xp, *arrays):
-    """True where a fused kernel will run: CuPy arrays, kernels switched on, all float32."""
-    return _fused and xp.__name__ == "cupy" and all(a.dtype == xp.float32 for a in arrays)
+def gelu_grad(d_y, x, cdf):
+    """d_y * d/dx (x Phi(x))."""
+    return _elementwise("gelu_grad")(d_y, x, cdf)
 
 
-# ----------------------------------------------------------------------------- references
-# The plain operations, written as layers.py / optim.py write them (same order of floating
-# point operations, so on NumPy the results are bit-identical to the unfused model).
-
-def bias_gelu_reference(xp, y, bias):
-    from .layers import gelu_forward
-    y += bias
-    return gelu_forward(xp, y)
-
-
-def gelu_grad_reference(xp, d_y, x, cdf):
-    from .layers import gelu_backward
-    return gelu_backward(xp, d_y, (x, cdf))
-
-
-def add_layernorm_reference(xp, x, residual, gamma, beta, eps):
-    from .layers import layernorm_forward
-    x += residual
-    return layernorm_forward(xp, x, gamma, beta, eps)
-
-
-def layernorm_grad_reference(xp, d_y, xhat, rstd, gamma):
-    d_xhat = d_y * gamma
-    d_x = d_xhat - d_xhat.mean(axis=-1, keepdims=True)
-    d_x -= xhat * (d_xhat * xhat).mean(axis=-1, keepdims=True)
-    d_x *= rstd
-    return d_x
-
-
-def scaled_masked_softmax_reference(xp, scores, scale, mask_bias):
-    from .layers import softmax_forward
-    scores *= scores.dtype.type(scale)
-    scores += mask_bias
-    return softmax_forward(xp, scores)
-
-
-def softmax_grad_reference(xp, d_probs, probs):
-    from .layers import softmax_backward
-    return softmax_backward(xp, d_probs, probs)
-
-
-def adamw_reference(xp, p, g, m, v, decay, one_minus_b1, b2, one_minus_b2, inv_bc2_sqrt, eps, step_size):
-    from .optim import _adamw_update
-    _adamw_update(p, g, m, v, decay, one_minus_b1, b2, one_minus_b2, inv_bc2_sqrt, eps, step_size)
-
-
-# ----------------------------------------------------------------------------- dispatch
-
-def bias_gelu(xp, y, bias):
-    """GELU(y + bias), y [..., F] owned (overwritten with y + bias), bias [F].
-    Returns (out, (x, cdf)) with x = y + bias: the cache `layers.gelu_backward` takes."""
-    if not fused_enabled(xp, y, bias):
-        return bias_gelu_reference(xp, y, bias)
-    cdf = xp.empty_like(y)
-    out = xp.empty_like(y)
-    _k("bias_gelu")(bias, y, cdf, out)
-    return out, (y, cdf)
-
-
-def gelu_grad(xp, d_y, x, cdf):
-    """d/dx of x Phi(x), times d_y."""
-    if not fused_enabled(xp, d_y, x, cdf):
-        return gelu_grad_reference(xp, d_y, x, cdf)
-    return _k("gelu_grad")(d_y, x, cdf)
-
-
-def add_layernorm(xp, x, residual, gamma, beta, eps):
-    """LayerNorm(x + residual) over the last axis; x is owned (overwritten).
-    Returns (y, (xhat, rstd, gamma)): the cache `layers.layernorm_backward` takes."""
-    if not fused_enabled(xp, x, residual, gamma, beta):
-        return add_layernorm_reference(xp, x, residual, gamma, beta, eps)
+def add_layernorm(x, residual, gamma, beta, eps):
+    """LayerNorm(x + residual) over the last axis -> (y, xhat, rstd)."""
     H = x.shape[-1]
-    rows = x.size // H
-    x, residual = xp.ascontiguousarray(x), xp.ascontiguousarray(residual)
-    y = xp.empty_like(x)
-    xhat = xp.empty_like(x)
-    rstd = xp.empty(x.shape[:-1] + (1,), dtype=x.dtype)
-    _raw("add_layernorm_fwd")((rows,), (_BLOCK,), (x, residual, gamma, beta, y, xhat, rstd,
-                                                  xp.int32(H), xp.float32(eps)))
-    return y, (xhat, rstd, gamma)
+    x, residual = cupy.ascontiguousarray(x), cupy.ascontiguousarray(residual)
+    y = cupy.empty_like(x)
+    xhat = cupy.empty_like(x)
+    rstd = cupy.empty(x.shape[:-1] + (1,), dtype=x.dtype)
+    _raw("add_layernorm_fwd")((x.size // H,), (_BLOCK,), (x, residual, gamma, beta, y, xhat, rstd,
+                                                       cupy.int32(H), cupy.float32(eps)))
+    return y, xhat, rstd
 
 
-def layernorm_grad(xp, d_y, xhat, rstd, gamma):
+def layernorm_grad(d_y, xhat, rstd, gamma):
     """The input gradient of y = xhat * gamma + beta (see layers.layernorm_backward)."""
-    if not fused_enabled(xp, d_y, xhat, rstd, gamma):
-        return layernorm_grad_reference(xp, d_y, xhat, rstd, gamma)
     H = xhat.shape[-1]
-    d_y = xp.ascontiguousarray(d_y)
-    d_x = xp.empty_like(xhat)
-    _raw("layernorm_bwd")((xhat.size // H,), (_BLOCK,), (d_y, xhat, rstd, gamma, d_x, xp.int32(H)))
+    d_y = cupy.ascontiguousarray(d_y)
+    d_x = cupy.empty_like(xhat)
+    _raw("layernorm_bwd")((xhat.size // H,), (_BLOCK,), (d_y, xhat, rstd, gamma, d_x, cupy.int32(H)))
     return d_x
 
 
-def scaled_masked_softmax(xp, scores, scale, mask_bias):
-    """softmax(scores * scale + mask_bias) over the last axis, in place on `scores` [B, N, T, T]
-    (owned, contiguous); mask_bias [B, 1, 1, T]."""
-    if not fused_enabled(xp, scores, mask_bias) or not scores.flags.c_contiguous:
-        return scaled_masked_softmax_reference(xp, scores, scale, mask_bias)
+def scaled_masked_softmax(scores, scale, mask_bias):
+    """softmax(scores * scale + mask_bias) over the last axis, in place on contiguous scores
+    [B, N, T, S]; mask_bias [B, 1, 1, S]."""
     B, N, T, S = scores.shape
-    bias = xp.ascontiguousarray(mask_bias).reshape(B, S)
-    _raw("scaled_masked_softmax")((B * N * T,), (_BLOCK,), (scores, bias, xp.int32(S), xp.int32(N * T),
-                                                           xp.float32(scale)))
+    bias = cupy.ascontiguousarray(mask_bias).reshape(B, S)
+    _raw("scaled_masked_softmax")((B * N * T,), (_BLOCK,), (scores, bias, cupy.int32(S), cupy.int32(N * T),
+                                                           cupy.float32(scale)))
     return scores
 
 
-def softmax_grad(xp, d_probs, probs):
-    """p = softmax(s)  =>  ds = p (dp - sum_j dp_j p_j); d_probs is owned (overwritten)."""
-    if not fused_enabled(xp, d_probs, probs) or not (d_probs.flags.c_contiguous and probs.flags.c_contiguous):
-        return softmax_grad_reference(xp, d_probs, probs)
+def softmax_grad(d_probs, probs):
+    """ds = p (dp - sum_j dp_j p_j), in place on contiguous d_probs."""
     S = probs.shape[-1]
-    _raw("softmax_bwd")((probs.size // S,), (_BLOCK,), (d_probs, probs, xp.int32(S)))
+    _raw("softmax_bwd")((probs.size // S,), (_BLOCK,), (d_probs, probs, cupy.int32(S)))
     return d_probs
 
 
-def adamw(xp, p, g, m, v, decay, one_minus_b1, b2, one_minus_b2, inv_bc2_sqrt, eps, step_size):
-    """One in-place AdamW update of p, m, v (see optim.py for the formula)."""
-    if not fused_enabled(xp, p, g, m, v):
-        return adamw_reference(xp, p, g, m, v, decay, one_minus_b1, b2, one_minus_b2, inv_bc2_sqrt, eps,
-                               step_size)
-    _k("adamw")(g, decay, one_minus_b1, b2, one_minus_b2, inv_bc2_sqrt, eps, step_size, p, m, v)
+def adamw(p, g, m, v, decay, one_minus_b1, b2, one_minus_b2, inv_bc2_sqrt, eps, step_size):
+    """One in-place AdamW update of p, m, v (the formula of optim.py)."""
+    _elementwise("adamw")(g, decay, one_minus_b1, b2, one_minus_b2, inv_bc2_sqrt, eps, step_size, p, m, v)
+
+
+def dropout_keep(keys, elem, threshold):
+    """keep = fmix32(key ^ elem * golden) >> 8 >= threshold (uint32 arrays, broadcast) -> bool."""
+    return _elementwise("dropout_keep")(keys, elem, threshold)
 
 
 # ----------------------------------------------------------------------------- CuPy kernels
@@ -174,6 +102,9 @@ _ELEMENTWISE = {
     "gelu_grad": ("T dy, T x, T cdf", "T dx",
                   f"T pdf = exp((T)-0.5 * x * x); pdf = pdf * (T){_INV_SQRT2PI!r}; pdf = pdf * x; "
                   "pdf = pdf + cdf; dx = dy * pdf;"),
+    "dropout_keep": ("uint32 key, uint32 elem, uint32 threshold", "bool keep",
+                     "unsigned int h = (elem * 0x9E3779B9u) ^ key; h ^= h >> 16; h *= 0x85EBCA6Bu; "
+                     "h ^= h >> 13; h *= 0xC2B2AE35u; h ^= h >> 16; keep = (h >> 8) >= threshold;"),
     "adamw": ("T g, T decay, T omb1, T b2, T omb2, T ibc2, T eps, T step", "T p, T m, T v",
               "p = p * decay; m = m + (g - m) * omb1; v = v * b2 + (g * g) * omb2; "
               "T denom = sqrt(v) * ibc2 + eps; p = p - (m / denom) * step;"),
@@ -264,16 +195,14 @@ extern "C" __global__ void softmax_bwd(float* dp, const float* p, int S) {
 """
 
 
-def _k(name):
+def _elementwise(name):
     if name not in _cache:
-        import cupy
         _cache[name] = cupy.ElementwiseKernel(*_ELEMENTWISE[name], name="minihbt_" + name)
     return _cache[name]
 
 
 def _raw(name):
     if name not in _cache:
-        import cupy
         module = _cache.get("_module")
         if module is None:
             module = _cache["_module"] = cupy.RawModule(code=_ROW_SOURCE)

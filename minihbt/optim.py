@@ -19,7 +19,7 @@ import math
 import numpy as np
 
 from . import kernels
-from .backend import parallel_chunks, to_numpy
+from .backend import Backend, to_numpy
 
 
 def no_decay(name):
@@ -48,7 +48,7 @@ def scheduled_lr(step, lr, warmup=0, schedule="constant", total=None):
     return lr * min(1.0, step / warmup) if warmup else lr
 
 
-def clip_grad_norm(xp, grads, max_norm):
+def clip_grad_norm(grads, max_norm):
     """Scale all gradients in place so that their global L2 norm is at most max_norm.
     Returns the norm before clipping (a float)."""
     total = math.sqrt(float(sum(_sum_of_squares(g) for g in grads.values())))   # one device->host transfer
@@ -68,8 +68,12 @@ def _sum_of_squares(g, chunk=1 << 20):
 
 
 class AdamW:
-    def __init__(self, params, lr=3e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, xp=np):
-        self.xp = xp
+    """AdamW over the tensors of `params` (name -> array); `backend` defaults to the CPU."""
+
+    def __init__(self, params, lr=3e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, backend=None):
+        self.backend = backend or Backend("cpu", "float64" if any(p.dtype == np.float64 for p in params.values())
+                                          else "float32")
+        xp = self.backend.xp
         self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
         self.t = 0
         self.m = {k: xp.zeros_like(p) for k, p in params.items()}
@@ -78,7 +82,7 @@ class AdamW:
     def step(self, params, grads, lr=None):
         """One in-place update of the tensors this optimiser was built over (names as in
         `params` and `grads`; extra entries are left alone)."""
-        xp = self.xp
+        be = self.backend
         lr = self.lr if lr is None else lr
         self.t += 1
         b1, b2 = self.betas
@@ -92,11 +96,11 @@ class AdamW:
             m, v = self.m[name], self.v[name]
             dt = p.dtype.type
             consts = (dt(1 - lr * wd), dt(1 - b1), dt(b2), dt(1 - b2), dt(1 / bc2_sqrt), dt(self.eps), dt(step_size))
-            if xp is np and p.size > (1 << 16):
-                pf, gf, mf, vf = p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1)
-                parallel_chunks(lambda s, e: _adamw_update(pf[s:e], gf[s:e], mf[s:e], vf[s:e], *consts), p.size)
-            else:
-                kernels.adamw(xp, p, g, m, v, *consts)   # one fused kernel on the GPU when enabled
+            if be.fused:
+                kernels.adamw(p, g, m, v, *consts)                 # one kernel launch for the whole update
+                continue
+            pf, gf, mf, vf = p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1)
+            be.map_chunks(lambda s, e: _adamw_update(pf[s:e], gf[s:e], mf[s:e], vf[s:e], *consts), p.size)
 
     def state_dict(self):
         return {"t": self.t, "lr": self.lr, "betas": list(self.betas), "eps": self.eps,
@@ -106,8 +110,8 @@ class AdamW:
     def load_state_dict(self, state):
         self.t = int(state["t"])
         for k in self.m:
-            self.m[k][...] = self.xp.asarray(state["m"][k])
-            self.v[k][...] = self.xp.asarray(state["v"][k])
+            self.m[k][...] = self.backend.asarray(state["m"][k])
+            self.v[k][...] = self.backend.asarray(state["v"][k])
 
 
 def _adamw_update(p, g, m, v, decay, one_minus_b1, b2, one_minus_b2, inv_bc2_sqrt, eps, step_size):

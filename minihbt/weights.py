@@ -8,13 +8,17 @@ Reading goes through the `safetensors` library; before that the header is checke
 so that a damaged file gives an error naming the file and the problem. BF16 has no NumPy
 dtype, so BF16 tensors are widened from their raw bytes (bf16 is the top half of fp32).
 """
+import glob
 import json
 import os
 import struct
 
 import numpy as np
+from safetensors.numpy import save_file
 
+from .backend import to_numpy
 from .config import ModelConfig
+from .files import atomic_path, copy_file, write_json
 
 ENCODER_ROOTS = ("embeddings.", "encoder.", "pooler.")
 PREFIXES = ("roberta.", "bert.", "model.")
@@ -206,9 +210,74 @@ def load_weights(model_dir, cfg: ModelConfig, dtype=np.float32):
 
 def save_weights(params, path, metadata=None):
     """Write {HF name: array} as one safetensors file, atomically (temp file, then rename)."""
-    from safetensors.numpy import save_file
+    with atomic_path(path) as tmp:
+        save_file({k: np.ascontiguousarray(v) for k, v in params.items()}, tmp,
+                  metadata={"format": "pt", **(metadata or {})})
 
-    tmp = path + ".tmp"
-    save_file({k: np.ascontiguousarray(v) for k, v in params.items()}, tmp,
-              metadata={"format": "pt", **(metadata or {})})
-    os.replace(tmp, path)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "sentencepiece.bpe.model", "vocab.txt")
+ARCHITECTURES = {"xlm-roberta": "XLMRobertaModel", "roberta": "RobertaModel", "bert": "BertModel"}
+
+
+def save_model(model, out_dir):
+    """Write `model` as a Hugging Face directory that opens in `transformers` and
+    `sentence-transformers`: config.json, model.safetensors, the tokenizer files of the
+    directory it was loaded from, and the sentence-transformers module files."""
+    os.makedirs(out_dir, exist_ok=True)
+    save_weights({k: to_numpy(v) for k, v in model.params.items()}, os.path.join(out_dir, "model.safetensors"))
+    cfg = dict(model.raw_config)
+    cfg["architectures"] = [ARCHITECTURES.get(cfg["model_type"], "BertModel")]
+    cfg["torch_dtype"] = np.dtype(model.dtype).name
+    write_json(os.path.join(out_dir, "config.json"), cfg)
+    if model.path and os.path.abspath(model.path) != os.path.abspath(out_dir):
+        for name in TOKENIZER_FILES:
+            if os.path.exists(os.path.join(model.path, name)):
+                copy_file(os.path.join(model.path, name), os.path.join(out_dir, name))
+    save_sentence_transformers_files(model, out_dir)
+
+
+def save_sentence_transformers_files(model, out_dir):
+    """modules.json and the module folders, so that sentence-transformers loads the directory
+    with the model's pooling: mean or CLS pooling then Normalize; for 'pooler', CLS pooling, a
+    Dense layer holding the pooler weights with tanh, then Normalize (the layout of LaBSE)."""
+    H, pooling = model.config.hidden_size, model.pooling
+    modules = [("", "sentence_transformers.models.Transformer"), ("1_Pooling", "sentence_transformers.models.Pooling")]
+    if pooling == "pooler":
+        modules.append(("2_Dense", "sentence_transformers.models.Dense"))
+    modules.append((f"{len(modules)}_Normalize", "sentence_transformers.models.Normalize"))
+    write_json(os.path.join(out_dir, "modules.json"),
+               [{"idx": i, "name": str(i), "path": path, "type": kind} for i, (path, kind) in enumerate(modules)])
+    write_json(os.path.join(out_dir, "sentence_bert_config.json"),
+               {"max_seq_length": model.max_length, "do_lower_case": False})
+    for path, _ in modules[1:]:
+        os.makedirs(os.path.join(out_dir, path), exist_ok=True)
+    write_json(os.path.join(out_dir, "1_Pooling", "config.json"), {
+        "word_embedding_dimension": H, "pooling_mode_cls_token": pooling != "mean",
+        "pooling_mode_mean_tokens": pooling == "mean", "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False})
+    if pooling == "pooler":
+        write_json(os.path.join(out_dir, "2_Dense", "config.json"), {
+            "in_features": H, "out_features": H, "bias": True,
+            "activation_function": "torch.nn.modules.activation.Tanh"})
+        save_weights({"linear.weight": to_numpy(model.params["pooler.dense.weight"]),
+                      "linear.bias": to_numpy(model.params["pooler.dense.bias"])},
+                     os.path.join(out_dir, "2_Dense", "model.safetensors"))
+
+
+def default_pooling(model_dir, params):
+    """The pooling a checkpoint declares through its sentence-transformers files, else mean.
+
+    `1_Pooling/config.json` with pooling_mode_cls_token -> 'cls' ('pooler' when the
+    checkpoint has pooler weights and a Dense module follows, as LaBSE); with
+    pooling_mode_mean_tokens or no such file -> 'mean' (multilingual-E5, XLM-R).
+    """
+    pcfg = os.path.join(model_dir, "1_Pooling", "config.json")
+    if not os.path.exists(pcfg):
+        return "mean"
+    with open(pcfg, encoding="utf-8") as f:
+        d = json.load(f)
+    if d.get("pooling_mode_cls_token"):
+        has_dense = bool(glob.glob(os.path.join(model_dir, "2_Dense")))
+        return "pooler" if has_dense and "pooler.dense.weight" in params else "cls"
+    return "mean"

@@ -10,10 +10,13 @@ import pytest
 
 import minihbt
 from minihbt import layers as L
-from minihbt.loss import candidate_mask, contrastive_loss, info_nce_backward, info_nce_forward, loss_and_grads
+from minihbt.backend import Backend
+from minihbt.dropout import DropoutStreams
+from minihbt.loss import candidate_mask, contrastive_loss, info_nce_backward, info_nce_forward
+from minihbt.step import loss_and_grads
 from conftest import TINY
 
-xp = np
+be = Backend("cpu", "float64")
 H_STEP = 1e-5
 TOL = 1e-6
 
@@ -54,35 +57,36 @@ def rng():
 def test_linear(rng):
     x, w, b = rng.standard_normal((2, 3, 5)), rng.standard_normal((4, 5)), rng.standard_normal(4)
     R = rng.standard_normal((2, 3, 4))
-    f = lambda: (L.linear_forward(xp, x, w, b)[0] * R).sum()
-    _, cache = L.linear_forward(xp, x, w, b)
-    dx, dw, db = L.linear_backward(xp, R, cache)
+    f = lambda: (L.linear_forward(be, x, w, b)[0] * R).sum()
+    _, cache = L.linear_forward(be, x, w, b)
+    dx, dw, db = L.linear_backward(be, R, cache)
     check(dx, f, x), check(dw, f, w), check(db, f, b)
 
 
 def test_layernorm(rng):
     x, g, b = rng.standard_normal((2, 3, 6)), rng.standard_normal(6), rng.standard_normal(6)
     R = rng.standard_normal((2, 3, 6))
-    f = lambda: (L.layernorm_forward(xp, x.copy(), g, b, 1e-5)[0] * R).sum()
-    _, cache = L.layernorm_forward(xp, x.copy(), g, b, 1e-5)
-    dx, dg, db = L.layernorm_backward(xp, R, cache)
+    f = lambda: (L.layernorm_forward(be, x.copy(), g, b, 1e-5)[0] * R).sum()
+    _, cache = L.layernorm_forward(be, x.copy(), g, b, 1e-5)
+    dx, dg, db = L.layernorm_backward(be, R, cache)
     check(dx, f, x), check(dg, f, g), check(db, f, b)
 
 
 def test_gelu(rng):
     x = rng.standard_normal((3, 7)) * 2
     R = rng.standard_normal((3, 7))
-    f = lambda: (L.gelu_forward(xp, x)[0] * R).sum()
-    check(L.gelu_backward(xp, R, L.gelu_forward(xp, x)[1]), f, x)
+    f = lambda: (L.gelu_forward(be, x)[0] * R).sum()
+    check(L.gelu_backward(be, R, L.gelu_forward(be, x)[1]), f, x)
 
 
-def test_dropout_replays_with_the_same_random_state(rng):
-    x = rng.standard_normal((4, 5))
-    R = rng.standard_normal((4, 5))
-    f = lambda: (L.dropout_forward(xp, x, 0.3, np.random.default_rng(7))[0] * R).sum()
-    y, scale = L.dropout_forward(xp, x, 0.3, np.random.default_rng(7))
+def test_dropout_replays_with_the_same_streams(rng):
+    x = rng.standard_normal((4, 1, 5))                          # [B, T, H]: four one-token texts
+    R = rng.standard_normal((4, 1, 5))
+    streams = lambda: DropoutStreams([[7, 0, i] for i in range(4)], [1, 1, 1, 1])
+    f = lambda: (L.dropout_forward(be, x, 0.3, streams(), 2)[0] * R).sum()
+    y, scale = L.dropout_forward(be, x, 0.3, streams(), 2)
     assert (y == 0).any() and (y != 0).any()
-    check(L.dropout_backward(xp, R, scale), f, x)
+    check(L.dropout_backward(be, R, scale), f, x)
 
 
 def test_softmax_with_mask(rng):
@@ -90,10 +94,10 @@ def test_softmax_with_mask(rng):
     bias = np.zeros((2, 1, 5))
     bias[0, :, 3:] = np.finfo(np.float64).min                    # padded keys
     R = rng.standard_normal((2, 3, 5))
-    f = lambda: (L.softmax_forward(xp, s + bias) * R).sum()
-    p = L.softmax_forward(xp, s + bias)
+    f = lambda: (L.softmax_forward(be, s + bias) * R).sum()
+    p = L.softmax_forward(be, s + bias)
     assert (p[0, :, 3:] == 0).all()
-    d = L.softmax_backward(xp, R, p)
+    d = L.softmax_backward(be, R, p)
     assert (d[0, :, 3:] == 0).all()
     check(d, f, s)
 
@@ -103,13 +107,14 @@ def test_attention_with_padding(rng, dropout):
     B, T, N, D = 2, 5, 2, 3
     q, k, v = (rng.standard_normal((B, T, N * D)) for _ in range(3))
     mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
-    bias = L.mask_bias_from(xp, mask, np.float64)
+    bias = L.mask_bias_from(be, mask, np.float64)
     R = rng.standard_normal((B, T, N * D))
 
     def f():
-        return (L.attention_forward(xp, q, k, v, bias, N, dropout, np.random.default_rng(3))[0] * R).sum()
-    _, cache = L.attention_forward(xp, q, k, v, bias, N, dropout, np.random.default_rng(3))
-    dq, dk, dv = L.attention_backward(xp, R, cache)
+        return (L.attention_forward(be, q, k, v, bias, N, dropout, streams, 1)[0] * R).sum()
+    streams = DropoutStreams([[3, 0, 0], [3, 0, 1]], mask.sum(axis=1))
+    _, cache = L.attention_forward(be, q, k, v, bias, N, dropout, streams, 1)
+    dq, dk, dv = L.attention_backward(be, R, cache)
     check(dq, f, q), check(dk, f, k), check(dv, f, v)
     # padded keys receive no gradient
     assert np.abs(dk[1, 3:]).max() == 0 and np.abs(dv[1, 3:]).max() == 0
@@ -119,8 +124,8 @@ def test_embedding(rng):
     table = rng.standard_normal((6, 4))
     ids = np.array([[0, 2, 2], [5, 1, 2]])
     R = rng.standard_normal((2, 3, 4))
-    f = lambda: (L.embedding_forward(xp, table, ids)[0] * R).sum()
-    d = L.embedding_backward(xp, R, L.embedding_forward(xp, table, ids)[1])
+    f = lambda: (L.embedding_forward(be, table, ids)[0] * R).sum()
+    d = L.embedding_backward(be, R, L.embedding_forward(be, table, ids)[1])
     assert (d[[3, 4]] == 0).all()                               # unused rows get nothing
     check(d, f, table)
 
@@ -129,16 +134,16 @@ def test_pooling_and_normalize(rng):
     h = rng.standard_normal((2, 4, 3))
     mask = np.array([[1, 1, 1, 1], [1, 1, 0, 0]])
     R = rng.standard_normal((2, 3))
-    f = lambda: (L.mean_pool_forward(xp, h, mask)[0] * R).sum()
-    d = L.mean_pool_backward(xp, R, L.mean_pool_forward(xp, h, mask)[1], h.shape)
+    f = lambda: (L.mean_pool_forward(be, h, mask)[0] * R).sum()
+    d = L.mean_pool_backward(be, R, L.mean_pool_forward(be, h, mask)[1])
     assert (d[1, 2:] == 0).all()                                # padding is not pooled
     check(d, f, h)
-    f = lambda: (L.cls_pool_forward(xp, h)[0] * R).sum()
-    check(L.cls_pool_backward(xp, R, h.shape), f, h)
+    f = lambda: (L.cls_pool_forward(be, h)[0] * R).sum()
+    check(L.cls_pool_backward(be, R, h.shape), f, h)
     x = rng.standard_normal((3, 5))
     R2 = rng.standard_normal((3, 5))
-    f = lambda: (L.l2_normalize_forward(xp, x)[0] * R2).sum()
-    check(L.l2_normalize_backward(xp, R2, L.l2_normalize_forward(xp, x)[1]), f, x)
+    f = lambda: (L.l2_normalize_forward(be, x)[0] * R2).sum()
+    check(L.l2_normalize_backward(be, R2, L.l2_normalize_forward(be, x)[1]), f, x)
 
 
 def _unit(rng, n, d):
@@ -153,8 +158,8 @@ def test_loss_all_modes(rng, candidates, symmetric):
     q, c = _unit(rng, B, D), _unit(rng, M, D)
     queries = ["q0", "q1", "q2", "q1"]                          # a repeated query text
     cands = ["p0", "p1", "p2", "p3", "n0", "p1", "n0"]          # a copy of p1 and a repeated negative
-    f = lambda: contrastive_loss(xp, q, c, queries, cands, 0.1, candidates, symmetric)[0]
-    _, dq, dc = contrastive_loss(xp, q, c, queries, cands, 0.1, candidates, symmetric)
+    f = lambda: contrastive_loss(be, q, c, queries, cands, 0.1, candidates, symmetric)[0]
+    _, dq, dc = contrastive_loss(be, q, c, queries, cands, 0.1, candidates, symmetric)
     check(dq, f, q), check(dc, f, c)
 
 
@@ -174,12 +179,12 @@ def test_candidate_masks():
 def test_loss_value_by_hand():
     q = np.array([[1.0, 0.0], [0.0, 1.0]])
     c = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
-    loss, _ = info_nce_forward(xp, q, c, np.ones((2, 3), bool), 1.0)
+    loss, _ = info_nce_forward(be, q, c, np.ones((2, 3), bool), 1.0)
     l0 = -np.log(np.e / (np.e + 1 + np.exp(0.6)))
     l1 = -np.log(np.e / (1 + np.e + np.exp(0.8)))
     assert abs(float(loss) - (l0 + l1) / 2) < 1e-12
     # paper mode on the same scores drops the other positive from each denominator
-    loss, _ = info_nce_forward(xp, q, c, np.array([[1, 0, 1], [0, 1, 1]], bool), 1.0)
+    loss, _ = info_nce_forward(be, q, c, np.array([[1, 0, 1], [0, 1, 1]], bool), 1.0)
     l0 = -np.log(np.e / (np.e + np.exp(0.6)))
     l1 = -np.log(np.e / (np.e + np.exp(0.8)))
     assert abs(float(loss) - (l0 + l1) / 2) < 1e-12

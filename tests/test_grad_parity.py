@@ -8,7 +8,7 @@ import pytest
 
 import minihbt
 from minihbt.config import ModelConfig
-from minihbt.loss import loss_and_grads
+from minihbt.step import loss_and_grads
 from minihbt.backend import to_numpy
 from minihbt.optim import AdamW, clip_grad_norm, linear_schedule
 from minihbt.weights import expected_shapes
@@ -60,13 +60,13 @@ def test_ten_adamw_steps_match_torch(kind, device):
     a = ADAMW
     model = minihbt.load_model(TINY[kind], pooling="mean", device=device)
     opt = AdamW({k: model.params[k] for k in model.trainable_names()}, lr=a["lr"], betas=a["betas"], eps=a["eps"],
-                weight_decay=a["weight_decay"], xp=model.xp)
+                weight_decay=a["weight_decay"], backend=model.backend)
     losses, norms = [], []
     for step in range(a["steps"]):
         batch = TRIPLETS[step % 2:] if step % 2 else TRIPLETS          # as the fixture script
         loss, grads = loss_and_grads(model, *split(batch), temperature=TEMPERATURE)
         grads = {k: model.xp.asarray(v) for k, v in grads.items()}
-        norms.append(clip_grad_norm(model.xp, grads, a["clip"]))
+        norms.append(clip_grad_norm(grads, a["clip"]))
         opt.step(model.params, grads, lr=linear_schedule(step, a["lr"], a["warmup"], a["steps"]))
         losses.append(loss)
     assert max(norms) > a["clip"]                                      # clipping was exercised

@@ -1,11 +1,10 @@
-"""GradCache gives the gradients of the plain computation (float64, dropout on), and
-dropout masks do not depend on batching or padding."""
+"""GradCache and length-sorted groups give the gradients of the plain padded computation
+(dropout on and off)."""
 import numpy as np
 import pytest
 
 import minihbt
-from minihbt import layers as L
-from minihbt.loss import loss_and_grads
+from minihbt.step import loss_and_grads
 from conftest import TINY
 from fixtures.spec import TRIPLETS
 
@@ -28,49 +27,40 @@ def test_gradcache_equals_plain(kind, chunk, candidates, symmetric):
     assert abs(loss_and_grads(model, *ARGS, **{**kw, "seed": 12})[0] - loss) > 1e-6
 
 
-def test_row_dropout_ignores_padding_and_batch():
-    a = L.RowDropout([[1, 0, 0], [1, 0, 1]], [3, 5])
-    b = L.RowDropout([[1, 0, 1]], [5])
-    m_a = a.keep_mask(np, (2, 7, 4), 0.5, np.float64)
-    m_b = b.keep_mask(np, (1, 5, 4), 0.5, np.float64)
-    np.testing.assert_array_equal(m_a[1, :5], m_b[0])          # same text, other batch and padding
-    assert m_a[0, 3:].all() and not m_a[0, :3].all()           # padding kept, real tokens dropped
-    p_a = L.RowDropout([[2]], [4]).keep_mask(np, (1, 2, 6, 6), 0.5, np.float64)
-    p_b = L.RowDropout([[2]], [4]).keep_mask(np, (1, 2, 4, 4), 0.5, np.float64)
-    np.testing.assert_array_equal(p_a[:, :, :4, :4], p_b)
+# texts of very different lengths, so that groups are padded very differently from one batch
+LONG = " ".join(["ein sehr langer satz mit vielen woertern"] * 4)
+MIXED = (["kurz?", "what is " + LONG, "wer?", "a b c d e f g h", "warum " + LONG[:60]],
+         ["p" + LONG, "p2 short", "p3 " + LONG[:40], "p4", "p5 mittel lang text hier"],
+         [["n1 " + LONG[:80]], [], ["n3"], ["n4 " + LONG], ["n5 x"]])
 
 
-def test_device_side_dropout_masks_ignore_padding_and_batch():
-    """The counter-based masks CuPy uses (computed here with NumPy, the same integer formula):
-    the same per-text properties as the NumPy streams, the requested keep rate, and a new
-    mask at every call."""
-    a = L.RowDropout([[1, 0, 0], [1, 0, 1]], [3, 5])
-    b = L.RowDropout([[1, 0, 1]], [5])
-    m_a = a.hash_keep_mask(np, (2, 7, 4), 0.5)
-    m_b = b.hash_keep_mask(np, (1, 5, 4), 0.5)
-    np.testing.assert_array_equal(m_a[1, :5], m_b[0])
-    assert m_a[0, 3:].all() and not m_a[0, :3].all()
-    p_a = L.RowDropout([[2], [3]], [4, 6]).hash_keep_mask(np, (2, 2, 6, 6), 0.5)
-    p_b = L.RowDropout([[2]], [4]).hash_keep_mask(np, (1, 2, 4, 4), 0.5)
-    np.testing.assert_array_equal(p_a[:1, :, :4, :4], p_b)
-    assert p_a[0, :, 4:, :].all() and p_a[0, :, :, 4:].all()     # padded rows and columns kept
-    big = L.RowDropout([[7]], [256])
-    first = big.hash_keep_mask(np, (1, 12, 256, 256), 0.1)
-    second = big.hash_keep_mask(np, (1, 12, 256, 256), 0.1)
-    assert abs(first.mean() - 0.9) < 0.002 and abs(second.mean() - 0.9) < 0.002   # 786k draws: sd 0.0003
-    assert 0.17 < (first != second).mean() < 0.19                  # independent masks: 2 * 0.9 * 0.1 = 0.18
-    other = L.RowDropout([[8]], [256]).hash_keep_mask(np, (1, 12, 256, 256), 0.1)
-    assert 0.17 < (first != other).mean() < 0.19
+@pytest.mark.parametrize("kind", ["xlmr", "bert"])
+@pytest.mark.parametrize("dtype,tol", [("float64", 1e-10), ("float32", 1e-5)])
+@pytest.mark.parametrize("dropout", [False, True])
+@pytest.mark.parametrize("group_tokens,chunk", [(16, None), (40, None), (1, None), (24, 2)])
+def test_grouped_step_equals_the_padded_step(kind, dtype, tol, dropout, group_tokens, chunk):
+    """Length-sorted groups (each padded only to its longest text) and the same batch run as one
+    padded batch per side: the same loss and gradients, to float64 / float32 rounding."""
+    model = minihbt.load_model(TINY[kind], dtype=dtype)
+    kw = dict(temperature=0.05, dropout=dropout, seed=5)
+    loss, grads = loss_and_grads(model, *MIXED, group_tokens=None, **kw)            # one padded batch per side
+    loss_g, grads_g = loss_and_grads(model, *MIXED, group_tokens=group_tokens, chunk_size=chunk, **kw)
+    assert abs(loss - loss_g) <= tol * max(1.0, abs(loss))
+    for name in model.params:
+        scale = max(1.0, np.abs(grads[name]).max())
+        assert np.abs(grads[name] - grads_g[name]).max() <= tol * scale, name
+    if dropout:       # dropout is really on: another seed changes the loss
+        assert abs(loss_and_grads(model, *MIXED, group_tokens=None, **{**kw, "seed": 6})[0] - loss) > 1e-6
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_cupy_masks_equal_the_numpy_form_of_the_formula(device, dtype):
-    xp = np if device == "cpu" else __import__("cupy")
-    for shape, lengths in (((3, 9, 5), [9, 4, 1]), ((3, 2, 9, 9), [9, 4, 1])):
-        on_device = L.RowDropout([[1], [2, 3], [4]], lengths)
-        if xp is np:
-            got = on_device.hash_keep_mask(np, shape, 0.3)
-        else:
-            got = xp.asnumpy(on_device.keep_mask(xp, shape, 0.3, dtype))
-        want = L.RowDropout([[1], [2, 3], [4]], lengths).hash_keep_mask(np, shape, 0.3)
-        np.testing.assert_array_equal(got, want)
+def test_length_groups_respect_the_token_budget():
+    from minihbt.model import length_groups
+    lengths = [5, 17, 3, 17, 9, 1, 12]
+    groups = length_groups(lengths, max_tokens=34)
+    assert sorted(i for g in groups for i in g) == list(range(7))
+    for g in groups:
+        assert len(g) * max(lengths[i] for i in g) <= 34 or len(g) == 1
+        assert lengths[g[0]] == max(lengths[i] for i in g)                # padded to its first text
+    assert [list(g) for g in groups] == [[1, 3], [6, 4], [0, 2, 5]]
+    assert [list(g) for g in length_groups(lengths, max_texts=3)] == [[1, 3, 6], [4, 0, 2], [5]]
+    assert [list(g) for g in length_groups(lengths)] == [[1, 3, 6, 4, 0, 2, 5]]

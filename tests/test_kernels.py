@@ -1,10 +1,11 @@
-"""The fused kernels of minihbt.kernels against their references.
+"""The fused CuPy kernels (minihbt.kernels) against the plain array expressions of layers.py /
+optim.py that they replace.
 
-On CPU: the dispatchers run the references, which must equal the unfused operations of
-layers.py / optim.py bit for bit, with fused kernels switched on or off (they never apply
-to NumPy). Under CuPy with a GPU: each fused kernel against its reference on the same
-inputs (float32; skipped with the reason where CuPy sees no GPU), and a whole training
-gradient with fused kernels on against the one with them off.
+Everywhere: fused kernels never apply to NumPy or float64 (the Backend refuses the switch),
+and every CUDA source compiles with NVRTC (no GPU needed). Under CuPy with a GPU: each op
+with fused kernels on against the same op with them off (float32), a whole training gradient
+fused against unfused, and the GPU modes (fused, TF32) against PyTorch within their stated
+tolerances. GPU tests are skipped with the reason where CuPy sees no GPU.
 """
 import math
 
@@ -14,17 +15,15 @@ import pytest
 from conftest import CUDA_SKIP, TINY
 from minihbt import kernels as K
 from minihbt import layers as L
+from minihbt.backend import Backend
 from minihbt.optim import _adamw_update
 
 cuda_only = pytest.mark.skipif(CUDA_SKIP is not None, reason=CUDA_SKIP or "")
 
 
-@pytest.fixture
-def fused():
-    """Fused kernels on for the test, off again afterwards."""
-    K.set_fused(True)
-    yield
-    K.set_fused(False)
+def test_fused_kernels_never_apply_to_numpy_or_float64():
+    assert not Backend("cpu", "float32", fused=True).fused
+    assert not Backend("cpu", "float64", fused=True).fused
 
 
 def _inputs(xp, rng, rows=6, H=100, F=130):
@@ -32,89 +31,48 @@ def _inputs(xp, rng, rows=6, H=100, F=130):
     mask = np.ones((2, 7), np.float32)
     mask[1, 4:] = 0                                                   # a padded text
     return dict(y=f32(rows, F), b=f32(F), x=f32(rows, H), r=f32(rows, H), g=f32(H), beta=f32(H),
-                dy=f32(rows, H), s=f32(2, 3, 7, 7), dp=f32(2, 3, 7, 7),
-                mask_bias=L.mask_bias_from(xp, xp.asarray(mask), np.float32))
-
-
-@pytest.mark.parametrize("fused_on", [False, True])
-def test_references_equal_the_unfused_operations_on_cpu(fused_on):
-    K.set_fused(fused_on)
-    try:
-        rng = np.random.default_rng(0)
-        a = _inputs(np, rng)
-        out, (x, cdf) = K.bias_gelu(np, a["y"].copy(), a["b"])
-        ref, ref_cache = L.gelu_forward(np, a["y"] + a["b"])
-        assert np.array_equal(out, ref) and np.array_equal(x, ref_cache[0]) and np.array_equal(cdf, ref_cache[1])
-        assert np.array_equal(K.gelu_grad(np, a["dy"][:, :1].repeat(130, 1), x, cdf),
-                              L.gelu_backward(np, a["dy"][:, :1].repeat(130, 1), ref_cache))
-
-        y, (xhat, rstd, g) = K.add_layernorm(np, a["x"].copy(), a["r"], a["g"], a["beta"], 1e-5)
-        y_ref, (xhat_ref, rstd_ref, _) = L.layernorm_forward(np, a["x"] + a["r"], a["g"], a["beta"], 1e-5)
-        assert np.array_equal(y, y_ref) and np.array_equal(xhat, xhat_ref) and np.array_equal(rstd, rstd_ref)
-        d_x = K.layernorm_grad(np, a["dy"], xhat, rstd, g)
-        d_xhat = a["dy"] * g                                           # the formula, written out again
-        expect = (d_xhat - d_xhat.mean(-1, keepdims=True) - xhat * (d_xhat * xhat).mean(-1, keepdims=True)) * rstd
-        np.testing.assert_allclose(d_x, expect, rtol=1e-5, atol=1e-6)
-
-        p = K.scaled_masked_softmax(np, a["s"].copy(), 1 / math.sqrt(8), a["mask_bias"])
-        s_ref = a["s"] * np.float32(1 / math.sqrt(8)) + a["mask_bias"]
-        e = np.exp(s_ref - s_ref.max(-1, keepdims=True))
-        np.testing.assert_allclose(p, e / e.sum(-1, keepdims=True), rtol=1e-6, atol=1e-7)
-        assert (p[1, :, :, 4:] == 0).all()                             # padded keys get exactly 0
-        assert np.array_equal(K.softmax_grad(np, a["dp"].copy(), p), L.softmax_backward(np, a["dp"], p))
-
-        consts = tuple(np.float32(c) for c in (0.99, 0.1, 0.999, 0.001, 1.2, 1e-8, 3e-4))
-        p1, m1, v1 = a["x"].copy(), a["r"].copy(), np.abs(a["dy"]).copy()
-        p2, m2, v2 = p1.copy(), m1.copy(), v1.copy()
-        K.adamw(np, p1, a["g"][None].repeat(6, 0), m1, v1, *consts)
-        _adamw_update(p2, a["g"][None].repeat(6, 0), m2, v2, *consts)
-        assert np.array_equal(p1, p2) and np.array_equal(m1, m2) and np.array_equal(v1, v2)
-    finally:
-        K.set_fused(False)
-
-
-def test_fused_kernels_never_apply_to_numpy_or_float64(fused):
-    assert not K.fused_enabled(np, np.zeros(3, np.float32))
+                dy=f32(rows, H), s=f32(2, 3, 7, 7), dp=f32(2, 3, 7, 7), mask=mask)
 
 
 @cuda_only
 @pytest.mark.parametrize("H", [100, 768])
-def test_fused_kernels_match_references_on_gpu(fused, H):
+def test_fused_kernels_match_the_plain_ops_on_gpu(H):
     import cupy as cp
-    rng = np.random.default_rng(1)
-    a = _inputs(cp, rng, rows=37, H=H, F=3 * H + 1)
-    assert K.fused_enabled(cp, a["x"])
+    fused, plain = Backend("cuda", fused=True), Backend("cuda")
+    assert fused.fused and not plain.fused
+    a = _inputs(cp, np.random.default_rng(1), rows=37, H=H, F=3 * H + 1)
+    mask_bias = L.mask_bias_from(plain, a["mask"], np.float32)
     tol = dict(rtol=2e-6, atol=2e-6)
     get = cp.asnumpy
 
-    out, (x, cdf) = K.bias_gelu(cp, a["y"].copy(), a["b"])
-    ref, (x_ref, cdf_ref) = K.bias_gelu_reference(cp, a["y"].copy(), a["b"])
+    out, (x, cdf) = L.bias_gelu_forward(fused, a["y"].copy(), a["b"])
+    ref, (x_ref, cdf_ref) = L.bias_gelu_forward(plain, a["y"].copy(), a["b"])
     for u, w in ((out, ref), (x, x_ref), (cdf, cdf_ref)):
         np.testing.assert_allclose(get(u), get(w), **tol)
-    dy = cp.asarray(rng.standard_normal(out.shape).astype(np.float32))
-    np.testing.assert_allclose(get(K.gelu_grad(cp, dy, x, cdf)), get(K.gelu_grad_reference(cp, dy, x_ref, cdf_ref)),
+    dy = cp.asarray(np.random.default_rng(2).standard_normal(out.shape).astype(np.float32))
+    np.testing.assert_allclose(get(L.gelu_backward(fused, dy, (x, cdf))), get(L.gelu_backward(plain, dy, (x_ref, cdf_ref))),
                                **tol)
 
-    y, (xhat, rstd, g) = K.add_layernorm(cp, a["x"].copy(), a["r"], a["g"], a["beta"], 1e-12)
-    y_ref, (xhat_ref, rstd_ref, _) = K.add_layernorm_reference(cp, a["x"].copy(), a["r"], a["g"], a["beta"], 1e-12)
-    for u, w in ((y, y_ref), (xhat, xhat_ref), (rstd, rstd_ref)):
+    y, cache = L.add_layernorm_forward(fused, a["x"].copy(), a["r"], a["g"], a["beta"], 1e-12)
+    y_ref, cache_ref = L.add_layernorm_forward(plain, a["x"].copy(), a["r"], a["g"], a["beta"], 1e-12)
+    for u, w in zip((y,) + cache[:2], (y_ref,) + cache_ref[:2]):
         np.testing.assert_allclose(get(u), get(w), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(get(K.layernorm_grad(cp, a["dy"], xhat, rstd, g)),
-                               get(K.layernorm_grad_reference(cp, a["dy"], xhat_ref, rstd_ref, g)), rtol=1e-5, atol=1e-5)
+    for u, w in zip(L.layernorm_backward(fused, a["dy"], cache), L.layernorm_backward(plain, a["dy"], cache_ref)):
+        np.testing.assert_allclose(get(u), get(w), rtol=1e-5, atol=1e-5)
 
-    p = K.scaled_masked_softmax(cp, a["s"].copy(), 0.125, a["mask_bias"])
-    p_ref = K.scaled_masked_softmax_reference(cp, a["s"].copy(), 0.125, a["mask_bias"])
+    p = L.scaled_masked_softmax(fused, a["s"].copy(), 0.125, mask_bias)
+    p_ref = L.scaled_masked_softmax(plain, a["s"].copy(), 0.125, mask_bias)
     np.testing.assert_allclose(get(p), get(p_ref), **tol)
-    assert (get(p)[1, :, :, 4:] == 0).all()
-    np.testing.assert_allclose(get(K.softmax_grad(cp, a["dp"].copy(), p)),
-                               get(K.softmax_grad_reference(cp, a["dp"], p_ref)), **tol)
+    assert (get(p)[1, :, :, 4:] == 0).all()                           # padded keys get exactly 0
+    np.testing.assert_allclose(get(L.softmax_backward(fused, a["dp"].copy(), p)),
+                               get(L.softmax_backward(plain, a["dp"].copy(), p_ref)), **tol)
 
     consts = tuple(np.float32(c) for c in (0.99, 0.1, 0.999, 0.001, 1.2, 1e-8, 3e-4))
     p1, m1, v1 = a["x"].copy(), a["r"].copy(), cp.abs(a["dy"])
     p2, m2, v2 = p1.copy(), m1.copy(), v1.copy()
     grad = a["x"] * 0.5
-    K.adamw(cp, p1, grad, m1, v1, *consts)
-    K.adamw_reference(cp, p2, grad, m2, v2, *consts)
+    K.adamw(p1, grad, m1, v1, *consts)
+    _adamw_update(p2, grad, m2, v2, *consts)
     for u, w in ((p1, p2), (m1, m2), (v1, v2)):
         np.testing.assert_allclose(get(u), get(w), rtol=1e-6, atol=1e-7)
 
@@ -123,16 +81,12 @@ def test_fused_kernels_match_references_on_gpu(fused, H):
 @pytest.mark.parametrize("arch", ["xlmr", "bert"])
 def test_training_gradients_with_fused_kernels_match_unfused_on_gpu(arch):
     import minihbt
-    model = minihbt.load_model(TINY[arch], device="cuda")
     q = ["what is the capital of france", "wer schrieb faust?"]
     p = ["paris is the capital of france.", "goethe schrieb faust."]
     n = [["berlin is in germany."], ["die sonne scheint."]]
-    loss0, g0 = minihbt.loss_and_grads(model, q, p, n, dropout=True, seed=3)
-    K.set_fused(True)
-    try:
-        loss1, g1 = minihbt.loss_and_grads(model, q, p, n, dropout=True, seed=3)
-    finally:
-        K.set_fused(False)
+    results = [minihbt.loss_and_grads(minihbt.load_model(TINY[arch], device="cuda", fused_kernels=on), q, p, n,
+                                      dropout=True, seed=3) for on in (False, True)]
+    (loss0, g0), (loss1, g1) = results
     assert abs(loss0 - loss1) <= 1e-5
     for name in g0:
         scale = max(1.0, float(np.abs(g0[name]).max()))
@@ -168,14 +122,15 @@ def test_kernel_sources_compile_with_nvrtc():
     compile_ok(K._ROW_SOURCE, "rows.cu")
     for name, (ins, outs, op) in K._ELEMENTWISE.items():
         params, bind = [], []
+        ctype = {"T": "T", "uint32": "unsigned int", "bool": "bool"}
         for decl in ins.split(","):
-            v = decl.split()[1]
-            params.append(f"const T* {v}_")
-            bind.append(f"const T {v} = {v}_[i];")
+            t, v = decl.split()
+            params.append(f"const {ctype[t]}* {v}_")
+            bind.append(f"const {ctype[t]} {v} = {v}_[i];")
         for decl in outs.split(","):
-            v = decl.split()[1]
-            params.append(f"T* {v}_")
-            bind.append(f"T& {v} = {v}_[i];")
+            t, v = decl.split()
+            params.append(f"{ctype[t]}* {v}_")
+            bind.append(f"{ctype[t]}& {v} = {v}_[i];")
         body = (f'extern "C" __global__ void k({", ".join(params)}, int n) {{ int i = blockIdx.x * blockDim.x '
                 f'+ threadIdx.x; if (i >= n) return; {" ".join(bind)} {op} }}')
         for t in ("float", "double"):
@@ -192,20 +147,16 @@ GPU_MODE_TOLERANCES = {"fused": (1e-5, 1e-4), "tf32": (2e-3, 2e-2)}
 @pytest.mark.parametrize("mode", sorted(GPU_MODE_TOLERANCES))
 @pytest.mark.parametrize("arch", ["xlmr", "bert"])
 def test_gpu_modes_match_torch_within_their_tolerances(mode, arch):
-    import cupy
     import minihbt
-    from minihbt.backend import set_tf32
     from fixtures.spec import TEMPERATURE, TRIPLETS
     ref = np.load(TINY[arch] + "/grads.npz")
-    model = minihbt.load_model(TINY[arch], pooling="mean", device="cuda")
-    K.set_fused(mode == "fused")
-    set_tf32(cupy, mode == "tf32")
+    model = minihbt.load_model(TINY[arch], pooling="mean", device="cuda", fused_kernels=mode == "fused",
+                               tf32=mode == "tf32")
     try:
         loss, grads = minihbt.loss_and_grads(model, [t[0] for t in TRIPLETS], [t[1] for t in TRIPLETS],
                                              [t[2] for t in TRIPLETS], temperature=TEMPERATURE)
     finally:
-        K.set_fused(False)
-        set_tf32(cupy, False)
+        Backend("cuda", tf32=False)                   # TF32 is a process-wide cuBLAS setting: switch it back off
     tol_loss, tol_grad = GPU_MODE_TOLERANCES[mode]
     assert abs(loss - float(ref["loss"])) <= tol_loss
     for name, g in grads.items():
