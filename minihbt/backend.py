@@ -86,16 +86,24 @@ class Backend:
     def asarray(self, x, dtype=None):
         return self.xp.asarray(x, dtype=dtype)
 
-    def map_chunks(self, fn, n):
-        """Call fn(start, stop) over [0, n) in chunks of CHUNK; on the CPU across the thread pool.
-        Chunking also keeps a multi-pass formula in cache between its passes."""
-        ranges = [(s, min(s + CHUNK, n)) for s in range(0, n, CHUNK)]
-        if self.is_cuda or self.threads == 1 or len(ranges) <= 1:
+    def map_chunks(self, fn, n, chunk=CHUNK):
+        """Call fn(start, stop) over [0, n) in chunks of `chunk`, across the CPU's thread pool
+        (chunking also keeps a multi-pass formula in cache between its passes); on CuPy,
+        fn(0, n) once: one launch per operation is what a GPU wants."""
+        if self.is_cuda:
+            fn(0, n)
+            return
+        ranges = [(s, min(s + chunk, n)) for s in range(0, n, max(1, chunk))]
+        if self.threads == 1 or len(ranges) <= 1:
             for s, e in ranges:
                 fn(s, e)
             return
         for _ in self._executor().map(lambda r: fn(*r), ranges):
             pass
+
+    def map_rows(self, fn, rows, row_size):
+        """map_chunks over the leading axis of an array of `rows` rows of `row_size` elements."""
+        self.map_chunks(fn, rows, max(1, CHUNK // max(1, row_size)))
 
     def map_tasks(self, fn, items):
         """Call fn(item) for each item; on the CPU across the thread pool (NumPy releases the GIL)."""

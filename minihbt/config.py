@@ -43,10 +43,6 @@ class ModelConfig:
         """'roberta' (XLM-R, RoBERTa) or 'bert' (BERT, LaBSE, multilingual-E5)."""
         return FAMILIES[self.model_type]
 
-    @property
-    def head_dim(self):
-        return self.hidden_size // self.num_attention_heads
-
     @classmethod
     def from_dict(cls, d, source="config.json"):
         def need(field):

@@ -10,7 +10,7 @@ that cache and returns the input gradient, adding parameter gradients into `grad
 """
 from typing import NamedTuple
 
-from . import layers as L
+from . import layers
 from .dropout import EMBEDDINGS_SITE, layer_site
 
 ATTENTION, ATTENTION_OUTPUT, FFN_OUTPUT = 0, 1, 2       # the dropout sites of a block
@@ -50,50 +50,50 @@ def accumulate(grads, name, g):
 
 def embeddings_forward(be, params, config, input_ids, position_ids, token_type_ids, p_drop, streams):
     """Token, position and type embeddings summed, LayerNorm, dropout -> [B, T, H]."""
-    h, _ = L.embedding_forward(be, params["embeddings.word_embeddings.weight"], input_ids)    # [B, T, H]
+    h, _ = layers.embedding_forward(be, params["embeddings.word_embeddings.weight"], input_ids)    # [B, T, H]
     h += params["embeddings.position_embeddings.weight"][position_ids]
     h += params["embeddings.token_type_embeddings.weight"][token_type_ids]
-    h, ln = L.layernorm_forward(be, h, params["embeddings.LayerNorm.weight"], params["embeddings.LayerNorm.bias"],
+    h, ln = layers.layernorm_forward(be, h, params["embeddings.LayerNorm.weight"], params["embeddings.LayerNorm.bias"],
                                 config.layer_norm_eps)
-    h, drop = L.dropout_forward(be, h, p_drop, streams, EMBEDDINGS_SITE)
+    h, drop = layers.dropout_forward(be, h, p_drop, streams, EMBEDDINGS_SITE)
     return h, EmbeddingsCache(input_ids, position_ids, token_type_ids, ln, drop)
 
 
 def embeddings_backward(be, params, d_h, cache, grads):
     """Back through embeddings_forward: scatter-add into the three tables, LayerNorm grads."""
-    d_e = L.dropout_backward(be, d_h, cache.dropout)
-    d_e, d_gamma, d_beta = L.layernorm_backward(be, d_e, cache.layernorm)
+    d_e = layers.dropout_backward(be, d_h, cache.dropout)
+    d_e, d_gamma, d_beta = layers.layernorm_backward(be, d_e, cache.layernorm)
     accumulate(grads, "embeddings.LayerNorm.weight", d_gamma)
     accumulate(grads, "embeddings.LayerNorm.bias", d_beta)
     for table, ids in (("word_embeddings", cache.input_ids), ("position_embeddings", cache.position_ids),
                        ("token_type_embeddings", cache.token_type_ids)):
         name = f"embeddings.{table}.weight"
-        grads[name] = L.embedding_backward(be, d_e, (ids, params[name].shape), grads.get(name))
+        grads[name] = layers.embedding_backward(be, d_e, (ids, params[name].shape), grads.get(name))
 
 
 def block_forward(be, params, prefix, config, h, mask_bias, layer, p_hidden, p_attn, streams):
     """One post-LN transformer block. h [B, T, H], mask_bias [B, 1, 1, T] -> (h_out [B, T, H], BlockCache)."""
-    P, eps = params, config.layer_norm_eps
+    eps = config.layer_norm_eps
 
     def linear(x, name):
-        return L.linear_forward(be, x, P[prefix + name + ".weight"], P[prefix + name + ".bias"])
+        return layers.linear_forward(be, x, params[prefix + name + ".weight"], params[prefix + name + ".bias"])
 
     q, q_cache = linear(h, "attention.self.query")                                        # [B, T, H]
     k, k_cache = linear(h, "attention.self.key")                                          # [B, T, H]
     v, v_cache = linear(h, "attention.self.value")                                        # [B, T, H]
-    ctx, attn_cache = L.attention_forward(be, q, k, v, mask_bias, config.num_attention_heads, p_attn, streams,
+    ctx, attn_cache = layers.attention_forward(be, q, k, v, mask_bias, config.num_attention_heads, p_attn, streams,
                                           layer_site(layer, ATTENTION))                   # [B, T, H]
     del q, k, v
     a, ao_cache = linear(ctx, "attention.output.dense")                                   # [B, T, H]
-    a, ad_cache = L.dropout_forward(be, a, p_hidden, streams, layer_site(layer, ATTENTION_OUTPUT))
-    h1, ln1_cache = L.add_layernorm_forward(be, a, h, P[prefix + "attention.output.LayerNorm.weight"],
-                                            P[prefix + "attention.output.LayerNorm.bias"], eps)   # LN(a + h)
-    f, fi_cache = L.linear_forward(be, h1, P[prefix + "intermediate.dense.weight"], None)  # [B, T, F], bias next
-    g, gelu_cache = L.bias_gelu_forward(be, f, P[prefix + "intermediate.dense.bias"])      # gelu(f + b) [B, T, F]
+    a, ad_cache = layers.dropout_forward(be, a, p_hidden, streams, layer_site(layer, ATTENTION_OUTPUT))
+    h1, ln1_cache = layers.add_layernorm_forward(be, a, h, params[prefix + "attention.output.LayerNorm.weight"],
+                                            params[prefix + "attention.output.LayerNorm.bias"], eps)   # LN(a + h)
+    f, fi_cache = layers.linear_forward(be, h1, params[prefix + "intermediate.dense.weight"], None)  # [B, T, F], bias next
+    g, gelu_cache = layers.bias_gelu_forward(be, f, params[prefix + "intermediate.dense.bias"])      # gelu(f + b) [B, T, F]
     o, fo_cache = linear(g, "output.dense")                                               # [B, T, H]
-    o, od_cache = L.dropout_forward(be, o, p_hidden, streams, layer_site(layer, FFN_OUTPUT))
-    h_out, ln2_cache = L.add_layernorm_forward(be, o, h1, P[prefix + "output.LayerNorm.weight"],
-                                               P[prefix + "output.LayerNorm.bias"], eps)  # LN(o + h1) [B, T, H]
+    o, od_cache = layers.dropout_forward(be, o, p_hidden, streams, layer_site(layer, FFN_OUTPUT))
+    h_out, ln2_cache = layers.add_layernorm_forward(be, o, h1, params[prefix + "output.LayerNorm.weight"],
+                                               params[prefix + "output.LayerNorm.bias"], eps)  # LN(o + h1) [B, T, H]
     return h_out, BlockCache(q_cache, k_cache, v_cache, attn_cache, ao_cache, ad_cache, ln1_cache, fi_cache,
                              gelu_cache, fo_cache, od_cache, ln2_cache)
 
@@ -104,32 +104,32 @@ def block_backward(be, prefix, d_out, cache, grads):
         accumulate(grads, prefix + name, g)
 
     # h_out = LN2(o + h1), o = dropout(W2 gelu(W1 h1 + b1) + b2)
-    d_o, d_gamma, d_beta = L.layernorm_backward(be, d_out, cache.ffn_layernorm)
+    d_o, d_gamma, d_beta = layers.layernorm_backward(be, d_out, cache.ffn_layernorm)
     add("output.LayerNorm.weight", d_gamma)
     add("output.LayerNorm.bias", d_beta)
     d_h1 = d_o                                                                     # residual path
-    d_o = L.dropout_backward(be, d_o, cache.ffn_dropout)
-    d_gelu, d_w, d_b = L.linear_backward(be, d_o, cache.ffn_out)                   # [B, T, F]
+    d_o = layers.dropout_backward(be, d_o, cache.ffn_dropout)
+    d_gelu, d_w, d_b = layers.linear_backward(be, d_o, cache.ffn_out)                   # [B, T, F]
     add("output.dense.weight", d_w)
     add("output.dense.bias", d_b)
-    d_f = L.gelu_backward(be, d_gelu, cache.gelu)
+    d_f = layers.gelu_backward(be, d_gelu, cache.gelu)
     del d_gelu
-    d_x, d_w, d_b = L.linear_backward(be, d_f, cache.ffn_in)
+    d_x, d_w, d_b = layers.linear_backward(be, d_f, cache.ffn_in)
     add("intermediate.dense.weight", d_w)
     add("intermediate.dense.bias", d_b)
     d_h1 = d_h1 + d_x
     # h1 = LN1(a + h), a = dropout(Wo attention(q, k, v) + bo)
-    d_a, d_gamma, d_beta = L.layernorm_backward(be, d_h1, cache.attention_layernorm)
+    d_a, d_gamma, d_beta = layers.layernorm_backward(be, d_h1, cache.attention_layernorm)
     add("attention.output.LayerNorm.weight", d_gamma)
     add("attention.output.LayerNorm.bias", d_beta)
     d_h = d_a                                                                      # residual path
-    d_a = L.dropout_backward(be, d_a, cache.attention_dropout)
-    d_ctx, d_w, d_b = L.linear_backward(be, d_a, cache.attention_output)
+    d_a = layers.dropout_backward(be, d_a, cache.attention_dropout)
+    d_ctx, d_w, d_b = layers.linear_backward(be, d_a, cache.attention_output)
     add("attention.output.dense.weight", d_w)
     add("attention.output.dense.bias", d_b)
-    d_q, d_k, d_v = L.attention_backward(be, d_ctx, cache.attention)
+    d_q, d_k, d_v = layers.attention_backward(be, d_ctx, cache.attention)
     for name, d, lin_cache in (("query", d_q, cache.query), ("key", d_k, cache.key), ("value", d_v, cache.value)):
-        d_x, d_w, d_b = L.linear_backward(be, d, lin_cache)
+        d_x, d_w, d_b = layers.linear_backward(be, d, lin_cache)
         if name == "key":
             # The key bias adds q_i . b_k to every score of row i: a constant per row, which
             # softmax ignores. Its gradient is exactly 0; computed, it is float noise (~1e-9)
@@ -144,11 +144,11 @@ def block_backward(be, prefix, d_out, cache, grads):
 def pool_forward(be, params, mode, hidden, attention_mask):
     """[B, T, H] -> [B, H] (not yet normalised), by `mode`: mean, cls or pooler."""
     if mode == "mean":
-        return L.mean_pool_forward(be, hidden, attention_mask)
-    first, shape = L.cls_pool_forward(be, hidden)
+        return layers.mean_pool_forward(be, hidden, attention_mask)
+    first, shape = layers.cls_pool_forward(be, hidden)
     if mode == "cls":
         return first, shape
-    z, lin_cache = L.linear_forward(be, first, params["pooler.dense.weight"], params["pooler.dense.bias"])
+    z, lin_cache = layers.linear_forward(be, first, params["pooler.dense.weight"], params["pooler.dense.bias"])
     out = be.xp.tanh(z)                                                              # pooler: tanh(W h0 + b)
     return out, (shape, lin_cache, out)
 
@@ -156,12 +156,12 @@ def pool_forward(be, params, mode, hidden, attention_mask):
 def pool_backward(be, mode, d_pooled, cache, grads):
     """Back through pool_forward: d_pooled [B, H] -> d_hidden [B, T, H]."""
     if mode == "mean":
-        return L.mean_pool_backward(be, d_pooled, cache)
+        return layers.mean_pool_backward(be, d_pooled, cache)
     if mode == "cls":
-        return L.cls_pool_backward(be, d_pooled, cache)
+        return layers.cls_pool_backward(be, d_pooled, cache)
     shape, lin_cache, out = cache
     d_z = d_pooled * (1.0 - out * out)                                               # tanh' = 1 - tanh^2
-    d_first, d_w, d_b = L.linear_backward(be, d_z, lin_cache)
+    d_first, d_w, d_b = layers.linear_backward(be, d_z, lin_cache)
     accumulate(grads, "pooler.dense.weight", d_w)
     accumulate(grads, "pooler.dense.bias", d_b)
-    return L.cls_pool_backward(be, d_first, shape)
+    return layers.cls_pool_backward(be, d_first, shape)

@@ -12,6 +12,7 @@ of a query's parallel relevant candidates) in the Mul. ranking, per query langua
 averaged over languages.
 """
 import numpy as np
+from tqdm.auto import tqdm
 
 from . import metrics as M
 from .retrieval import rank_of_relevant
@@ -59,7 +60,6 @@ def evaluate(rs, query_emb, cand_emb, progress=False):
         pos_in_lang.update({int(g): i for i, g in enumerate(idx_of[l])})
     bar = None
     if progress:
-        from tqdm.auto import tqdm
         total = sum(len(rs.queries[l]) for l in langs) * (len(langs) + 1)
         bar = tqdm(total=total, desc="rank", unit="query")
 

@@ -105,9 +105,10 @@ _ELEMENTWISE = {
     "dropout_keep": ("uint32 key, uint32 elem, uint32 threshold", "bool keep",
                      "unsigned int h = (elem * 0x9E3779B9u) ^ key; h ^= h >> 16; h *= 0x85EBCA6Bu; "
                      "h ^= h >> 13; h *= 0xC2B2AE35u; h ^= h >> 16; keep = (h >> 8) >= threshold;"),
-    "adamw": ("T g, T decay, T omb1, T b2, T omb2, T ibc2, T eps, T step", "T p, T m, T v",
-              "p = p * decay; m = m + (g - m) * omb1; v = v * b2 + (g * g) * omb2; "
-              "T denom = sqrt(v) * ibc2 + eps; p = p - (m / denom) * step;"),
+    "adamw": ("T g, T decay, T one_minus_b1, T b2, T one_minus_b2, T inv_bc2_sqrt, T eps, T step_size",
+              "T p, T m, T v",
+              "p = p * decay; m = m + (g - m) * one_minus_b1; v = v * b2 + (g * g) * one_minus_b2; "
+              "T denom = sqrt(v) * inv_bc2_sqrt + eps; p = p - (m / denom) * step_size;"),
 }
 
 _ROW_SOURCE = r"""

@@ -53,16 +53,22 @@ def linear_backward(be, d_y, cache):
 
 
 def layernorm_forward(be, x, gamma, beta, eps):
-    """y = (x - mean) / sqrt(var + eps) * gamma + beta over the last axis. x [..., H], owned."""
-    mean = x.mean(axis=-1, keepdims=True)                # [..., 1]
-    xc = x - mean                                        # [..., H]
-    var = (xc * xc).mean(axis=-1, keepdims=True)         # [..., 1] biased variance, as torch
-    rstd = 1.0 / be.xp.sqrt(var + eps)                   # [..., 1]
-    xhat = xc
-    xhat *= rstd                                         # [..., H] normalised
-    y = xhat * gamma                                     # [..., H]
-    y += beta
-    return y, (xhat, rstd, gamma)
+    """y = (x - mean) / sqrt(var + eps) * gamma + beta over the last axis. x [..., H].
+    Rows are independent: on the CPU, blocks of rows run on all cores."""
+    xp, H = be.xp, x.shape[-1]
+    x2 = x.reshape(-1, H)                                                # [R, H]
+    xhat, y = xp.empty_like(x2), xp.empty_like(x2)
+    rstd = xp.empty((x2.shape[0], 1), dtype=x.dtype)                     # [R, 1]
+
+    def rows(s, e):
+        xp.subtract(x2[s:e], x2[s:e].mean(axis=-1, keepdims=True), out=xhat[s:e])   # x - mean
+        var = (xhat[s:e] * xhat[s:e]).mean(axis=-1, keepdims=True)       # biased variance, as torch
+        rstd[s:e] = 1.0 / xp.sqrt(var + eps)
+        xhat[s:e] *= rstd[s:e]                                           # normalised
+        xp.multiply(xhat[s:e], gamma, out=y[s:e])
+        y[s:e] += beta
+    be.map_rows(rows, x2.shape[0], H)
+    return y.reshape(x.shape), (xhat.reshape(x.shape), rstd.reshape(x.shape[:-1] + (1,)), gamma)
 
 
 def add_layernorm_forward(be, x, residual, gamma, beta, eps):
@@ -86,11 +92,16 @@ def layernorm_backward(be, d_y, cache):
     d_beta = d_y.reshape(-1, H).sum(axis=0)                        # [H]
     if be.fused:
         return kernels.layernorm_grad(d_y, xhat, rstd, gamma), d_gamma, d_beta
-    d_xhat = d_y * gamma                                           # [..., H]
-    d_x = d_xhat - d_xhat.mean(axis=-1, keepdims=True)
-    d_x -= xhat * (d_xhat * xhat).mean(axis=-1, keepdims=True)
-    d_x *= rstd
-    return d_x, d_gamma, d_beta
+    d_y2, xhat2, rstd2 = d_y.reshape(-1, H), xhat.reshape(-1, H), rstd.reshape(-1, 1)
+    d_x = be.xp.empty_like(d_y2)                                   # [R, H]
+
+    def rows(s, e):
+        d_xhat = d_y2[s:e] * gamma
+        be.xp.subtract(d_xhat, d_xhat.mean(axis=-1, keepdims=True), out=d_x[s:e])
+        d_x[s:e] -= xhat2[s:e] * (d_xhat * xhat2[s:e]).mean(axis=-1, keepdims=True)
+        d_x[s:e] *= rstd2[s:e]
+    be.map_rows(rows, d_y2.shape[0], H)
+    return d_x.reshape(d_y.shape), d_gamma, d_beta
 
 
 def _gelu_into(be, x, cdf, out):
@@ -150,9 +161,19 @@ def dropout_forward(be, x, p, streams, site):
         return x, None
     keep = streams.keep_mask(be, site, x.shape, p)
     scale = x.dtype.type(1.0 / (1.0 - p))
-    y = x * keep
-    y *= scale
-    return y, (keep, scale)
+    return _scale_kept(be, x, keep, scale), (keep, scale)
+
+
+def _scale_kept(be, x, keep, scale):
+    """x * keep * scale, in flat chunks on all cores."""
+    out = be.xp.empty_like(x)
+    xf, kf, of = x.reshape(-1), keep.reshape(-1), out.reshape(-1)
+
+    def chunk(s, e):
+        be.xp.multiply(xf[s:e], kf[s:e], out=of[s:e])
+        of[s:e] *= scale
+    be.map_chunks(chunk, x.size)
+    return out
 
 
 def dropout_backward(be, d_y, cache):
@@ -160,9 +181,7 @@ def dropout_backward(be, d_y, cache):
     if cache is None:
         return d_y
     keep, scale = cache
-    d_x = d_y * keep
-    d_x *= scale
-    return d_x
+    return _scale_kept(be, d_y, keep, scale)
 
 
 def softmax_forward(be, scores):
@@ -177,9 +196,14 @@ def scaled_masked_softmax(be, scores, scale, mask_bias):
     """softmax(scores * scale + mask_bias), in place on owned scores [B, N, T, T]; mask_bias [B, 1, 1, T]."""
     if be.fused:
         return kernels.scaled_masked_softmax(scores, scale, mask_bias)
-    scores *= scores.dtype.type(scale)
-    scores += mask_bias
-    return softmax_forward(be, scores)
+    scores = be.xp.ascontiguousarray(scores)
+
+    def texts(s, e):                                        # scores[s:e] [b, N, T, T]
+        scores[s:e] *= scores.dtype.type(scale)
+        scores[s:e] += mask_bias[s:e]
+        softmax_forward(be, scores[s:e])
+    be.map_rows(texts, scores.shape[0], scores[0].size)
+    return scores
 
 
 def softmax_backward(be, d_probs, probs):
@@ -187,9 +211,14 @@ def softmax_backward(be, d_probs, probs):
     Masked entries have p = 0 and so get no gradient. d_probs is owned (overwritten)."""
     if be.fused:
         return kernels.softmax_grad(d_probs, probs)
-    d_s = d_probs * probs
-    d_s -= probs * d_s.sum(axis=-1, keepdims=True)
-    return d_s
+    d_probs = be.xp.ascontiguousarray(d_probs)                      # reshaped views below write into it
+    d2, p2 = d_probs.reshape(-1, probs.shape[-1]), probs.reshape(-1, probs.shape[-1])
+
+    def rows(s, e):
+        d2[s:e] *= p2[s:e]
+        d2[s:e] -= p2[s:e] * d2[s:e].sum(axis=-1, keepdims=True)
+    be.map_rows(rows, d2.shape[0], d2.shape[1])
+    return d_probs
 
 
 def attention_forward(be, q, k, v, mask_bias, num_heads, dropout_p=0.0, streams=None, site=0):

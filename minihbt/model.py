@@ -13,8 +13,8 @@ import os
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import encoder as E
-from . import layers as L
+from . import encoder
+from . import layers
 from .backend import Backend, to_numpy
 from .config import ConfigError, ModelConfig
 from .dropout import DropoutStreams
@@ -77,13 +77,13 @@ class Model:
         token_type_ids = be.xp.zeros_like(input_ids) if token_type_ids is None else be.asarray(token_type_ids)
         p_hidden = c.hidden_dropout_prob if streams is not None else 0.0
         p_attn = c.attention_probs_dropout_prob if streams is not None else 0.0
-        h, cache = E.embeddings_forward(be, self.params, c, input_ids, self.position_ids(input_ids), token_type_ids,
+        h, cache = encoder.embeddings_forward(be, self.params, c, input_ids, self.position_ids(input_ids), token_type_ids,
                                         p_hidden, streams)                                      # [B, T, H]
         if caches is not None:
             caches.append(cache)
-        mask_bias = L.mask_bias_from(be, attention_mask, self.dtype)                           # [B, 1, 1, T]
+        mask_bias = layers.mask_bias_from(be, attention_mask, self.dtype)                           # [B, 1, 1, T]
         for i in range(c.num_hidden_layers):
-            h, cache = E.block_forward(be, self.params, f"encoder.layer.{i}.", c, h, mask_bias, i, p_hidden, p_attn,
+            h, cache = encoder.block_forward(be, self.params, f"encoder.layer.{i}.", c, h, mask_bias, i, p_hidden, p_attn,
                                        streams)
             if caches is not None:
                 caches.append(cache)
@@ -94,18 +94,18 @@ class Model:
         used) and adds parameter gradients into `grads` (name -> array)."""
         d_h = d_hidden
         for i in reversed(range(self.config.num_hidden_layers)):
-            d_h = E.block_backward(self.backend, f"encoder.layer.{i}.", d_h, caches.pop(), grads)
-        E.embeddings_backward(self.backend, self.params, d_h, caches.pop(), grads)
+            d_h = encoder.block_backward(self.backend, f"encoder.layer.{i}.", d_h, caches.pop(), grads)
+        encoder.embeddings_backward(self.backend, self.params, d_h, caches.pop(), grads)
         return grads
 
     def pool(self, hidden, attention_mask):
         """[B, T, H] -> [B, H] by the model's pooling (not yet normalised)."""
-        return E.pool_forward(self.backend, self.params, self.pooling, hidden, self.backend.asarray(attention_mask))[0]
+        return encoder.pool_forward(self.backend, self.params, self.pooling, hidden, self.backend.asarray(attention_mask))[0]
 
     def embed(self, input_ids, attention_mask, token_type_ids=None):
         """Token ids -> L2-normalised embeddings [B, H] (backend array). No caches, no dropout."""
         hidden = self.forward(input_ids, attention_mask, token_type_ids)
-        return L.l2_normalize_forward(self.backend, self.pool(hidden, attention_mask))[0]
+        return layers.l2_normalize_forward(self.backend, self.pool(hidden, attention_mask))[0]
 
     def save(self, out_dir):
         """Write a Hugging Face directory (config.json, model.safetensors, tokenizer files and
@@ -181,8 +181,8 @@ def embed_texts(model, texts, max_length, pairs=None, seeds=None, keep=False, ma
         streams = None if seeds is None else DropoutStreams([seeds[i] for i in rows], [lengths[i] for i in rows])
         caches = [] if keep else None
         hidden = model.forward(input_ids, mask, token_types, caches=caches, streams=streams)      # [g, T, H]
-        pooled, pool_cache = E.pool_forward(be, model.params, model.pooling, hidden, be.asarray(mask))
-        emb[rows], norm_cache = L.l2_normalize_forward(be, pooled)                             # [g, H]
+        pooled, pool_cache = encoder.pool_forward(be, model.params, model.pooling, hidden, be.asarray(mask))
+        emb[rows], norm_cache = layers.l2_normalize_forward(be, pooled)                             # [g, H]
         del hidden
         if keep:
             backwards.append((rows, caches, pool_cache, norm_cache))
@@ -193,8 +193,8 @@ def embed_texts(model, texts, max_length, pairs=None, seeds=None, keep=False, ma
 
     def backward(d_emb, grads):
         for rows, caches, pool_cache, norm_cache in reversed(backwards):
-            d_pooled = L.l2_normalize_backward(be, d_emb[rows], norm_cache)
-            model.backward(E.pool_backward(be, model.pooling, d_pooled, pool_cache, grads), caches, grads)
+            d_pooled = layers.l2_normalize_backward(be, d_emb[rows], norm_cache)
+            model.backward(encoder.pool_backward(be, model.pooling, d_pooled, pool_cache, grads), caches, grads)
         backwards.clear()
     return emb, (backward if keep else None), sum(lengths)
 

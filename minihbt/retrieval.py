@@ -10,8 +10,10 @@ the one with the lower index ranks higher. The rank of candidate c for query q i
 which is the position c would take in a stable sort by descending score.
 """
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 DEFAULT_MAX_BYTES = 256 << 20
 
@@ -93,8 +95,6 @@ def top_k(queries, candidates, k, max_bytes=DEFAULT_MAX_BYTES, workers=None):
         for block in blocks:
             work(block)
     else:
-        from concurrent.futures import ThreadPoolExecutor
-        from threadpoolctl import threadpool_limits
         with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
             for _ in pool.map(work, blocks):
                 pass

@@ -13,6 +13,8 @@ import json
 import os
 
 import numpy as np
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import pre_tokenizers
 
 from .weights import CheckpointError
 
@@ -21,8 +23,6 @@ PAD_CANDIDATES = ("<pad>", "[PAD]")
 
 class Tokenizer:
     def __init__(self, path, fallback_pad_id=None):
-        from tokenizers import Tokenizer as HFTokenizer
-
         if not os.path.exists(path):
             raise CheckpointError(f"{path}: tokenizer.json not found (minihbt needs the fast-tokenizer file "
                                   "tokenizer.json; save it with transformers' tokenizer.save_pretrained)")
@@ -41,8 +41,6 @@ class Tokenizer:
         pre-tokenizer) turn trailing or repeated whitespace into a lone '▁' token; the
         original sentencepiece model, and `transformers` >= 5, split on whitespace first and
         produce none. We do as sentencepiece: WhitespaceSplit, then Metaspace."""
-        from tokenizers import pre_tokenizers
-
         with open(path, encoding="utf-8") as f:
             spec = json.load(f)
         pre = spec.get("pre_tokenizer") or {}

@@ -14,6 +14,7 @@ import os
 import struct
 
 import numpy as np
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from .backend import to_numpy
@@ -167,8 +168,6 @@ def load_weights(model_dir, cfg: ModelConfig, dtype=np.float32):
     Heads (`lm_head.*`, `cls.*`, `classifier.*`, ...) are ignored; `pooler.*` is kept when
     present. A missing tensor, a wrong shape, or an unknown encoder tensor is an error.
     """
-    from safetensors import safe_open, SafetensorError
-
     # 1. headers only: which encoder tensors are where, with their dtypes and shapes
     entries = {}  # HF name -> (file, key in file, safetensors dtype, shape, data offsets)
     for path in checkpoint_files(model_dir):
