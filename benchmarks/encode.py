@@ -159,4 +159,8 @@ def report(args, res, rates, flop, tmp, cores):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:                       # the children got the same signal and stopped
+        print("encode.py: interrupted; nothing was written", file=sys.stderr)
+        sys.exit(130)

@@ -313,4 +313,8 @@ def machine():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:                       # the children got the same signal and stopped
+        print("train_step.py: interrupted; nothing was written", file=sys.stderr)
+        sys.exit(130)

@@ -22,15 +22,14 @@ def run_minihbt(model_dir, batch, args):
     """(step, memory, device_name) for minihbt, or (None, why-not)."""
     import numpy as np
     import minihbt
-    from minihbt.backend import set_tf32
     from minihbt.optim import AdamW, clip_grad_norm
 
     if args.precision == "mixed":
         return None, "mixed precision is not implemented in minihbt"
-    model = minihbt.load_model(model_dir, device=args.device)
+    model = minihbt.load_model(model_dir, device=args.device, tf32=args.precision == "tf32")
     xp = model.xp
-    set_tf32(xp, args.precision == "tf32")
-    opt = AdamW({k: model.params[k] for k in model.trainable_names()}, lr=3e-5, weight_decay=0.01, xp=xp)
+    opt = AdamW({k: model.params[k] for k in model.trainable_names()}, lr=3e-5, weight_decay=0.01,
+                backend=model.backend)
     seeds = iter(range(1000))
 
     def step():
@@ -39,7 +38,7 @@ def run_minihbt(model_dir, batch, args):
             model, batch["queries"], batch["positives"], batch["negatives"], temperature=0.05,
             dropout=not args.no_dropout, seed=next(seeds), max_query_length=batch["max_query_length"],
             max_passage_length=batch["max_passage_length"], return_numpy=False, stats=stats)
-        clip_grad_norm(xp, grads, 1.0)
+        clip_grad_norm(grads, 1.0)
         opt.step(model.params, grads)
         if xp is not np:
             xp.cuda.runtime.deviceSynchronize()
