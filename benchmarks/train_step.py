@@ -1,33 +1,57 @@
 """One training step (forward, backward, AdamW): minihbt vs PyTorch + transformers, same run.
 
-    python benchmarks/train_step.py [--device cpu|cuda] [--shape me5-small|xlmr-base]
-                                    [--precision fp32,tf32,mixed] [--triplets N] [--query-len N]
-                                    [--passage-len N] [--steps N] [--threads N] [--model DIR]
+    python benchmarks/train_step.py [--case xquad|mlqa-hybrid|xquad-long|both] [--device cpu|cuda]
+                                    [--shape me5-small|xlmr-base] [--precision fp32,tf32,mixed]
+                                    [--triplets N] [--query-len N] [--passage-len N] [--steps N]
+                                    [--threads N] [--model DIR] [--matmul-size N] [--profile]
+                                    [--json PATH [--overwrite]]
 
 CPU (the default): multilingual-e5-small (built from ../shared when --model is not given),
-float32, 32 cross-lingual triplets from XQuAD-R (English question, German gold sentence,
-another German sentence of the paragraph as the negative), queries truncated to 32 tokens
-and passages to 64. Peak memory is the process's ru_maxrss (model loading included).
+float32, 32 triplets a batch, two cases (`--case both`, the default):
+- xquad: cross-lingual triplets from XQuAD-R (English question, German gold sentence,
+  another German sentence of the paragraph as the negative); queries truncated to 32
+  tokens, passages to 64.
+- mlqa-hybrid: a real training batch, batch --mlqa-batch (default 0) of epoch 0 of
+  minihbt's hybrid sampler on MLQA-R (alpha 0.5, seed 0, at most 1 negative: what
+  `train.py --sampler hybrid` trains on first); queries 32, passages 96 tokens, lengths as
+  they come.
+The parent builds each batch once and hands the same texts to both sides. Printed per
+case and side: s/step, real tokens/s, the real-token FLOP rate and its fraction of a float32
+matmul rate measured in the same run (NumPy (S x S) @ (S x S), S = --matmul-size, 4096 by
+default, best of 3, before and after the steps, with the same thread setting; the best is
+the reference), peak memory (the process's ru_maxrss, model loading included), cores busy
+(CPU time / wall time over the timed steps), the losses, and the time and memory ratios.
+With --threads below the number of cores, every child (both sides, the matmul) runs pinned
+to the same --threads cores, whatever thread pools its library sizes from the core count.
+
+Real-token FLOPs of a step (forward + backward) = 6 N sum_i n_i + 12 L H sum_i n_i^2 over
+the step's texts, n_i the real tokens of text i after truncation, N the non-embedding
+parameters, L layers, H hidden size; padding, embeddings, pooling and the loss are not
+counted (see train_step_inputs.py). For the xquad batch of me5-small this is 0.40 TFLOP.
+
+--profile: instead of the comparison, one minihbt step of each case under cProfile, its time
+grouped into linear, attention, softmax, GELU, dropout, LayerNorm, embedding, loss,
+optimizer and other (see train_step_profile.py).
 
 GPU (--device cuda): an XLM-R-base-shaped model with random weights (12 layers, hidden 768,
 12 heads, FFN 3072, vocabulary 250002; the XLM-R tokenizer of the me5 build), 100 triplets
-(the paper's batch) whose texts are long enough that every query fills 32 tokens and every
-passage 128 (question + context as the query, whole contexts as passages). Each precision
-in its own pair of processes: fp32 (TF32 off on both sides), tf32 (cuBLAS TF32 on both),
-mixed (PyTorch: bf16 autocast; minihbt: not implemented, reported as such). Printed: ms per
-step, tokens/s, MFU (FLOPs per token = 6 N_non-embedding + 12 layers hidden seq, against the
-datasheet peak of the card for that precision, named), peak GPU memory (CuPy's memory pool
-vs torch.cuda.max_memory_reserved: what each allocator held), the pool size after every step
-(it must not grow after the first steps), and the ratios.
+(the paper's batch) of the xquad-long case, whose texts fill every query to 32 tokens and
+every passage to 128 (question + context as the query, whole contexts as passages). Each
+precision in its own pair of processes: fp32 (TF32 off on both sides), tf32 (cuBLAS TF32 on
+both), mixed (PyTorch: bf16 autocast; minihbt: not implemented, reported as such). Printed:
+ms per step, tokens/s, MFU (the real-token FLOPs above against the datasheet peak of the
+card for that precision, named), peak GPU memory (CuPy's memory pool vs
+torch.cuda.max_memory_reserved), the pool size after every step (it must not grow after the
+first steps), and the ratios.
 
-Both sides: mean pooling, InfoNCE over in-batch candidates at temperature 0.05, dropout on,
+Both sides: mean pooling, InfoNCE over in-batch candidates at temperature 0.05, dropout on
+(--no-dropout: off on both, so that their losses agree and show that they compute the same step),
 gradient clipping at 1.0, AdamW over all parameters that get a gradient (the unused pooler
-excluded on both). After one warm-up step the mean of --steps steps is reported. Needs torch
-+ transformers for the peer (and CuPy for minihbt on cuda).
+excluded on both); see train_step_sides.py. After one warm-up step the mean of --steps steps
+is reported. Needs torch + transformers for the peer (and CuPy for minihbt on cuda).
 """
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -36,320 +60,261 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.path.abspath(os.path.join(HERE, "..", "..", "shared"))
+sys.path.insert(0, os.path.dirname(HERE))           # this checkout's minihbt first
+import matmul_rate                                  # noqa: E402  (benchmarks/ is the script's directory)
+import train_step_inputs as inputs                  # noqa: E402
+from minihbt.files import write_json                # noqa: E402
+from train_step_report import print_case, print_header, print_profile   # noqa: E402
+
+CASES = ("xquad", "mlqa-hybrid", "xquad-long")
+PASSAGE_LEN = {"xquad": 64, "mlqa-hybrid": 96, "xquad-long": 128}
+SIDES = (("minihbt", "minihbt"), ("torch", "pytorch+transformers"))
 
 
-def xquad_triplets(n, data_dir, q_lang="en", p_lang="de"):
-    """(question in q_lang, gold sentence in p_lang, another sentence of that paragraph),
-    no passage text used twice (as minihbt's samplers guarantee, so both losses see the same
-    candidates: minihbt masks duplicated passages, the plain PyTorch loss would not)."""
-    def load(lang):
-        with open(os.path.join(data_dir, f"{lang}.json"), encoding="utf-8") as f:
-            return json.load(f)["data"]
-
-    def gold(p, qa):
-        start = qa["answers"][0]["answer_start"]
-        for i, (b, e) in enumerate(p["sentence_breaks"]):
-            if b <= start <= e:
-                return i
-        return None
-    qd, pd = load(q_lang), load(p_lang)
-    out, used = [], set()
-    for qa_art, p_art in zip(qd, pd):
-        for qp, pp in zip(qa_art["paragraphs"], p_art["paragraphs"]):
-            qa_by_id = {qa["id"]: qa for qa in pp["qas"]}
-            for qa in qp["qas"]:
-                if qa["id"] not in qa_by_id or len(pp["sentences"]) < 2:
-                    continue
-                g = gold(pp, qa_by_id[qa["id"]])
-                if g is None:
-                    continue
-                pos, neg = pp["sentences"][g], pp["sentences"][(g + 1) % len(pp["sentences"])]
-                if pos in used or neg in used:
-                    continue
-                used.update((pos, neg))
-                out.append((qa["question"], pos, neg))
-                if len(out) == n:
-                    return out
-    return out
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        fail(message)
 
 
-def long_triplets(n, data_dir, q_lang="en", p_lang="de"):
-    """n triplets whose texts fill the token limits: (question + its context in q_lang, the
-    contexts of paragraphs i and i + 1 in p_lang, the same two in the other order); no text twice."""
-    def load(lang):
-        with open(os.path.join(data_dir, f"{lang}.json"), encoding="utf-8") as f:
-            return [p for art in json.load(f)["data"] for p in art["paragraphs"]]
-    qp, pp = load(q_lang), load(p_lang)
-    out = []
-    for i in range(0, len(qp) - 1, 2):                      # paragraphs i and i + 1: no context used twice
-        a, b = pp[i]["context"], pp[i + 1]["context"]             # two contexts each: > 128 tokens
-        out.append((qp[i]["qas"][0]["question"] + " " + qp[i]["context"], a + " " + b, b + " " + a))
-        if len(out) == n:
-            break
-    return out
+def fail(message):
+    """A bad setting: one line naming it and what is accepted, exit status 2."""
+    print(f"train_step.py: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
-XLMR_BASE = {"model_type": "xlm-roberta", "architectures": ["XLMRobertaModel"], "vocab_size": 250002,
-             "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
-             "hidden_act": "gelu", "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1,
-             "max_position_embeddings": 514, "type_vocab_size": 1, "layer_norm_eps": 1e-5, "pad_token_id": 1,
-             "bos_token_id": 0, "eos_token_id": 2, "position_embedding_type": "absolute", "initializer_range": 0.02}
+def parse_args(argv):
+    ap = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = ap.add_argument
+    a("--case", help="xquad, mlqa-hybrid, xquad-long, or both (= xquad,mlqa-hybrid); comma-separated "
+                     "(default: both with me5-small, xquad-long with xlmr-base)")
+    a("--device", choices=["cpu", "cuda"], default="cpu", help="cpu (default) or cuda")
+    a("--shape", choices=["me5-small", "xlmr-base"],
+      help="me5-small (real weights; default on cpu) or xlmr-base (random weights; default on cuda)")
+    a("--precision", help="comma-separated, of fp32, tf32, mixed (default: fp32 on cpu, all three on cuda)")
+    a("--model", help="HF directory of the --shape model (default: built from ../shared)")
+    a("--data", default=os.path.join(SHARED, "data", "xquad-r"), help="XQuAD-R directory")
+    a("--mlqa-data", default=os.path.join(SHARED, "data", "mlqa-r"), help="MLQA-R directory")
+    a("--mlqa-batch", type=int, default=0, help="which batch of epoch 0 the mlqa-hybrid case takes (default 0)")
+    a("--triplets", type=int, help="triplets per batch (default 32 on cpu, 100 on cuda)")
+    a("--query-len", type=int, default=32, help="max query tokens (default 32)")
+    a("--passage-len", type=int, help="max passage tokens for every case (default: xquad 64, mlqa-hybrid 96, "
+                                      "xquad-long 128)")
+    a("--steps", type=int, default=3, help="timed steps after one warm-up (default 3)")
+    a("--threads", type=int, default=os.cpu_count(), help="CPU threads for both (default: all cores)")
+    a("--matmul-size", type=int, default=4096, help="side of the reference float32 matmul (default 4096; 0: skip)")
+    a("--matmul-repeats", type=int, default=3, help="timed reference matmuls, best kept (default 3)")
+    a("--no-dropout", action="store_true", help="both sides without dropout: their losses must then agree")
+    a("--profile", action="store_true", help="profile one minihbt step of each case instead of the comparison")
+    a("--json", help="also write the figures to this JSON file")
+    a("--overwrite", action="store_true", help="let --json replace an existing file")
+    a("--child", choices=["minihbt", "torch", "profile"], help=argparse.SUPPRESS)
+    a("--batch-file", help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
 
 
-def build_xlmr_base(out_dir, tokenizer_dir, seed=0):
-    """A random-weight XLM-R-base checkpoint (HF layout) with the XLM-R tokenizer of tokenizer_dir."""
-    import shutil
-    import numpy as np
-    from safetensors.numpy import save_file
-    c = XLMR_BASE
-    H, F, V = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
-    rng = np.random.default_rng(seed)
-    normal = lambda *shape: (rng.standard_normal(shape, dtype=np.float32) * 0.02)
-    t = {"embeddings.word_embeddings.weight": normal(V, H),
-         "embeddings.position_embeddings.weight": normal(c["max_position_embeddings"], H),
-         "embeddings.token_type_embeddings.weight": normal(1, H),
-         "embeddings.LayerNorm.weight": np.ones(H, np.float32), "embeddings.LayerNorm.bias": np.zeros(H, np.float32),
-         "pooler.dense.weight": normal(H, H), "pooler.dense.bias": np.zeros(H, np.float32)}
-    for i in range(c["num_hidden_layers"]):
-        p = f"encoder.layer.{i}."
-        for name, (o, n) in {"attention.self.query": (H, H), "attention.self.key": (H, H),
-                             "attention.self.value": (H, H), "attention.output.dense": (H, H),
-                             "intermediate.dense": (F, H), "output.dense": (H, F)}.items():
-            t[p + name + ".weight"] = normal(o, n)
-            t[p + name + ".bias"] = np.zeros(o, np.float32)
-        for ln in ("attention.output.LayerNorm", "output.LayerNorm"):
-            t[p + ln + ".weight"] = np.ones(H, np.float32)
-            t[p + ln + ".bias"] = np.zeros(H, np.float32)
-    os.makedirs(out_dir, exist_ok=True)
-    save_file(t, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(c, f, indent=1)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if os.path.exists(os.path.join(tokenizer_dir, name)):
-            shutil.copy(os.path.join(tokenizer_dir, name), out_dir)
-
-
-# Datasheet peaks, dense (no sparsity), FLOP/s: (fp32, tf32 tensor core, bf16 tensor core).
-PEAKS = [("H100 PCIe", (51e12, 378e12, 756e12)), ("H100 NVL", (60e12, 417.5e12, 835e12)),
-         ("H100", (67e12, 494.7e12, 989.4e12)), ("H200", (67e12, 494.7e12, 989.4e12)),
-         ("A100", (19.5e12, 156e12, 312e12)), ("L4", (30.3e12, 60e12, 121e12))]
-
-
-def peak_flops(device_name, precision):
-    for key, peaks in PEAKS:
-        if key in device_name:
-            return peaks[{"fp32": 0, "tf32": 1, "mixed": 2}[precision]], key
-    return None, None
-
-
-def flops_per_step(config, n_nonembed, tokens_q, tokens_p, Tq, Tp):
-    """6 N_non-embedding per token (forward + backward), plus attention 12 L H T per token."""
-    L, H = config["num_hidden_layers"], config["hidden_size"]
-    return tokens_q * (6 * n_nonembed + 12 * L * H * Tq) + tokens_p * (6 * n_nonembed + 12 * L * H * Tp)
-
-
-def run_minihbt(model_dir, triplets, args):
-    import numpy as np
-    import minihbt
-    from minihbt.backend import set_tf32
-    from minihbt.loss import loss_and_grads
-    from minihbt.optim import AdamW, clip_grad_norm
-
-    if args.precision == "mixed":
-        return None, "mixed precision is not implemented in minihbt"
-    model = minihbt.load_model(model_dir, device=args.device)
-    xp = model.xp
-    set_tf32(xp, args.precision == "tf32")
-    opt = AdamW({k: model.params[k] for k in model.trainable_names()}, lr=3e-5, weight_decay=0.01, xp=xp)
-    seeds = iter(range(1000))
-    q, p, n = [t[0] for t in triplets], [t[1] for t in triplets], [[t[2]] for t in triplets]
-    stats = {}
-
-    def step():
-        loss, grads = loss_and_grads(model, q, p, n, temperature=0.05, dropout=True, seed=next(seeds),
-                                     max_query_length=args.query_len, max_passage_length=args.passage_len,
-                                     return_numpy=False, stats=stats)
-        clip_grad_norm(xp, grads, 1.0)
-        opt.step(model.params, grads)
-        if xp is not np:
-            xp.cuda.runtime.deviceSynchronize()
-        return loss
-
-    def memory():
-        if xp is np:
-            return None
-        return xp.get_default_memory_pool().total_bytes() / 2 ** 20
-    return (step, memory, lambda: xp.cuda.runtime.getDeviceProperties(0)["name"].decode() if xp is not np else None), None
-
-
-def run_torch(model_dir, triplets, args):
-    import contextlib
-    import torch
-    from transformers import AutoModel, AutoTokenizer
-
-    torch.set_num_threads(args.threads)
-    cuda = args.device == "cuda"
-    dev = torch.device("cuda" if cuda else "cpu")
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = args.precision == "tf32"
-        torch.backends.cudnn.allow_tf32 = args.precision == "tf32"
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModel.from_pretrained(model_dir).to(dev).train()     # dropout on; default attention (sdpa)
-    named = [(n, p) for n, p in model.named_parameters() if not n.startswith("pooler.")]
-    params = [p for _, p in named]
-    decay = [p for n, p in named if not (n.endswith("bias") or "LayerNorm" in n)]
-    no_decay = [p for n, p in named if n.endswith("bias") or "LayerNorm" in n]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=3e-5)
-    norm = torch.nn.functional.normalize
-    q = ["query: " + t[0] for t in triplets]
-    c = ["passage: " + t[1] for t in triplets] + ["passage: " + t[2] for t in triplets]
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if args.precision == "mixed" else \
-        contextlib.nullcontext
-
-    def embed(texts, max_len):
-        enc = tok(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt").to(dev)
-        h = model(**enc).last_hidden_state
-        m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
-        return norm((h * m).sum(1) / m.sum(1).clamp(min=1e-9), dim=-1)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        with autocast():
-            scores = embed(q, args.query_len) @ embed(c, args.passage_len).T / 0.05
-            loss = torch.nn.functional.cross_entropy(scores.float(), torch.arange(len(q), device=dev))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if cuda:
-            torch.cuda.synchronize()
-        return float(loss)
-
-    def memory():
-        return torch.cuda.max_memory_reserved() / 2 ** 20 if cuda else None
-    return (step, memory, lambda: torch.cuda.get_device_name(0) if cuda else None), None
-
-
-def child(args):
-    import resource
-    triplets = (long_triplets if args.shape == "xlmr-base" else xquad_triplets)(args.triplets, args.data)
-    made, why = (run_minihbt if args.child == "minihbt" else run_torch)(args.model, triplets, args)
-    if made is None:
-        print(json.dumps({"skipped": why}))
-        return
-    step, memory, device_name = made
-    step()                                                          # warm-up
-    times, losses, pool = [], [], [memory()]
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        losses.append(step())
-        times.append(time.perf_counter() - t0)
-        pool.append(memory())
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"seconds": sum(times) / len(times), "peak_mb": peak_mb, "gpu_mb": pool, "losses": losses,
-                      "device": device_name()}))
-
-
-def count_tokens(model_dir, triplets, args):
-    """Real tokens of one batch (queries, passages) and the padded lengths, as minihbt tokenizes."""
-    from minihbt.tokenizer import Tokenizer
-    tok = Tokenizer(os.path.join(model_dir, "tokenizer.json"))
-    _, qm, _ = tok(["query: " + t[0] for t in triplets], max_length=args.query_len)
-    _, pm, _ = tok(["passage: " + t[i] for i in (1, 2) for t in triplets], max_length=args.passage_len)
-    return int(qm.sum()), int(pm.sum()), qm.shape[1], pm.shape[1]
-
-
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cpu (default) or cuda")
-    ap.add_argument("--shape", choices=["me5-small", "xlmr-base"],
-                    help="me5-small (real weights; default on cpu) or xlmr-base (random weights; default on cuda)")
-    ap.add_argument("--precision", help="comma-separated, of fp32, tf32, mixed (default: fp32 on cpu, all three "
-                                        "on cuda)")
-    ap.add_argument("--model", help="HF directory of multilingual-e5-small (default: built from ../shared)")
-    ap.add_argument("--data", default=os.path.join(SHARED, "data", "xquad-r"), help="XQuAD-R directory")
-    ap.add_argument("--triplets", type=int, help="triplets per batch (default 32 on cpu, 100 on cuda)")
-    ap.add_argument("--query-len", type=int, default=32, help="max query tokens (default 32)")
-    ap.add_argument("--passage-len", type=int, help="max passage tokens (default 64 on cpu, 128 on cuda)")
-    ap.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up (default 3)")
-    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for both (default: all cores)")
-    ap.add_argument("--child", choices=["minihbt", "torch"], help=argparse.SUPPRESS)
-    args = ap.parse_args()
+def resolve_settings(args):
+    """Fill the defaults that depend on other flags and check every setting; exits with one line if one is bad."""
     gpu = args.device == "cuda"
     args.shape = args.shape or ("xlmr-base" if gpu else "me5-small")
-    args.triplets = args.triplets or (100 if gpu else 32)
-    args.passage_len = args.passage_len or (128 if gpu else 64)
-    if args.child:
-        return child(args)
+    args.triplets = 100 if gpu and args.triplets is None else 32 if args.triplets is None else args.triplets
+    spec = args.case or ("xquad-long" if args.shape == "xlmr-base" else "both")
+    args.cases = [c for part in spec.split(",") for c in (("xquad", "mlqa-hybrid") if part == "both" else (part,))]
     precisions = (args.precision or ("fp32,tf32,mixed" if gpu else "fp32")).split(",")
-    if any(p not in ("fp32", "tf32", "mixed") for p in precisions) or (not gpu and precisions != ["fp32"]):
-        sys.exit("train_step.py: --precision takes fp32, tf32, mixed (tf32 and mixed only with --device cuda)")
-    tmp = tempfile.mkdtemp()
-    me5 = args.model if (args.model and args.shape == "me5-small") else os.path.join(tmp, "me5")
-    if not (args.model and args.shape == "me5-small"):
-        subprocess.run([sys.executable, os.path.join(SHARED, "tools", "build_me5_small.py"), me5], check=True,
-                       capture_output=True)
-    model_dir = me5
-    if args.shape == "xlmr-base":
-        model_dir = args.model or os.path.join(tmp, "xlmr-base-random")
-        if not args.model:
-            build_xlmr_base(model_dir, me5)
-    with open(os.path.join(model_dir, "config.json")) as f:
-        config = json.load(f)
-    from safetensors import safe_open
-    with safe_open(os.path.join(model_dir, "model.safetensors"), "np") as f:
-        n_nonembed = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys()
-                         if ".embeddings." not in "." + k and "pooler" not in k)
-    triplets = (long_triplets if args.shape == "xlmr-base" else xquad_triplets)(args.triplets, args.data)
-    tq, tp, Tq, Tp = count_tokens(model_dir, triplets, args)
-    flops = flops_per_step(config, n_nonembed, tq, tp, Tq, Tp)
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), OPENBLAS_NUM_THREADS=str(args.threads),
-               MKL_NUM_THREADS=str(args.threads),
-               PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
-    print(f"{args.shape}{' (random weights)' if args.shape == 'xlmr-base' else ''}, {args.device}, "
-          f"{args.triplets} triplets, query {args.query_len} / passage {args.passage_len} tokens "
-          f"({tq} + {tp} real tokens a step, {n_nonembed / 1e6:.1f}M non-embedding parameters, "
-          f"{flops / 1e12:.2f} TFLOP a step), threads={args.threads}, {args.steps} timed steps")
-    for precision in precisions:
-        res = {}
-        for which in ("minihbt", "torch"):
-            cmd = [sys.executable, __file__, "--child", which, "--model", model_dir, "--shape", args.shape,
-                   "--device", args.device, "--precision", precision, "--data", args.data,
-                   "--triplets", str(args.triplets), "--query-len", str(args.query_len),
-                   "--passage-len", str(args.passage_len), "--steps", str(args.steps), "--threads", str(args.threads)]
-            out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if out.returncode != 0:
-                res[which] = {"skipped": "failed: " + out.stderr.strip().splitlines()[-1] if out.stderr.strip()
-                              else f"failed with exit code {out.returncode}"}
-                print(out.stderr[-3000:], file=sys.stderr)
-            else:
-                res[which] = json.loads(out.stdout.strip().splitlines()[-1])
-        report(precision, res, flops, tq + tp, gpu)
+    checks = [
+        (any(c not in CASES for c in args.cases) or len(set(args.cases)) != len(args.cases),
+         f"--case takes xquad, mlqa-hybrid, xquad-long or both, comma-separated, each once (got {spec!r})"),
+        (any(p not in ("fp32", "tf32", "mixed") for p in precisions) or (not gpu and precisions != ["fp32"]),
+         "--precision takes fp32, tf32, mixed, comma-separated (tf32 and mixed only with --device cuda)"),
+        (args.triplets < 1, "--triplets takes an integer >= 1"),
+        (not 2 <= args.query_len <= 512, "--query-len takes an integer in 2..512"),
+        (args.passage_len is not None and not 2 <= args.passage_len <= 512, "--passage-len takes an integer in 2..512"),
+        (args.steps < 1, "--steps takes an integer >= 1"),
+        (args.threads is None or args.threads < 1, "--threads takes an integer >= 1"),
+        (not 0 <= args.matmul_size <= 32768, "--matmul-size takes an integer in 0..32768 (0: no reference)"),
+        (args.matmul_repeats < 1, "--matmul-repeats takes an integer >= 1"),
+        (args.mlqa_batch < 0, "--mlqa-batch takes an integer >= 0"),
+        (args.profile and gpu, "--profile profiles the CPU step: use it with --device cpu"),
+        (args.overwrite and not args.json, "--overwrite goes with --json"),
+    ]
+    for bad, message in checks:
+        if bad:
+            fail(message)
+    args.precisions = precisions
+    args.passage_len = {c: args.passage_len or PASSAGE_LEN[c] for c in CASES}
+    check_paths(args)
 
 
-def report(precision, res, flops, tokens, gpu):
-    print(f"\n[{precision}]")
-    print(f"{'':22s}{'ms/step':>10s}{'tokens/s':>11s}{'MFU':>8s}{'peak GPU MB' if gpu else 'peak RSS MB':>13s}   losses")
-    rows = {}
-    for name, key in (("minihbt", "minihbt"), ("pytorch+transformers", "torch")):
-        r = res[key]
-        if "skipped" in r:
-            print(f"{name:22s}  {r['skipped']}")
-            continue
-        peak, card = peak_flops(r.get("device") or "", precision) if gpu else (None, None)
-        mfu = f"{flops / r['seconds'] / peak:.1%}" if peak else "n/a"
-        mem = max(m for m in r["gpu_mb"] if m is not None) if gpu else r["peak_mb"]
-        rows[key] = (r["seconds"], mem)
-        print(f"{name:22s}{r['seconds'] * 1e3:10.1f}{tokens / r['seconds']:11.0f}{mfu:>8s}{mem:13.0f}   "
-              f"{[round(x, 4) for x in r['losses']]}")
-        if gpu:
-            print(f"{'':22s}device: {r.get('device')}; MFU against the {card or 'unknown card'} datasheet peak "
-                  f"for {precision}; allocator size after each step (MB): {[round(m) for m in r['gpu_mb']]}")
-    if len(rows) == 2:
-        (tm, mm), (tt, mt) = rows["minihbt"], rows["torch"]
-        print(f"throughput ratio minihbt/pytorch: {tt / tm:.2f}x   time ratio: {tm / tt:.2f}   "
-              f"memory ratio minihbt/pytorch: {mm / mt:.2f}")
+def check_paths(args):
+    """Every directory the run reads exists, and --json names a new file in an existing directory."""
+    if args.model and not all(os.path.isfile(os.path.join(args.model, f))
+                              for f in ("config.json", "model.safetensors", "tokenizer.json")):
+        fail(f"--model {args.model}: not a model directory (needs config.json, model.safetensors, tokenizer.json)")
+    for flag, path, needed in (("--data", args.data, {"xquad", "xquad-long"} & set(args.cases)),
+                               ("--mlqa-data", args.mlqa_data, "mlqa-hybrid" in args.cases)):
+        if needed and not os.path.isdir(path):
+            fail(f"{flag} {path}: not a directory")
+    if args.json:
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if not os.path.isdir(folder):
+            fail(f"--json {args.json}: directory {folder} does not exist")
+        if os.path.exists(args.json) and not args.overwrite:
+            fail(f"--json {args.json} exists; add --overwrite to replace it")
+
+
+def prepare_model(args, tmp):
+    """The model directory the sides load: --model, or me5-small built from ../shared, or random XLM-R base."""
+    if args.model:
+        return args.model
+    me5 = os.path.join(tmp, "me5")
+    print("building multilingual-e5-small from ../shared ...", file=sys.stderr, flush=True)
+    built = subprocess.run([sys.executable, os.path.join(SHARED, "tools", "build_me5_small.py"), me5],
+                           capture_output=True, text=True)
+    if built.returncode != 0:
+        tail = built.stderr.strip().splitlines()
+        sys.exit(f"train_step.py: building multilingual-e5-small failed: {tail[-1] if tail else built.returncode}")
+    if args.shape == "me5-small":
+        return me5
+    inputs.build_xlmr_base(os.path.join(tmp, "xlmr-base-random"), me5)
+    return os.path.join(tmp, "xlmr-base-random")
+
+
+def thread_env(threads):
+    return dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
+                MKL_NUM_THREADS=str(threads),
+                PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
+
+
+def run_child(which, batch_file, args, model_dir, precision, env):
+    """One side in its own process: its JSON result, or {"skipped": why}."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", which, "--batch-file", batch_file,
+           "--model", model_dir, "--device", args.device, "--precision", precision, "--steps", str(args.steps),
+           "--threads", str(args.threads)] + (["--no-dropout"] if args.no_dropout else [])
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        print(out.stderr[-3000:], file=sys.stderr)
+        tail = out.stderr.strip().splitlines()
+        return {"skipped": "failed: " + tail[-1] if tail else f"failed with exit code {out.returncode}"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+class Progress:
+    """Phase lines on stderr with the time so far and an estimate of the rest from the phases done."""
+
+    def __init__(self, total):
+        self.total, self.done, self.start = total, 0, time.perf_counter()
+
+    def phase(self, what):
+        elapsed = time.perf_counter() - self.start
+        left = f", about {elapsed / self.done * (self.total - self.done):.0f} s left" if self.done else ""
+        print(f"[{self.done + 1}/{self.total}] {what} (elapsed {elapsed:.0f} s{left})", file=sys.stderr, flush=True)
+        self.done += 1
+
+
+def describe_case(case, batch, q_lens, c_lens, config, n_nonembed):
+    """The case's token counts and FLOPs, shared by the printout and the JSON."""
+    positions = len(q_lens) * max(q_lens) + len(c_lens) * max(c_lens)
+    return {"case": case, "about": batch["about"], "triplets": len(batch["queries"]),
+            "candidates": len(c_lens), "max_query_length": batch["max_query_length"],
+            "max_passage_length": batch["max_passage_length"], "query_tokens": sum(q_lens),
+            "candidate_tokens": sum(c_lens), "real_tokens": sum(q_lens) + sum(c_lens), "padded_positions": positions,
+            "flop": inputs.step_flops(config, n_nonembed, q_lens + c_lens),
+            "padded_flop": inputs.padded_flops(config, n_nonembed, q_lens, c_lens)}
+
+
+def make_cases(args, model_dir, tmp, config, n_nonembed):
+    """Build each case's batch (written to a file for the children) and its description."""
+    cases = []
+    for case in args.cases:
+        try:
+            batch = inputs.build_batch(case, args.triplets, args)
+        except (ValueError, OSError, KeyError) as e:      # DataError is a ValueError; all come from the settings
+            fail(f"case {case}: {e}")
+        path = os.path.join(tmp, f"batch-{case}.json")
+        write_json(path, batch)
+        q_lens, c_lens = inputs.token_lengths(model_dir, batch)
+        cases.append((path, describe_case(case, batch, q_lens, c_lens, config, n_nonembed)))
+    return cases
+
+
+def compare(args, model_dir, cases, env, setup):
+    """Time both sides of every case (and precision), bracketed by the matmul reference; returns the record."""
+    reference = args.matmul_size and args.device == "cpu"
+    progress = Progress(len(cases) * len(args.precisions) * 2 + (2 if reference else 0))
+    matmul = {}
+    if reference:
+        progress.phase(f"matmul reference {args.matmul_size}^3")
+        matmul["before"] = matmul_rate.measure_in_child(args.matmul_size, args.matmul_repeats, env)
+    results = []
+    for path, info in cases:
+        for precision in args.precisions:
+            sides = {}
+            for key, name in SIDES:
+                progress.phase(f"case {info['case']}, {precision}, {name}")
+                sides[key] = run_child(key, path, args, model_dir, precision, env)
+            results.append(dict(info, precision=precision, sides=sides))
+    if reference:
+        progress.phase(f"matmul reference {args.matmul_size}^3 again")
+        matmul["after"] = matmul_rate.measure_in_child(args.matmul_size, args.matmul_repeats, env)
+        matmul["flops"] = max(matmul["before"]["flops"], matmul["after"]["flops"])
+    record = dict(setup, matmul=matmul or None, cases=results)
+    print_header(record)
+    for result in results:
+        print_case(result, matmul.get("flops"), args.device == "cuda")
+    return record
+
+
+def profile(args, model_dir, cases, env, setup):
+    """One minihbt step of each case under cProfile, grouped; returns the record."""
+    profiles = []
+    for path, info in cases:
+        print(f"profiling case {info['case']} ...", file=sys.stderr, flush=True)
+        out = run_child("profile", path, args, model_dir, "fp32", env)
+        print_profile(info, out)
+        profiles.append(dict(info, profile=out))
+    return dict(setup, profiles=profiles)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.child:
+        import train_step_sides as sides
+        return (sides.profile_side if args.child == "profile" else sides.time_side)(args)
+    resolve_settings(args)
+    cores = matmul_rate.pin_cores(args.threads)           # the children inherit it
+    env = thread_env(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = prepare_model(args, tmp)
+        with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+        n_nonembed = inputs.non_embedding_parameters(model_dir)
+        cases = make_cases(args, model_dir, tmp, config, n_nonembed)
+        hidden = ("child", "batch_file", "case", "precision")
+        setup = {"settings": {k: v for k, v in vars(args).items() if k not in hidden},
+                 "machine": dict(machine(), cores_used=cores), "model": {"shape": args.shape, "non_embedding_parameters": n_nonembed,
+                                                 "layers": config["num_hidden_layers"],
+                                                 "hidden": config["hidden_size"]},
+                 "flop_formula": "6 N sum_i n_i + 12 L H sum_i n_i^2 (forward + backward, real tokens only)"}
+        record = (profile if args.profile else compare)(args, model_dir, cases, env, setup)
+    if args.json:
+        write_json(args.json, record)
+        print(f"wrote {args.json}")
+
+
+def machine():
+    """This machine in words: CPU model and core count."""
+    model = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    import platform
+    return {"cpu": model or platform.processor() or platform.machine(), "cores": os.cpu_count()}
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:                       # the children got the same signal and stopped
+        print("train_step.py: interrupted; nothing was written", file=sys.stderr)
+        sys.exit(130)
