@@ -11,6 +11,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from threadpoolctl import threadpool_info
 
 try:                                  # optional: only device="cuda" needs it
     import cupy
@@ -73,7 +74,7 @@ class Backend:
         self.dtype = get_dtype(dtype)
         self.tf32 = bool(tf32) and self.is_cuda
         self.fused = bool(fused) and self.is_cuda and self.dtype == np.float32
-        self.threads = threads or os.cpu_count() or 1
+        self.threads = threads or blas_threads()
         self._pool = None
         if self.is_cuda:
             mode = _cupy_linalg.COMPUTE_TYPE_TF32 if self.tf32 else _cupy_linalg.COMPUTE_TYPE_DEFAULT
@@ -141,6 +142,14 @@ class Backend:
         if x.dtype != np.float32:
             return _erf_exact(x)
         return self.elementwise(_erf_f32, x) if threaded else _erf_f32(x)
+
+
+def blas_threads():
+    """Threads NumPy's BLAS runs matrix products on (the same setting sizes our thread pool)."""
+    counts = [i["num_threads"] for i in threadpool_info() if i.get("user_api") == "blas"]
+    if counts:
+        return max(1, counts[0])
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def to_numpy(x):
