@@ -235,7 +235,8 @@ def main(argv=None):
     for key in ("out", "work"):
         if getattr(args, key, None):
             os.makedirs(getattr(args, key), exist_ok=True)
-    return {"prepare": prepare, "probe": probe, "stage": stage, "status": status, "summary": summary}[args.command](args)
+    commands = {"prepare": prepare, "probe": probe, "stage": stage, "status": status, "summary": summary}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

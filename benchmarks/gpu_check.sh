@@ -4,19 +4,20 @@
 #   OUT=/some/dir bash benchmarks/gpu_check.sh [--stages 1,2,3,4,5] [--budget 465] [--force]
 #   bash benchmarks/gpu_check.sh --device cpu --smoke      # check the script's code paths on a CPU
 #
-# Run from the repository root. Writes two files: OUT/gpu_check.log (everything printed,
-# tee'd as it goes, so a timeout still leaves the log) and OUT/gpu_check.json (each stage's
-# status, seconds, figures and checks with their tolerances, updated after every figure,
-# so a run cut off still leaves what it measured). OUT defaults to ./gpu-check-out. Stages, each under
-# `timeout` (one stage failing or hanging does not stop the others):
+# Run from the repository root. Writes two files (OUT defaults to ./gpu-check-out):
+# OUT/gpu_check.log, everything printed, tee'd as it goes, so a timeout still leaves the
+# log; OUT/gpu_check.json, each stage's status, seconds, figures and checks with their
+# tolerances, updated after every figure, so a run cut off still leaves what it measured.
+# Stages, each under `timeout` (one stage failing or hanging does not stop the others):
 #   0  GPU, driver, CuPy, CUDA, torch versions; without a GPU: the one line
 #      "gpu_check: no GPU (<reason>)" and exit 3, nothing else run
 #   1  python -m pytest -q tests (every CUDA parametrisation)                 limit 130 s
-#   2  tests/test_kernels.py, plain and MINIHBT_FUSED=1; train.py 3 steps on
-#      the tiny fixture, plain / --fused-kernels / --tf32, losses compared      limit 70 s
-#   3  benchmarks/train_step.py's children: XLM-R base shape (random weights),
-#      100 triplets, 32/128 tokens, fp32 and TF32, minihbt (plain and fused)
-#      vs PyTorch + transformers                                              limit 140 s
+#   2  tests/test_kernels.py (again with MINIHBT_FUSED=1 where minihbt/kernels.py
+#      still reads it); train.py 3 steps on the tiny fixture, plain /
+#      --fused-kernels / --tf32 (where train.py has them), losses compared      limit 70 s
+#   3  python benchmarks/train_step.py --device cuda (XLM-R base shape, random
+#      weights, 100 triplets, 32/128 tokens, fp32 and TF32, minihbt vs PyTorch
+#      + transformers); then minihbt alone with fused kernels off and on        limit 140 s
 #   4  encoding vs sentence-transformers on the GPU; top-100 retrieval of
 #      13,000 x 13,000 x 384 vs torch matmul + topk                           limit 90 s
 #   5  3 training steps on CPU and GPU, same weights and seeds, compared       limit 75 s

@@ -8,7 +8,6 @@ Inputs that cannot be committed travel to the device machine with the run tool's
 missing the stages still run, on stand-ins that they name in their record: the tiny test
 fixture's tokenizer, and synthetic XQuAD-format paragraphs.
 """
-import importlib.util
 import json
 import os
 import shutil
@@ -27,6 +26,10 @@ DATA_DIR = os.path.join(ROOT, "data", "xquad-r-en-de")
 TINY_XLMR = os.path.join(ROOT, "tests", "fixtures", "tiny-xlmr")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 DATA_FILES = ("en.json", "de.json", "LICENSE")
+XLMR_BASE = {"vocab_size": 250002, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+             "intermediate_size": 3072, "hidden_act": "gelu", "max_position_embeddings": 514, "type_vocab_size": 1,
+             "layer_norm_eps": 1e-5, "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2,
+             "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1, "initializer_range": 0.02}
 # smoke runs build the random model through the same code with these sizes in place of XLM-R base's
 SMOKE_SHAPE = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64}
 
@@ -122,30 +125,87 @@ def synthetic_xquad(out_dir, paragraphs=240, sentences=6, words=30, seed=0):
         write_json(os.path.join(out_dir, f"{lang}.json"), {"data": [{"title": "synthetic", "paragraphs": paras}]})
 
 
-def load_train_step():
-    """benchmarks/train_step.py as a module (its triplets, model builder, FLOP count, report)."""
-    spec = importlib.util.spec_from_file_location("train_step", os.path.join(HERE, "train_step.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def build_random_xlmr(out, tokenizer_dir, smoke=False):
+    """A random-weight XLM-R-base checkpoint (HF layout, initialised by transformers: normal
+    0.02 weights, unit LayerNorms), with the tokenizer files of tokenizer_dir; made once per
+    run under `out`'s name and renamed into place when complete. Smoke runs use SMOKE_SHAPE."""
+    if os.path.exists(os.path.join(out, "config.json")):
+        return out
+    import torch
+    from transformers import XLMRobertaConfig, XLMRobertaModel
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    config = XLMRobertaConfig(**{**XLMR_BASE, **(SMOKE_SHAPE if smoke else {})})
+    tmp = out + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    XLMRobertaModel(config, add_pooling_layer=True).save_pretrained(tmp, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        if os.path.exists(os.path.join(tokenizer_dir, name)):
+            shutil.copy(os.path.join(tokenizer_dir, name), tmp)
+    os.replace(tmp, out)
+    print(f"  built {os.path.basename(out)} ({config.num_hidden_layers} layers, hidden {config.hidden_size}) "
+          f"in {time.perf_counter() - t0:.1f} s")
+    return out
 
 
 def xlmr_base(work, tokenizer_dir, smoke=False):
-    """The random-weight XLM-R-base checkpoint (train_step.py's builder), made once per run
-    under `work` and renamed into place when complete. Smoke runs use SMOKE_SHAPE."""
-    out = os.path.join(work, "xlmr-smoke-random" if smoke else "xlmr-base-random")
-    if os.path.exists(os.path.join(out, "config.json")):
-        return out
-    train_step = load_train_step()
-    if smoke:
-        train_step.XLMR_BASE = dict(train_step.XLMR_BASE, **SMOKE_SHAPE)
-    t0 = time.perf_counter()
-    tmp = out + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    train_step.build_xlmr_base(tmp, tokenizer_dir)
-    os.replace(tmp, out)
-    print(f"  built {os.path.basename(out)} in {time.perf_counter() - t0:.1f} s")
+    """The run's random XLM-R base (a small one for smoke runs), built on first use."""
+    return build_random_xlmr(os.path.join(work, "xlmr-smoke-random" if smoke else "xlmr-base-random"),
+                             tokenizer_dir, smoke)
+
+
+def long_triplets(n, data_dir, q_lang="en", p_lang="de"):
+    """n triplets whose texts fill 32-token queries and 128-token passages (the GPU batch of
+    benchmarks/train_step.py): (question + its context in q_lang, the contexts of paragraphs
+    i and i + 1 in p_lang, the same two in the other order); no text twice."""
+    def paragraphs(lang):
+        with open(os.path.join(data_dir, f"{lang}.json"), encoding="utf-8") as f:
+            return [p for art in json.load(f)["data"] for p in art["paragraphs"]]
+    qp, pp = paragraphs(q_lang), paragraphs(p_lang)
+    out = []
+    for i in range(0, min(len(qp), len(pp)) - 1, 2):
+        a, b = pp[i]["context"], pp[i + 1]["context"]
+        out.append((qp[i]["qas"][0]["question"] + " " + qp[i]["context"], a + " " + b, b + " " + a))
+        if len(out) == n:
+            break
     return out
+
+
+def load_model_with(model_dir, device, tf32=False, fused=False):
+    """minihbt.load_model with the GPU switches asked for: (model, None), or (None, why not)
+    where this minihbt's load_model has no such parameter (the switches moved)."""
+    import inspect
+    import minihbt
+    accepted = inspect.signature(minihbt.load_model).parameters
+    switches = {"tf32": tf32, "fused_kernels": fused}
+    missing = [k for k, on in switches.items() if on and k not in accepted]
+    if missing:
+        return None, f"minihbt.load_model has no {', '.join(missing)} parameter"
+    kwargs = {k: v for k, v in switches.items() if k in accepted}
+    return minihbt.load_model(model_dir, device=device, pooling="mean", **kwargs), None
+
+
+def optimizer_for(model, lr, weight_decay=0.01):
+    """minihbt's AdamW over the model's trainable tensors, on the model's device."""
+    import inspect
+    from minihbt.optim import AdamW
+    params = {k: model.params[k] for k in model.trainable_names()}
+    where = ({"backend": model.backend} if "backend" in inspect.signature(AdamW).parameters else {"xp": model.xp})
+    return AdamW(params, lr=lr, weight_decay=weight_decay, **where)
+
+
+def clip_gradients(model, grads, max_norm):
+    """minihbt.optim.clip_grad_norm, whichever of its two signatures this checkout has."""
+    import inspect
+    from minihbt.optim import clip_grad_norm
+    first = next(iter(inspect.signature(clip_grad_norm).parameters))
+    return clip_grad_norm(grads, max_norm) if first == "grads" else clip_grad_norm(model.xp, grads, max_norm)
+
+
+def synchronize(model):
+    """Wait for the GPU's queued work (a no-op on the CPU), so that a timer sees it."""
+    if model.xp.__name__ == "cupy":
+        model.xp.cuda.runtime.deviceSynchronize()
 
 
 def xquad_texts(data_dir, n):

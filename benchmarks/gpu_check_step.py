@@ -1,29 +1,30 @@
 """Stage 3 of the GPU check: one training step, minihbt vs PyTorch + transformers.
 
-The measurement is benchmarks/train_step.py's own: its child processes
-(`train_step.py --child minihbt|torch ...`, one per library and precision), its triplets,
-token count, FLOP count, datasheet peaks and printed report. This stage drives the
-children itself because train_step.py's parent builds multilingual-e5-small from
-../shared for the XLM-R tokenizer even when --model is given, and ../shared does not
-travel to the device machine; here the model is the random XLM-R base built from the
-carried tokenizer (gpu_check_common.xlmr_base).
+Part 1 is benchmarks/train_step.py itself, run as its own documentation says (`--device cuda`:
+XLM-R base shape with random weights, 100 triplets, queries 32 / passages 128 tokens,
+minihbt vs PyTorch + transformers, each side in its own process), here at fp32 and TF32,
+given this run's random XLM-R base (--model) and the carried XQuAD-R (--data), since
+../shared, from which it would build them, does not travel. Its own printout goes to the
+log; where it has --json, its figures are recorded and checked against the issue's targets
+(throughput >= 1.0x PyTorch at fp32 and TF32, MFU at TF32 >= 40% where a datasheet peak is
+known, peak GPU memory <= PyTorch's, no allocator growth after the first timed step).
 
-Per precision (fp32 and tf32 on cuda): minihbt, minihbt with the fused kernels (where
-minihbt/kernels.py reads MINIHBT_FUSED), PyTorch. Recorded: ms/step, tokens/s, MFU, peak
-GPU memory, the allocator size after each step, the losses; checked against the issue's
-targets (throughput >= 1.0x PyTorch at fp32 and TF32, MFU at TF32 >= 40%, peak memory <=
-PyTorch's, no allocator growth after the first timed step).
+Part 2 times minihbt alone, fused kernels off and on (and TF32 off and on), through the
+public API (load_model's switches, loss_and_grads, clipping, AdamW) on the same batch,
+dropout on: the figures that decide whether fused kernels should be on by default.
 """
 import json
-import math
 import os
 import subprocess
 import sys
 import time
-import types
 
-from gpu_check_common import HERE, ROOT, find_tokenizer, find_xquad, load_train_step, xlmr_base
-from gpu_check_tests import FUSED_ENV, fused_switches
+from gpu_check_common import HERE, ROOT, find_tokenizer, find_xquad, long_triplets, xlmr_base
+from gpu_check_parity import train_steps
+
+# Datasheet peaks, dense, FLOP/s: (fp32, tf32 tensor core); the card's name as CUDA reports it contains the key.
+PEAKS = [("H100 PCIe", (51e12, 378e12)), ("H100 NVL", (60e12, 417.5e12)), ("H100", (67e12, 494.7e12)),
+         ("H200", (67e12, 494.7e12)), ("A100", (19.5e12, 156e12)), ("L4", (30.3e12, 60e12))]
 
 
 def sizes(args):
@@ -33,108 +34,121 @@ def sizes(args):
     return 100, 32, 128, 3, ["fp32", "tf32"]
 
 
-def child(which, model_dir, data_dir, precision, args, env_extra, limit):
-    """One train_step.py child: its JSON line, or {"skipped": why}."""
-    n, q_len, p_len, steps, _ = sizes(args)
-    cmd = [sys.executable, os.path.join(HERE, "train_step.py"), "--child", which, "--model", model_dir,
-           "--shape", "xlmr-base", "--device", args.device, "--precision", precision, "--data", data_dir,
-           "--triplets", str(n), "--query-len", str(q_len), "--passage-len", str(p_len), "--steps", str(steps),
-           "--threads", str(os.cpu_count())]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]), **env_extra)
-    try:
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=limit)
-    except subprocess.TimeoutExpired:
-        return {"skipped": f"timed out after {limit:.0f} s"}
-    if out.returncode != 0:
-        print(out.stderr[-3000:], file=sys.stderr)
-        last = out.stderr.strip().splitlines()
-        return {"skipped": "failed: " + (last[-1] if last else f"exit code {out.returncode}")}
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def figures(r, flops, tokens, precision, train_step, gpu):
-    """ms/step, tokens/s, MFU, peak memory and allocator trace of one child's result."""
-    if "skipped" in r:
-        return r
-    peak, card = train_step.peak_flops(r.get("device") or "", precision) if gpu else (None, None)
-    pool = [m for m in r["gpu_mb"] if m is not None]
-    return {"ms_per_step": r["seconds"] * 1e3, "tokens_per_s": tokens / r["seconds"],
-            "mfu": flops / r["seconds"] / peak if peak else None, "peak_card": card, "device": r.get("device"),
-            "peak_gpu_mb": max(pool) if pool else None, "allocator_mb_after_each_step": r["gpu_mb"],
-            "peak_rss_mb": r["peak_mb"], "losses": r["losses"]}
-
-
-def setup(args, rec):
-    """The model, data, token and FLOP counts of this run, recorded; returns what the children need."""
-    train_step = load_train_step()
-    tok_dir, tok_note = find_tokenizer()
-    data_dir, data_note = find_xquad(args.work)
-    model_dir = xlmr_base(args.work, tok_dir, args.smoke)
+def train_step_command(args, model_dir, data_dir, json_path):
+    """train_step.py's command line, using only the flags its --help lists."""
+    script = os.path.join(HERE, "train_step.py")
+    helptext = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, cwd=ROOT).stdout
     n, q_len, p_len, steps, precisions = sizes(args)
-    triplets = train_step.long_triplets(n, data_dir)
-    counts = types.SimpleNamespace(query_len=q_len, passage_len=p_len)
-    tq, tp, Tq, Tp = train_step.count_tokens(model_dir, triplets, counts)
-    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
-        config = json.load(f)
-    from safetensors import safe_open
-    with safe_open(os.path.join(model_dir, "model.safetensors"), "np") as f:
-        n_nonembed = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys()
-                         if ".embeddings." not in "." + k and "pooler" not in k)
-    flops = train_step.flops_per_step(config, n_nonembed, tq, tp, Tq, Tp)
-    rec.figure("setup", {"tokenizer": tok_note, "data": data_note, "triplets": len(triplets),
-                         "query_len": q_len, "passage_len": p_len, "timed_steps": steps,
-                         "real_tokens_per_step": tq + tp, "padded_lengths": [Tq, Tp],
-                         "non_embedding_params": n_nonembed, "tflop_per_step": flops / 1e12,
-                         "driver": "train_step.py children (--child minihbt|torch), driven by gpu_check_step.py"})
-    print(f"  {len(triplets)} triplets, {tq} + {tp} real tokens a step, {flops / 1e12:.2f} TFLOP a step")
-    return train_step, model_dir, data_dir, flops, tq + tp, precisions
+    cmd = [sys.executable, script, "--device", args.device, "--shape", "xlmr-base", "--model", model_dir,
+           "--data", data_dir, "--precision", ",".join(precisions), "--triplets", str(n), "--query-len", str(q_len),
+           "--passage-len", str(p_len), "--steps", str(steps)]
+    optional = [("--case", "xquad-long"), ("--json", json_path)] + ([("--matmul-size", "0")] if args.smoke else [])
+    for flag, value in optional:
+        if flag in helptext:
+            cmd += [flag, value]
+    return cmd, "--json" in helptext
+
+
+def run_train_step(args, rec, model_dir, data_dir, limit):
+    """Part 1: train_step.py with its output in the log; its JSON, or None."""
+    json_path = os.path.join(args.work, "train_step.json")
+    cmd, has_json = train_step_command(args, model_dir, data_dir, json_path)
+    rec.figure("train_step.py command", " ".join(["python"] + cmd[1:]))
+    print("  $ python", " ".join(cmd[1:]), flush=True)
+    try:
+        out = subprocess.run(cmd, cwd=ROOT, timeout=limit, capture_output=True, text=True)
+    except subprocess.TimeoutExpired as e:
+        for part in (e.stdout, e.stderr):
+            print(part.decode(errors="replace") if isinstance(part, bytes) else (part or ""))
+        rec.check("train_step.py finished", False, f"timed out after {limit:.0f} s", "within the stage's time")
+        return None
+    print(out.stdout, out.stderr[-4000:], sep="\n")
+    rec.check("train_step.py finished", out.returncode == 0, f"exit code {out.returncode}", "exit code 0")
+    failed = [line.strip() for line in out.stdout.splitlines() if "failed:" in line]
+    rec.check("train_step.py: every side ran", not failed, "; ".join(failed)[:500] or "all ran",
+              "no side reported as failed")
+    if not has_json:
+        rec.note("train_step.py has no --json: its figures are in the log only, targets not checked here")
+        return None
+    if not os.path.exists(json_path):
+        return None
+    with open(json_path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def peak_flops(device_name, precision):
+    for key, peaks in PEAKS:
+        if key in (device_name or ""):
+            return peaks[{"fp32": 0, "tf32": 1}[precision]], key
+    return None, None
+
+
+def check_targets(rec, record, gpu):
+    """The issue's targets from train_step.py's JSON (cases[].sides.{minihbt,torch}); a layout
+    it does not recognise is recorded as such rather than guessed at."""
+    try:
+        cases = [(c["precision"], c["flop"], c["sides"]["minihbt"], c["sides"]["torch"]) for c in record["cases"]]
+    except (KeyError, TypeError) as e:
+        rec.note(f"train_step.py's JSON layout not recognised ({e!r}): targets not checked; see its figures")
+        return
+    for precision, flop, m, t in cases:
+        if "seconds" not in m or "seconds" not in t:
+            rec.check(f"{precision}: both sides ran", False, f"minihbt {m.get('skipped', 'ran')}, "
+                      f"torch {t.get('skipped', 'ran')}", "both ran")
+            continue
+        ratio = t["seconds"] / m["seconds"]
+        rec.check(f"{precision}: throughput minihbt/PyTorch", ratio >= 1.0, f"{ratio:.2f}x", ">= 1.0x")
+        if not gpu:
+            continue
+        pool, torch_pool = [x for x in m["gpu_mb"] if x is not None], [x for x in t["gpu_mb"] if x is not None]
+        rec.check(f"{precision}: peak GPU memory minihbt <= PyTorch", max(pool) <= max(torch_pool),
+                  f"{max(pool):.0f} MB vs {max(torch_pool):.0f} MB", "<=")
+        rec.check(f"{precision}: minihbt allocator does not grow after the first timed step",
+                  max(m["gpu_mb"][1:]) <= m["gpu_mb"][1], f"{[round(x) for x in m['gpu_mb']]} MB",
+                  "no growth after the first timed step")
+        peak, card = peak_flops(m.get("device"), precision)
+        if peak:
+            mfu = flop / m["seconds"] / peak
+            rec.figure(f"{precision}: minihbt MFU", {"mfu": mfu, "card": card, "peak_flops": peak})
+            if precision == "tf32":
+                rec.check("tf32: minihbt MFU", mfu >= 0.40, f"{mfu:.1%} of the {card} datasheet peak", ">= 40%")
+
+
+def fused_timing(args, rec, model_dir, data_dir, deadline):
+    """Part 2: minihbt steps with fused kernels off and on, at each precision."""
+    n, q_len, p_len, steps, precisions = sizes(args)
+    triplets = long_triplets(n, data_dir)
+    batch = ([t[0] for t in triplets], [t[1] for t in triplets], [[t[2]] for t in triplets])
+    results = {}
+    for precision in precisions:
+        for fused in (False, True):
+            key = f"{precision}, fused kernels {'on' if fused else 'off'}"
+            if time.monotonic() > deadline:
+                rec.note(f"{key}: not timed, the stage's time is up")
+                continue
+            run = train_steps(model_dir, args.device, True, batch, (q_len, p_len), fused=fused,
+                              tf32=precision == "tf32", steps=steps + 1, lr=3e-5)
+            if "skipped" in run:
+                results[key] = run
+            else:
+                timed = run["seconds"][1:]                       # after one warm-up step
+                results[key] = {"ms_per_step": 1e3 * sum(timed) / len(timed), "losses": run["losses"],
+                                "allocator_mb": run["memory_mb"]}
+            print(f"  minihbt {key}: {results[key]}")
+            rec.figure("minihbt fused kernels off/on", results)
+        off, on = results.get(f"{precision}, fused kernels off", {}), results.get(f"{precision}, fused kernels on", {})
+        if "ms_per_step" in off and "ms_per_step" in on:
+            rec.figure(f"{precision}: fused speed-up (off/on time)", off["ms_per_step"] / on["ms_per_step"])
 
 
 def stage3(args, rec):
     deadline = time.monotonic() + args.limit - 10
-    train_step, model_dir, data_dir, flops, tokens, precisions = setup(args, rec)
-    env_switch, _ = fused_switches()
-    variants = [("minihbt", "minihbt", {}), ("torch", "torch", {})]
-    if env_switch:
-        variants.insert(1, ("minihbt_fused", "minihbt", {FUSED_ENV: "1"}))
-    else:
-        rec.note(f"minihbt/kernels.py no longer reads {FUSED_ENV}: no fused-kernel variant timed")
-    gpu = args.device == "cuda"
-    results, started = {}, 0
-    for precision in precisions:
-        res = {}
-        for name, which, env in variants:
-            left = len(precisions) * len(variants) - started                # children still to run, this one included
-            limit = max(1.0, (deadline - time.monotonic()) / left)          # a fair share of what is left
-            started += 1
-            print(f"  [{precision}] {name} (at most {limit:.0f} s) ...", flush=True)
-            res[name] = child(which, model_dir, data_dir, precision, args, env, limit)
-            results.setdefault(precision, {})[name] = figures(res[name], flops, tokens, precision, train_step, gpu)
-            rec.figure("results", results)
-        train_step.report(precision, {"minihbt": res["minihbt"], "torch": res["torch"]}, flops, tokens, gpu)
-        if "minihbt_fused" in res:
-            f = results[precision]["minihbt_fused"]
-            print(f"  minihbt with fused kernels: {f.get('ms_per_step', float('nan')):.1f} ms/step"
-                  if "skipped" not in f else f"  minihbt with fused kernels: {f['skipped']}")
-    targets(rec, results, gpu)
-
-
-def targets(rec, results, gpu):
-    """The issue's targets, each with the measured value (only what was measured is checked)."""
-    for precision, r in results.items():
-        m, t, fz = r.get("minihbt", {}), r.get("torch", {}), r.get("minihbt_fused", {})
-        if "ms_per_step" in m and "ms_per_step" in t:
-            ratio = t["ms_per_step"] / m["ms_per_step"]
-            rec.check(f"{precision}: throughput minihbt/PyTorch", ratio >= 1.0, f"{ratio:.2f}x", ">= 1.0x")
-            if gpu and m["peak_gpu_mb"] and t["peak_gpu_mb"]:
-                rec.check(f"{precision}: peak GPU memory minihbt <= PyTorch", m["peak_gpu_mb"] <= t["peak_gpu_mb"],
-                          f"{m['peak_gpu_mb']:.0f} MB vs {t['peak_gpu_mb']:.0f} MB", "<=")
-        if "ms_per_step" in m and gpu:
-            pool = m["allocator_mb_after_each_step"]
-            rec.check(f"{precision}: allocator does not grow after the first timed step", max(pool[1:]) <= pool[1],
-                      f"{[round(x) for x in pool]} MB", "no growth after the first timed step")
-            if precision == "tf32" and m["mfu"] is not None:
-                rec.check("tf32: minihbt MFU", m["mfu"] >= 0.40, f"{m['mfu']:.1%} of the {m['peak_card']} peak",
-                          ">= 40%")
-        if "ms_per_step" in m and "ms_per_step" in fz:
-            rec.figure(f"{precision}: fused speed-up", m["ms_per_step"] / fz["ms_per_step"])
+    tok_dir, tok_note = find_tokenizer()
+    data_dir, data_note = find_xquad(args.work)
+    model_dir = xlmr_base(args.work, tok_dir, args.smoke)
+    rec.figure("setup", {"tokenizer": tok_note, "data": data_note, "model": "random XLM-R base (transformers init)"})
+    record = run_train_step(args, rec, model_dir, data_dir, max(10.0, 0.7 * (deadline - time.monotonic())))
+    if record is not None:
+        rec.figure("train_step.py", record)
+        check_targets(rec, record, args.device == "cuda")
+    fused_timing(args, rec, model_dir, data_dir, deadline - 20)

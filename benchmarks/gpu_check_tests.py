@@ -2,7 +2,8 @@
 
 Stage 1 runs `python -m pytest -q tests` (every CUDA parametrisation runs where CuPy sees a
 GPU; the real-weight tests skip, saying why, where ../shared is absent) and records the
-counts from pytest's JUnit XML, CUDA tests counted apart, failures with their first line.
+counts from pytest's JUnit XML (tests with "cuda" in their id counted apart too), the
+failures with their first line.
 
 Stage 2 runs tests/test_kernels.py (each fused kernel against its NumPy reference) by
 itself, again with the fused kernels' environment switch on where minihbt/kernels.py still
@@ -49,11 +50,15 @@ def junit_counts(path):
     return {"all": counts, "cuda": cuda, "failures": failures, "skip_reasons": skips}
 
 
-def run_pytest(targets, xml_path, limit, env_extra=None):
-    """pytest on `targets` within `limit` seconds; (JUnit counts or None, summary line, seconds)."""
-    per_test = ["--timeout=120"] if importlib.util.find_spec("pytest_timeout") else []   # one hung test, not all
+def run_pytest(targets, xml_path, limit, env_extra=None, workers=1):
+    """pytest on `targets` within `limit` seconds; (JUnit counts or None, summary line, seconds).
+    With pytest-timeout installed one hung test fails alone; with pytest-xdist and workers > 1
+    the test files are shared among that many processes (each file kept in one)."""
+    extra = ["--timeout=120"] if importlib.util.find_spec("pytest_timeout") else []
+    if workers > 1 and importlib.util.find_spec("xdist"):
+        extra += ["-n", str(workers), "--dist", "loadfile"]
     cmd = [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", f"--junitxml={xml_path}",
-           *per_test, *targets]
+           *extra, *targets]
     env = dict(os.environ, **(env_extra or {}))
     print("  $ python", " ".join(cmd[1:]), " ".join(f"{k}={v}" for k, v in (env_extra or {}).items()))
     t0 = time.perf_counter()
@@ -84,7 +89,9 @@ def record_pytest(rec, key, counts, summary, seconds):
 
 def stage1(args, rec):
     targets = ["tests/test_metrics.py"] if args.smoke else ["tests"]        # smoke: one quick file
-    counts, summary, secs = run_pytest(targets, os.path.join(args.work, "stage1-pytest.xml"), args.limit - 15)
+    workers = 1 if args.smoke else min(4, max(1, (os.cpu_count() or 1) // 4))
+    counts, summary, secs = run_pytest(targets, os.path.join(args.work, "stage1-pytest.xml"), args.limit - 15,
+                                       workers=workers)
     record_pytest(rec, "pytest " + " ".join(targets), counts, summary, secs)
     if counts and args.device == "cuda" and counts["cuda"]["passed"] == 0:
         rec.check("CUDA tests ran", False, "0 CUDA tests passed", "> 0 (CuPy sees a GPU)")
