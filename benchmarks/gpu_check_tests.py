@@ -107,19 +107,32 @@ def fused_switches():
     return env, flags
 
 
+class Shares:
+    """Fair shares of a stage's remaining time: each of the `count` runs still to come gets
+    (time left) / (runs left), so a quick run leaves its time to those after it."""
+
+    def __init__(self, seconds, count):
+        self.deadline, self.left = time.monotonic() + seconds, count
+
+    def next(self):
+        share = max(5.0, (self.deadline - time.monotonic()) / max(1, self.left))
+        self.left -= 1
+        return share
+
+
 def stage2(args, rec):
     env_switch, flags = fused_switches()
     rec.figure("switches", {"env": FUSED_ENV if env_switch else None, "train.py flags": sorted(flags)})
-    share = (args.limit - 10) / 4
+    shares = Shares(args.limit - 10, 2 + bool(env_switch) + len(flags))     # pytest runs, then train.py runs
     xml = os.path.join(args.work, "stage2-kernels.xml")
-    record_pytest(rec, "test_kernels", *run_pytest(["tests/test_kernels.py"], xml, share))
+    record_pytest(rec, "test_kernels", *run_pytest(["tests/test_kernels.py"], xml, shares.next()))
     if env_switch:
         xml = os.path.join(args.work, "stage2-kernels-fused-env.xml")
-        record_pytest(rec, f"test_kernels {FUSED_ENV}=1", *run_pytest(["tests/test_kernels.py"], xml, share,
+        record_pytest(rec, f"test_kernels {FUSED_ENV}=1", *run_pytest(["tests/test_kernels.py"], xml, shares.next(),
                                                                        {FUSED_ENV: "1"}))
     else:
         rec.note(f"minihbt/kernels.py no longer reads {FUSED_ENV}: test_kernels.py ran once")
-    train_losses(args, rec, flags, share)
+    train_losses(args, rec, flags, shares)
 
 
 def tiny_jsonl(path, groups=24):
@@ -133,7 +146,7 @@ def tiny_jsonl(path, groups=24):
                                     "negatives": [f"{w[(g + 1) % 50]} {w[(g * 5) % 50]} ."], "group": str(g)}) + "\n")
 
 
-def train_losses(args, rec, flags, limit):
+def train_losses(args, rec, flags, shares):
     """train.py, 3 steps on the tiny fixture: plain, then each still-existing switch; losses compared."""
     data = os.path.join(args.work, "tiny.jsonl")
     tiny_jsonl(data)
@@ -146,10 +159,11 @@ def train_losses(args, rec, flags, limit):
                "--lr", "1e-3", "--max-query-len", "32", "--max-passage-len", "64", "--device", args.device,
                "--save-every", "0", "--quiet", "--out", out, *extra]
         print("  $ python", " ".join(cmd[1:]))
+        limit = shares.next()
         try:
-            res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=limit / len(runs))
+            res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=limit)
         except subprocess.TimeoutExpired:
-            rec.check(f"train.py {name} finished", False, "timed out", f"within {limit / len(runs):.0f} s")
+            rec.check(f"train.py {name} finished", False, "timed out", f"within {limit:.0f} s")
             continue
         if res.returncode != 0:
             rec.check(f"train.py {name} finished", False, (res.stderr.strip().splitlines() or ["?"])[-1][:300],
