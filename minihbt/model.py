@@ -23,7 +23,7 @@ from .weights import default_pooling, load_weights, save_model
 
 POOLINGS = ("mean", "cls", "pooler")
 DEFAULT_PREFIXES = {"query": "query: ", "passage": "passage: "}
-GROUP_TOKENS = 4096       # padded tokens per group in training (measured: benchmarks/train_step.py)
+GROUP_TOKENS = 512        # padded tokens per length group in training (benchmarks/train_step.py measured 256-4096)
 
 
 class Model:
