@@ -103,6 +103,8 @@ def parse_args(argv):
     a("--threads", type=int, default=os.cpu_count(), help="CPU threads for both (default: all cores)")
     a("--matmul-size", type=int, default=4096, help="side of the reference float32 matmul (default 4096; 0: skip)")
     a("--matmul-repeats", type=int, default=3, help="timed reference matmuls, best kept (default 3)")
+    a("--group-tokens", type=int, help="minihbt: padded tokens per length group (default: the library's; "
+                                         "0: each side as one padded batch)")
     a("--no-dropout", action="store_true", help="both sides without dropout: their losses must then agree")
     a("--profile", action="store_true", help="profile one minihbt step of each case instead of the comparison")
     a("--json", help="also write the figures to this JSON file")
@@ -133,6 +135,7 @@ def resolve_settings(args):
         (not 0 <= args.matmul_size <= 32768, "--matmul-size takes an integer in 0..32768 (0: no reference)"),
         (args.matmul_repeats < 1, "--matmul-repeats takes an integer >= 1"),
         (args.mlqa_batch < 0, "--mlqa-batch takes an integer >= 0"),
+        (args.group_tokens is not None and args.group_tokens < 0, "--group-tokens takes an integer >= 0"),
         (args.profile and gpu, "--profile profiles the CPU step: use it with --device cpu"),
         (args.overwrite and not args.json, "--overwrite goes with --json"),
     ]
@@ -188,7 +191,8 @@ def run_child(which, batch_file, args, model_dir, precision, env):
     """One side in its own process: its JSON result, or {"skipped": why}."""
     cmd = [sys.executable, os.path.abspath(__file__), "--child", which, "--batch-file", batch_file,
            "--model", model_dir, "--device", args.device, "--precision", precision, "--steps", str(args.steps),
-           "--threads", str(args.threads)] + (["--no-dropout"] if args.no_dropout else [])
+           "--threads", str(args.threads)] + (["--no-dropout"] if args.no_dropout else []) \
+        + (["--group-tokens", str(args.group_tokens)] if args.group_tokens is not None else [])
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         print(out.stderr[-3000:], file=sys.stderr)

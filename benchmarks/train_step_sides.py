@@ -31,13 +31,14 @@ def run_minihbt(model_dir, batch, args):
     opt = AdamW({k: model.params[k] for k in model.trainable_names()}, lr=3e-5, weight_decay=0.01,
                 backend=model.backend)
     seeds = iter(range(1000))
+    group = {} if args.group_tokens is None else {"group_tokens": args.group_tokens or None}
 
     def step():
         stats = {}
         loss, grads = minihbt.loss_and_grads(
             model, batch["queries"], batch["positives"], batch["negatives"], temperature=0.05,
             dropout=not args.no_dropout, seed=next(seeds), max_query_length=batch["max_query_length"],
-            max_passage_length=batch["max_passage_length"], return_numpy=False, stats=stats)
+            max_passage_length=batch["max_passage_length"], return_numpy=False, stats=stats, **group)
         clip_grad_norm(grads, 1.0)
         opt.step(model.params, grads)
         if xp is not np:
