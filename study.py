@@ -38,7 +38,8 @@ def build_parser():
     a = ap.add_argument
     a("--config", default=DEFAULT_CONFIG, help="the study's JSON config (default study/hbt-me5-small.json)")
     a("--model", help="start model directory, in place of the config's `model` (default: the config's)")
-    a("--data-root", help="directory holding the datasets, in place of the config's `data_root` (default: the config's)")
+    a("--data-root", help="directory holding the datasets, in place of the config's `data_root` "
+                           "(default: the config's)")
     a("--results", help="results root (default results/study in the repository); files go to RESULTS/<name>/")
     a("--runs", help="run directories root (default runs/study in the repository)")
     a("--only", action="append", metavar="SELECTION",
@@ -68,7 +69,8 @@ def check_flags(args):
     if len(modes) > 1:
         raise SettingError(f"{modes[0]} and {modes[1]} cannot be combined")
     if args.only and (args.report or args.verify):
-        raise SettingError(f"--only does not combine with {modes[0]} ({'the report covers every run' if args.report else '--verify names its run'})")
+        why = "the report covers every run" if args.report else "--verify names its run"
+        raise SettingError(f"--only does not combine with {modes[0]} ({why})")
     for flag, path in (("--config", args.config), ("--model", args.model), ("--data-root", args.data_root)):
         if path is not None and not os.path.exists(path):
             raise SettingError(f"{flag} {path}: not found")

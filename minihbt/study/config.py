@@ -35,10 +35,12 @@ TRAIN_SETTINGS = {
     "lr": ("positive", None), "weight_decay": ("non-negative", None), "warmup": ("int", 0),
     "schedule": ("choice", ("constant", "linear")), "decay_steps": ("int", 1), "steps": ("int", 1),
     "max_query_len": ("int", 2), "max_passage_len": ("int", 2), "temperature": ("positive", None),
-    "candidates": ("choice", ("inbatch", "paper")), "symmetric": ("bool", None), "max_grad_norm": ("non-negative", None),
+    "candidates": ("choice", ("inbatch", "paper")), "symmetric": ("bool", None),
+    "max_grad_norm": ("non-negative", None),
     "grad_cache_chunk": ("int", 0), "pooling": ("choice", ("mean", "cls", "pooler")), "save_every": ("int", 0),
 }
-EVALUATION_SETTINGS = {"batch_size": ("int", 1), "max_length": ("int", 2), "candidates": ("choice", ("sentence", "pair"))}
+EVALUATION_SETTINGS = {"batch_size": ("int", 1), "max_length": ("int", 2),
+                       "candidates": ("choice", ("sentence", "pair"))}
 REPORT_SETTINGS = {"bootstrap_resamples": ("int", 1000), "bootstrap_seed": ("int", 0), "comparisons": ("list", None)}
 TOP_KEYS = {"name", "description", "model", "model_how", "data_root", "directions", "conditions", "seeds", "recipe",
             "evaluation", "report"}
@@ -266,9 +268,9 @@ def load_study(path, root, model=None, data_root=None, results_root=None, runs_r
     for key in ("description", "model_how"):
         if key in cfg:
             check_value(f"{path}: {key}", "str", None, cfg[key])
+    model = os.path.abspath(model) if model else here(check_value(f"{path}: model", "str", None, cfg["model"]))
     return Study(path=os.path.abspath(path), root=os.path.abspath(root), name=name,
-                 description=cfg.get("description", ""),
-                 model=os.path.abspath(model) if model else here(check_value(f"{path}: model", "str", None, cfg["model"])),
+                 description=cfg.get("description", ""), model=model,
                  model_how=cfg.get("model_how", ""), data_root=data_root,
                  directions=_check_directions(f"{path}: directions", cfg["directions"], data_root),
                  conditions=conditions, seeds=seeds, recipe=recipe, evaluation=evaluation, report=report,

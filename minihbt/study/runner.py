@@ -128,24 +128,29 @@ def train(ctx, run):
     start = 0
     if ckpt:
         with open(os.path.join(ckpt, STATE_FILE), encoding="utf-8") as f:
-            start = json.load(f)["step"]
+            state = json.load(f)
+        start = state["step"]
         if os.path.basename(ckpt) == "final" and start == steps:
             return ckpt
-        argv = ["--resume", out, "--steps", str(steps)]
+        # --quiet is a saved setting that --resume may not change (a run begun by hand may lack it)
+        argv = ["--resume", out, "--steps", str(steps)] + (["--quiet"] if state["settings"].get("quiet") else [])
     else:
-        argv = study.train_argv(run, out)
+        argv = study.train_argv(run, out) + ["--quiet"]
         if os.path.exists(os.path.join(out, STUDY_STATE)):
             os.remove(os.path.join(out, STUDY_STATE))          # a fresh start: earlier times do not count
     os.makedirs(out, exist_ok=True)
     log = os.path.join(out, "log.jsonl")
     ctx.progress.training(log, start, steps)
     t0 = time.perf_counter()
+    import minihbt
     try:
-        final = ctx.train_main(argv + ["--device", ctx.device, "--quiet"])
+        final = ctx.train_main(argv + ["--device", ctx.device])
     except SystemExit as e:
         if e.code == 130:
             raise Interrupted(f"{run.id}: training stopped at a saved checkpoint") from None
         raise RunError(f"{run.id}: training failed: {e.code}") from None
+    except (minihbt.CheckpointError, minihbt.ConfigError, minihbt.DeviceError, OSError) as e:
+        raise RunError(f"{run.id}: training failed: {e}") from None
     finally:
         seconds, done = time.perf_counter() - t0, max(0, count_steps(log) - start)
         state = _train_state(out)
@@ -171,7 +176,7 @@ def _embedding_key(study, model_path, rs):
 def embed(ctx, run, model_path, rs):
     """Query embeddings per language and candidate embeddings, as evaluate.py makes them
     (one encode call per query language, one for all candidates); kept in the run directory.
-    Returns (queries, candidates, seconds the encoding took, when it was done)."""
+    Returns (queries, candidates, seconds the encoding took, model loading included)."""
     import minihbt
     study = ctx.study
     path, key = os.path.join(study.run_dir(run), EMBEDDINGS), _embedding_key(study, model_path, rs)
@@ -238,7 +243,8 @@ def evaluate_run(ctx, run, model_path):
     centered, centered_ranks = evaluate(rs, centered_q, centered_c, return_ranks=True)
     t3 = time.perf_counter()
     plain["center_languages"], centered["center_languages"] = False, True
-    seconds = {"encode": round(encode_seconds, 3), "metrics_plain": round(t2 - t1, 3), "metrics_centered": round(t3 - t2, 3)}
+    seconds = {"encode": round(encode_seconds, 3), "metrics_plain": round(t2 - t1, 3),
+               "metrics_centered": round(t3 - t2, 3)}
     return rs, {"plain": plain, "centered": centered}, {"plain": plain_ranks, "centered": centered_ranks}, seconds
 
 
@@ -247,14 +253,16 @@ def commands(ctx, run, model_path):
     train.py / evaluate.py equivalents (run from the repository root)."""
     study, ev = ctx.study, ctx.study.evaluation
     trained = study.conditions[run.condition] is not None
-    evaluate_argv = ["--model", study.display(model_path), "--data", study.display(study.directions[run.direction].eval),
+    evaluate_argv = ["--model", study.display(model_path),
+                     "--data", study.display(study.directions[run.direction].eval),
                      "--batch-size", str(ev["batch_size"]), "--max-length", str(ev["max_length"]),
                      "--candidates", ev["candidates"], "--device", ctx.device]
     return {"command": "python study.py " + shlex.join(ctx.flags + ["--verify", run.id]),
             "train_command": ("python train.py " + shlex.join(study.train_argv(run, study.run_dir(run), display=True)
                                                             + ["--device", ctx.device])) if trained else None,
             "evaluate_commands": {"plain": "python evaluate.py " + shlex.join(evaluate_argv),
-                                  "centered": "python evaluate.py " + shlex.join(evaluate_argv + ["--center-languages"])}}
+                                  "centered": "python evaluate.py "
+                                              + shlex.join(evaluate_argv + ["--center-languages"])}}
 
 
 def build_record(ctx, run, rs, results, seconds, model_path):

@@ -37,12 +37,17 @@ def judge(metric, d):
 
 
 def fmt_difference(metric, d):
-    """'+.031 [+.020, +.043]' (mAP, recall) or '-35.2 [-50.1, -20.3]' (bias)."""
-    if metric == "bias":
+    """'+.031 [+.020, +.043]' (mAP, recall) or '-35.2 [-50.1, -20.3]' (bias); differences too
+    small for those decimals in scientific notation ('+2.0e-05 [...]') rather than as zeros."""
+    values = (d["difference"], d["low"], d["high"])
+    tiny = 0.05 if metric == "bias" else 5e-4
+    if any(values) and max(abs(v) for v in values) < tiny:
+        f = lambda x: f"{x:+.1e}"                                        # noqa: E731
+    elif metric == "bias":
         f = lambda x: f"{x:+.1f}"                                        # noqa: E731
     else:
         f = lambda x: f"{x:+.3f}".replace("0.", ".")                     # noqa: E731
-    return f"{f(d['difference'])} [{f(d['low'])}, {f(d['high'])}]"
+    return f"{f(values[0])} [{f(values[1])}, {f(values[2])}]"
 
 
 def _describe(a, b, metric, subset, d):
