@@ -170,6 +170,9 @@ def main(argv=None):
     ap.add_argument("--pooling", choices=["mean", "cls", "pooler"], default=None,
                     help="pooling (default: the checkpoint's sentence-transformers config, else mean)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cpu (NumPy, default) or cuda (CuPy)")
+    ap.add_argument("--center-languages", action="store_true",
+                    help="training-free debiasing: subtract each language's mean query (candidate) embedding from its "
+                         "queries (candidates), then re-normalise; no labels used (default off)")
     ap.add_argument("--cache", default=os.path.join(os.getcwd(), ".minihbt-cache"),
                     help="directory for cached embeddings (default ./.minihbt-cache); '' to disable")
     args = ap.parse_args(argv)
@@ -185,8 +188,12 @@ def main(argv=None):
         sys.exit(f"evaluate.py: {e}")
     t0 = time.perf_counter()
     queries, cands = encode_all(model, rs, args)
+    if args.center_languages:                               # post-hoc: the cache keeps the raw embeddings
+        from minihbt.evaluation import center_languages
+        queries, cands = center_languages(queries, cands, rs.cand_lang)
     t1 = time.perf_counter()
     res = evaluate(rs, queries, cands, progress=True)
+    res["center_languages"] = args.center_languages
     t2 = time.perf_counter()
     res["model"] = os.path.abspath(args.model)
     res["candidate_encoding"] = args.candidates

@@ -26,6 +26,8 @@ DEFINITIONS = {
     "rank_distance": "language bias: max - min rank of a query's parallel relevant candidates in the Mul. ranking",
     "macro": "per-language (or per-pair) means over queries, then the unweighted mean over languages (pairs)",
     "ties": "equal scores are ordered by lower candidate index (candidates: languages in order, then file order)",
+    "center_languages": "optional, training-free: per language and role, the mean embedding of that language's "
+                        "queries (candidates) in the evaluation set is subtracted, then rows are re-normalised",
 }
 
 
@@ -45,11 +47,42 @@ def _macro(per, keys):
     return {k: M.mean(v[k] for v in per.values()) for k in keys}
 
 
-def evaluate(rs, query_emb, cand_emb, progress=False):
+def _progress_bar(rs):
+    total = sum(len(rs.queries[l]) for l in rs.languages) * (len(rs.languages) + 1)
+    return tqdm(total=total, desc="rank", unit="query")
+
+
+def center_languages(query_emb, cand_emb, cand_lang):
+    """Subtract each language's mean embedding, per role, then re-normalise (no labels used).
+
+    query_emb: {lang: [n, D]}; cand_emb: [N, D] with cand_lang[i] the language of row i.
+    The queries of language X lose the mean of X's queries, the candidates of X the mean
+    of X's candidates; a row left at zero (a language with one text) stays zero. This removes
+    the language-specific offset that makes same-language texts score higher than their
+    translations. Returns (query_emb, cand_emb), new float32 arrays.
+    """
+    def centred(rows):
+        rows = np.asarray(rows, dtype=np.float64)
+        rows = rows - rows.mean(axis=0, keepdims=True)                        # [n, D]
+        norm = np.linalg.norm(rows, axis=1, keepdims=True)                     # [n, 1]
+        return (rows / np.where(norm > 0, norm, 1.0)).astype(np.float32)
+
+    cand_lang = np.asarray(cand_lang)
+    cands = np.empty(np.shape(cand_emb), dtype=np.float32)
+    for lang in np.unique(cand_lang):
+        rows = np.flatnonzero(cand_lang == lang)
+        cands[rows] = centred(np.asarray(cand_emb)[rows])
+    return {lang: centred(q) for lang, q in query_emb.items()}, cands
+
+
+def evaluate(rs, query_emb, cand_emb, progress=False, return_ranks=False):
     """Run Mo., Cr. and Mul. on a RetrievalSet given embeddings.
 
     query_emb: {lang: [len(rs.queries[lang]), D]}; cand_emb: [len(rs.cand_text), D].
-    Returns the results dict (see evaluate.py for its JSON shape).
+    Returns the results dict (see evaluate.py for its JSON shape); with return_ranks,
+    (results, ranks), the per-query ranks every figure derives from: ranks["mono"][x],
+    ranks["cross"]["x-y"] (for the queries of x at ranks["cross_queries"]["x-y"]) and
+    ranks["multi"][x], as rank_of_relevant returns them.
     """
     langs = rs.languages
     cand_lang = np.array(rs.cand_lang)
@@ -58,12 +91,10 @@ def evaluate(rs, query_emb, cand_emb, progress=False):
     pos_in_lang = {}                                    # global candidate index -> index within its language
     for l in langs:
         pos_in_lang.update({int(g): i for i, g in enumerate(idx_of[l])})
-    bar = None
-    if progress:
-        total = sum(len(rs.queries[l]) for l in langs) * (len(langs) + 1)
-        bar = tqdm(total=total, desc="rank", unit="query")
+    bar = _progress_bar(rs) if progress else None
 
     mono, cross, multi, bias = {}, {}, {}, {}
+    kept = {"mono": {}, "cross": {}, "multi": {}, "cross_queries": {}}
     for x in langs:
         qids = [qid for qid, _ in rs.queries[x]]
         Qx = query_emb[x]
@@ -76,18 +107,18 @@ def evaluate(rs, query_emb, cand_emb, progress=False):
             ranks = rank_of_relevant(Qx[keep], cands_of[y], rel, progress=bar)
             res = _query_metrics(ranks, recall_ks=(1, 10))
             if x == y:
-                mono[x] = res
+                mono[x], kept["mono"][x] = res, ranks
             else:
-                cross[f"{x}-{y}"] = res
+                cross[f"{x}-{y}"], kept["cross"][f"{x}-{y}"], kept["cross_queries"][f"{x}-{y}"] = res, ranks, keep
         # Mul.: against the pooled candidates; relevant = gold in every language
         rel = [[rs.gold[(qid, l)] for l in langs if (qid, l) in rs.gold] for qid in qids]
         ranks = rank_of_relevant(Qx, cand_emb, rel, progress=bar)
-        multi[x] = _query_metrics(ranks, recall_ks=(1, 10))
+        multi[x], kept["multi"][x] = _query_metrics(ranks, recall_ks=(1, 10)), ranks
         bias[x] = M.mean(M.rank_distance(r) for r in ranks if len(r) > 1)
     if bar is not None:
         bar.close()
     keys = ("map", "map@20", "r@1", "r@10", "mrr", "ndcg@10")
-    return {
+    results = {
         "dataset": rs.name,
         "languages": list(langs),
         "mono": {**_macro(mono, keys), "per_language": mono},
@@ -100,3 +131,4 @@ def evaluate(rs, query_emb, cand_emb, progress=False):
                    "dropped_no_sentence": dict(rs.dropped)},
         "definitions": DEFINITIONS,
     }
+    return (results, kept) if return_ranks else results

@@ -1,0 +1,13 @@
+"""The HBT study: a grid of train-then-evaluate runs, their results, and the report (study.py).
+
+    config.py    the study's JSON config, checked key by key, and the plan of runs
+    progress.py  the progress line and the estimated time left for the grid
+    runner.py    one run: train (train.py's main, resumable), evaluate plain and centred, write its files
+    perquery.py  the per-query ranks (.npz beside each run's JSON) and the metrics they give
+    report.py    REPORT.md from the result files alone: tables, bootstrap differences, verdicts
+    verdicts.py  the paper's claims checked against the bootstrap intervals
+    figures.py   metric and loss-curve figures (matplotlib, optional)
+"""
+from .config import SettingError, load_study, select_runs
+
+__all__ = ["SettingError", "load_study", "select_runs"]

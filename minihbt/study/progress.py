@@ -1,0 +1,191 @@
+"""The study's progress line: which run (k of n), how far it is, and the time left for the grid.
+
+The estimate uses only measured times: seconds per training step (the finished runs' training
+wall time over their steps, and this session's steps so far) and seconds per evaluation of
+each direction's evaluation set (finished runs of that direction). What has not been
+measured yet is said, never guessed: the line then gives a lower bound and names what is
+missing. Lines go to stderr at every phase change and every `every` seconds in between
+(plain lines, so a log file of a long background run reads well).
+"""
+import json
+import os
+import sys
+import threading
+import time
+
+from ..checkpoint import STATE_FILE, latest_checkpoint
+
+
+def human(seconds):
+    """'2 h 05 min', '7 min 30 s', '40 s'."""
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+    if seconds >= 60:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds} s"
+
+
+def count_steps(log_path):
+    """Complete lines of a run's log.jsonl (one per finished step)."""
+    try:
+        with open(log_path, "rb") as f:
+            return f.read().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+class Progress:
+    """Tracks the runs of this invocation and prints the progress line.
+
+    todo: [(run, steps_left, direction)] for the runs still to do, in order; finished:
+    the JSON dicts of runs already done (their measured times seed the estimate)."""
+
+    def __init__(self, name, total, todo, finished, stream=None, every=60.0, clock=time.monotonic):
+        self.name, self.total, self.every, self.clock = name, total, every, clock
+        self.stream = stream or sys.stderr
+        self.todo = list(todo)
+        self.done = total - len(self.todo)
+        self.step_time = [0.0, 0]                      # measured seconds, steps
+        self.eval_time = {}                            # direction -> [seconds, count]
+        for res in finished:
+            self.record(res)
+        self.current, self.index, self.run_start = None, 0, clock()
+        self.phase_name, self.phase_start = "", clock()
+        self.train_watch = None                        # (log path, steps at start, total steps, start time)
+        self.eval_direction, self.eval_start = None, None
+        self._stop = threading.Event()
+        self._thread = None
+
+    def record(self, res):
+        """Add a finished run's measured times (its JSON) to the estimate."""
+        sec = res.get("seconds", {})
+        if sec.get("train") and sec.get("train_steps"):
+            self.step_time[0] += sec["train"]
+            self.step_time[1] += sec["train_steps"]
+        if "evaluate" in sec:
+            slot = self.eval_time.setdefault(res["direction"], [0.0, 0])
+            slot[0] += sec["evaluate"]
+            slot[1] += 1
+
+    # ----------------------------------------------------------------- events
+    def begin(self, run):
+        self.current, self.run_start = run, self.clock()
+        self.index = self.total - len(self.todo) + 1
+        self.say("starting")
+
+    def training(self, log_path, start_step, total_steps):
+        self.train_watch = (log_path, start_step, total_steps, self.clock())
+        self.eval_direction = None
+        self.say(f"training from step {start_step}" if start_step else "training")
+
+    def trained(self, seconds, steps):
+        """Training of the current run ended after `seconds` of wall time for `steps` steps."""
+        if steps:
+            self.step_time[0] += seconds
+            self.step_time[1] += steps
+        self.train_watch = None
+        self.todo = [(r, 0 if r == self.current else n, d) for r, n, d in self.todo]
+
+    def evaluating(self, what):
+        if self.eval_direction is None:
+            self.eval_direction, self.eval_start = self.current.direction, self.clock()
+        self.say(what)
+
+    def finished(self, res):
+        self.record(res)
+        self.todo = [t for t in self.todo if t[0] != self.current]
+        self.done += 1
+        self.eval_direction = None
+        r = res["results"]["plain"]
+        self.say(f"done in {human(self.clock() - self.run_start)}: Mo. {r['mono']['map']:.3f}, Cr. "
+                 f"{r['cross']['map']:.3f}, Mul. {r['multi']['map']:.3f} mAP, bias {r['bias']['rank_distance']:.1f}")
+
+    def say(self, phase):
+        self.phase_name, self.phase_start = phase, self.clock()
+        self.print_line()
+
+    # ----------------------------------------------------------------- the line
+    def steps_now(self):
+        """(steps done, total) of the current run's training, or None."""
+        if not self.train_watch:
+            return None
+        log_path, _, total, _ = self.train_watch
+        return min(count_steps(log_path), total), total
+
+    def seconds_per_step(self):
+        seconds, steps = self.step_time
+        if self.train_watch:
+            log_path, start, _, t0 = self.train_watch
+            now_steps = count_steps(log_path) - start
+            if now_steps > 0:
+                seconds, steps = seconds + self.clock() - t0, steps + now_steps
+        return seconds / steps if steps else None
+
+    def time_left(self):
+        """(seconds, [what is not measured yet]) for the runs still to do."""
+        per_step, missing, total = self.seconds_per_step(), [], 0.0
+        for run, steps_left, direction in self.todo:
+            if run == self.current and self.train_watch:
+                done, _ = self.steps_now()
+                steps_left = self.train_watch[2] - done
+            if steps_left:
+                if per_step is None:
+                    missing.append("time per training step")
+                else:
+                    total += steps_left * per_step
+            slot = self.eval_time.get(direction)
+            if slot is None:
+                missing.append(f"evaluation time on {direction}")
+            else:
+                spent = self.clock() - self.eval_start if run == self.current and self.eval_direction else 0.0
+                total += max(0.0, slot[0] / slot[1] - spent)
+        return total, sorted(set(missing))
+
+    def line(self):
+        where = ""
+        if self.current is not None:
+            where = f"run {self.index}/{self.total} {self.current.id}: {self.phase_name}"
+            steps = self.steps_now()
+            if steps:
+                where += f", step {steps[0]}/{steps[1]}"
+            elif self.eval_direction:
+                where += f" (evaluating for {human(self.clock() - self.eval_start)})"
+        left, missing = self.time_left()
+        if not self.todo:
+            eta = "grid done"
+        elif missing and not left:
+            eta = f"time left: not known until measured ({', '.join(missing)})"
+        elif missing:
+            eta = f"left: at least {human(left)} (not yet measured: {', '.join(missing)})"
+        else:
+            eta = f"left: about {human(left)}"
+        return f"[{self.name}] {where} | {self.done}/{self.total} runs done, {eta}"
+
+    def print_line(self):
+        print(self.line(), file=self.stream, flush=True)
+
+    # ----------------------------------------------------------------- ticker
+    def __enter__(self):
+        if self.every > 0:
+            self._thread = threading.Thread(target=self._tick, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _tick(self):
+        while not self._stop.wait(self.every):
+            self.print_line()
+
+
+def steps_in_run_dir(run_dir):
+    """Steps already trained in a run directory (its latest checkpoint), 0 if none."""
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        return 0
+    with open(os.path.join(ckpt, STATE_FILE), encoding="utf-8") as f:
+        return json.load(f)["step"]

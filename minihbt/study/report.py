@@ -1,0 +1,182 @@
+"""REPORT.md of a study, written from its result files alone (each run's JSON and .npz).
+
+Per direction: the metrics of every condition (mean ± 95% Student-t half-width over
+seeds), the configured differences with paired-bootstrap intervals, seen vs unseen
+languages, per-language Mul. mAP and bias, a verdict for each claim of the paper, figures
+and the cost. A partial grid is reported as far as it goes, and the missing runs are listed.
+"""
+import os
+
+from ..files import write_text
+from . import figures
+from .data import DirectionBootstrap, StudyResults, column
+from .perquery import METRICS
+from .progress import human
+from .verdicts import fmt_difference, verdicts
+
+TABLE_METRICS = ("mo_map", "mo_r1", "cr_map", "cr_r1", "mul_map", "mul_r10", "bias")
+VARIANTS = ("plain", "centered")
+
+
+def fmt_value(metric, x):
+    return f"{x:.1f}" if metric == "bias" else f"{x:.3f}".replace("0.", ".", 1)
+
+
+def fmt_summary(metric, mean, half, n):
+    if n < 2:
+        return fmt_value(metric, mean)
+    return f"{fmt_value(metric, mean)} ± {fmt_value(metric, half)}"
+
+
+def _table(header, rows):
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return out + ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+
+
+def header_lines(study, results, command):
+    n_runs = len(study.runs())
+    commits = sorted({(r["minihbt"].get("commit") or "unknown")[:10] + (" (dirty)" if r["minihbt"].get("dirty") else "")
+                      for r in results.records.values()})
+    recipe = ", ".join(f"{k} {v}" for k, v in study.recipe.items())
+    conditions = ", ".join(f"{c} ({'not trained' if s is None else ', '.join(f'{k} {v}' for k, v in s.items())})"
+                           for c, s in study.conditions.items())
+    lines = [f"# Study {study.name}", ""] + ([study.description, ""] if study.description else []) + [
+             f"Written by `{command}` from the result files in `{study.display(study.results_dir)}/` alone: "
+             f"{len(results.records)} of {n_runs} planned runs.", "",
+             f"- model: `{study.display(study.model)}`; conditions: {conditions}; seeds: {study.seeds}",
+             f"- recipe (every trained run): {recipe}",
+             f"- evaluation: {', '.join(f'{k} {v}' for k, v in study.evaluation.items())}; every run is evaluated "
+             "twice on the same embeddings: plain, and centered (each language's mean query and candidate "
+             "embedding subtracted, then re-normalised; `+centered` below)",
+             f"- minihbt commit(s) of the runs: {', '.join(commits) or 'none yet'}",
+             "- intervals: `± h` is the half-width of the 95% Student-t interval of the mean over seeds (none "
+             "for a single run); `[low, high]` is the 95% percentile interval of a paired bootstrap over the "
+             f"parallel question ids ({study.report['bootstrap_resamples']} resamples, seed "
+             f"{study.report['bootstrap_seed']}), seeds pooled (per-query values averaged over seeds); **bold**: "
+             "the interval excludes 0", ""]
+    if results.missing:
+        lines += [f"**Missing runs ({len(results.missing)}):** " + ", ".join(r.id for r in results.missing), ""]
+    else:
+        lines += ["All planned runs are present.", ""]
+    return lines
+
+
+def metrics_section(results, d):
+    rows, plot_rows = [], {}
+    for variant in VARIANTS:
+        for c in results.conditions(d):
+            summary = {m: results.summary(d, c, variant, m) for m in TABLE_METRICS}
+            plot_rows[column(c, variant)] = summary
+            n = summary["mo_map"][2]
+            rows.append([column(c, variant), n] + [fmt_summary(m, *summary[m]) for m in TABLE_METRICS])
+    lines = ["### Metrics (mean ± 95% t-interval over seeds)", ""]
+    lines += _table(["condition", "n"] + [METRICS[m][0] for m in TABLE_METRICS], rows)
+    return lines + [""], plot_rows
+
+
+def _cell(metric, d):
+    if d is None:
+        return "–"
+    text = fmt_difference(metric, d)
+    return f"**{text}**" if d["low"] > 0 or d["high"] < 0 else text
+
+
+def differences_section(study, boot):
+    rows = [[f"{a} − {b}"] + [_cell(m, boot.difference(a, b, m)) for m in TABLE_METRICS]
+            for a, b in study.report["comparisons"]]
+    lines = ["### Differences (paired bootstrap over questions, 95% interval)", ""]
+    return lines + _table(["difference"] + [METRICS[m][0] for m in TABLE_METRICS], rows) + [""]
+
+
+def languages_section(study, results, boot, d):
+    record = results.runs(d)[0][1]
+    seen, unseen = record["seen"], record["unseen"]
+    lines = ["### Seen and unseen languages", "",
+             f"Seen in training: {', '.join(seen) or 'none'}; unseen: {', '.join(unseen) or 'none'}.", ""]
+    if unseen:
+        rows = [[f"{a} − {b}", subset] + [_cell(m, boot.difference(a, b, m, subset)) for m in ("cr_map", "mul_map",
+                                                                                               "bias")]
+                for a, b in study.report["comparisons"] for subset in ("seen", "unseen")]
+        lines += ["Differences over the seen / unseen languages (Cr.: pairs of seen languages / pairs with an "
+                  "unseen language; Mul. and bias: queries of those languages):", ""]
+        lines += _table(["difference", "languages", "Cr. mAP", "Mul. mAP", "bias"], rows) + [""]
+    cols = [(c, v) for v in VARIANTS for c in results.conditions(d)]
+    for metric in ("mul_map", "bias"):
+        per = {(c, v): results.unit_means(d, c, v, metric) for c, v in cols}
+        rows = [[lang, "seen" if lang in seen else "unseen"] + [fmt_value(metric, per[cv][lang]) for cv in cols]
+                for lang in record["eval_languages"]]
+        for subset, langs in (("seen", seen), ("unseen", unseen)):
+            if langs and len(langs) < len(record["eval_languages"]):
+                rows.append([f"mean, {subset}", ""] + [fmt_value(metric, sum(per[cv][l] for l in langs) / len(langs))
+                                                       for cv in cols])
+        lines += [f"{METRICS[metric][0]} per query language (mean over seeds):", ""]
+        lines += _table(["language", ""] + [column(c, v) for c, v in cols], rows) + [""]
+    return lines
+
+
+def verdicts_section(boot, has_unseen):
+    lines = ["### Verdicts on the paper's claims", "",
+             "holds: the 95% bootstrap interval of every difference lies on the claimed side of 0; refuted: one "
+             "lies on the other side; not separable: an interval covers 0.", ""]
+    return lines + _table(["claim", "verdict", "numbers"], verdicts(boot, has_unseen)) + [""]
+
+
+def figures_section(study, results, d, plot_rows):
+    out_dir = study.results_dir
+    metrics_png, loss_png = f"metrics-{d}.png", f"loss-{d}.png"
+    curves = {c: [rec["loss_curve"]["loss"] for _, rec in results.runs(d, c) if rec.get("loss_curve")]
+              for c in results.conditions(d)}
+    curves = {c: v for c, v in curves.items() if v}
+    made = figures.metrics_figure(os.path.join(out_dir, metrics_png), f"direction {d}", plot_rows)
+    if not made:
+        return ["### Figures", "", "Figures skipped: matplotlib is not installed (`pip install matplotlib`).", ""]
+    lines = ["### Figures", "", f"![metrics, direction {d}]({metrics_png})", ""]
+    if figures.loss_figure(os.path.join(out_dir, loss_png), f"direction {d}: training loss", curves):
+        lines += [f"![training loss, direction {d}]({loss_png})", ""]
+    return lines
+
+
+def cost_section(results, d):
+    rows, total = [], 0.0
+    for c in results.conditions(d):
+        recs = [rec for _, rec in results.runs(d, c)]
+        train = [rec["seconds"].get("train", 0.0) for rec in recs]
+        evaluate = [rec["seconds"]["evaluate"] for rec in recs]
+        total += sum(train) + sum(evaluate)
+        rows.append([c, len(recs), human(sum(train) / len(recs)), human(sum(evaluate) / len(recs))])
+    machines = sorted({f"{rec['machine']['cpu']} ({rec['machine']['cpus']} CPUs, {rec['device']})"
+                       for _, rec in results.runs(d)})
+    lines = ["### Cost", "", f"Machine(s): {'; '.join(machines)}.", ""]
+    lines += _table(["condition", "runs", "training, per run", "evaluation (both variants), per run"], rows)
+    return lines + ["", f"Wall time of the runs present: {human(total)} (training wall time summed over the "
+                        "sessions a run took; evaluation: encoding once, ranking and metrics twice).", ""]
+
+
+def direction_section(study, results, d):
+    direction = study.directions[d]
+    lines = [f"## Direction {d}" + (f": {direction.about}" if direction.about else ""), ""]
+    if not results.runs(d):
+        return lines + ["No runs yet.", ""]
+    record = results.runs(d)[0][1]
+    lines.append("Trained on " + ", ".join(f"`{study.display(p)}`" for p in direction.train) +
+                 f" ({', '.join(record['train_languages'])}); evaluated on `{study.display(direction.eval)}` "
+                 f"({', '.join(record['eval_languages'])}).")
+    lines.append("")
+    boot = DirectionBootstrap(results, d, study.report["bootstrap_resamples"], study.report["bootstrap_seed"])
+    metrics, plot_rows = metrics_section(results, d)
+    has_unseen = bool(results.runs(d)[0][1]["unseen"])
+    return (lines + metrics + differences_section(study, boot) + languages_section(study, results, boot, d)
+            + verdicts_section(boot, has_unseen) + figures_section(study, results, d, plot_rows)
+            + cost_section(results, d))
+
+
+def write_report(study, command="python study.py --report"):
+    """Write REPORT.md (and the figures) into the study's results directory; returns its path."""
+    results = StudyResults(study)
+    os.makedirs(study.results_dir, exist_ok=True)
+    lines = header_lines(study, results, command)
+    for d in study.directions:
+        lines += direction_section(study, results, d)
+    path = os.path.join(study.results_dir, "REPORT.md")
+    write_text(path, "\n".join(lines).rstrip() + "\n")
+    return path

@@ -1,0 +1,66 @@
+"""Re-run one finished run from nothing and compare it with its stored result (study.py --verify).
+
+The run is trained and evaluated again, with the settings its JSON records, in a scratch
+directory (runs/study/.verify/), and every figure of both evaluations (plain and centred),
+the per-query ranks and the loss curve are compared with the stored ones. train.py is
+deterministic (batches a pure function of the seed and epoch, dropout of the seed and step)
+and so is the evaluation, so on the same machine kind and commit the figures agree to
+the tolerance (1e-6; in practice exactly).
+"""
+import dataclasses
+import json
+import os
+import shutil
+
+import numpy as np
+
+from .runner import execute
+
+
+def numeric_leaves(obj, prefix=""):
+    """{"a.b.c": number} for every int/float leaf of nested dicts and lists (booleans excluded)."""
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            out.update(numeric_leaves(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    if isinstance(obj, list):
+        out = {}
+        for i, v in enumerate(obj):
+            out.update(numeric_leaves(v, f"{prefix}[{i}]"))
+        return out
+    return {prefix: float(obj)} if isinstance(obj, (int, float)) and not isinstance(obj, bool) else {}
+
+
+def compare(saved, again, saved_npz, again_npz):
+    """{"figures": n, "max_difference", "worst", "missing", "ranks_identical", "loss_max_difference"}."""
+    a, b = numeric_leaves(saved["results"]), numeric_leaves(again["results"])
+    missing = sorted(set(a) ^ set(b))
+    diffs = {k: abs(a[k] - b[k]) for k in set(a) & set(b)}
+    worst = max(diffs, key=diffs.get) if diffs else None
+    with np.load(saved_npz) as x, np.load(again_npz) as y:
+        ranks_identical = set(x.files) == set(y.files) and all(np.array_equal(x[k], y[k]) for k in x.files)
+    loss_a = (saved.get("loss_curve") or {}).get("loss", [])
+    loss_b = (again.get("loss_curve") or {}).get("loss", [])
+    loss_diff = (max(abs(p - q) for p, q in zip(loss_a, loss_b)) if loss_a and len(loss_a) == len(loss_b)
+                 else (0.0 if not loss_a and not loss_b else float("inf")))
+    return {"figures": len(diffs), "max_difference": diffs[worst] if worst else 0.0, "worst": worst,
+            "missing": missing, "ranks_identical": ranks_identical, "loss_max_difference": loss_diff}
+
+
+def verify(ctx, run, tolerance=1e-6):
+    """Re-run `run` in a scratch directory; returns (ok, comparison dict, stored record)."""
+    study = ctx.study
+    with open(study.result_path(run), encoding="utf-8") as f:
+        saved = json.load(f)
+    scratch_root = os.path.join(study.runs_root, ".verify")
+    scratch = dataclasses.replace(study, runs_root=scratch_root, results_root=os.path.join(scratch_root, "results"))
+    if os.path.isdir(scratch.run_dir(run)):
+        shutil.rmtree(scratch.run_dir(run))                  # an earlier check's leftovers: ours to remove
+    again = execute(dataclasses.replace(ctx, study=scratch), run)
+    result = compare(saved, again, study.result_path(run, ".npz"), scratch.result_path(run, ".npz"))
+    ok = (not result["missing"] and result["max_difference"] <= tolerance and result["ranks_identical"]
+          and result["loss_max_difference"] <= tolerance)
+    if not ctx.keep_models:
+        shutil.rmtree(os.path.join(scratch_root, study.name), ignore_errors=True)
+    return ok, result, saved

@@ -1,0 +1,288 @@
+"""study.py on a tiny grid: the demo's synthetic world (3 languages, one unseen in direction A),
+a tiny random encoder, 3 training steps a run. Checks: the run files and what they record,
+per-query ranks that reproduce every figure, skipping finished runs, resuming a run stopped
+during training, after training, or by Ctrl-C, the report from the result files alone,
+--verify, and settings checked before anything is loaded."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import study
+import train
+from minihbt import demo
+from minihbt.study import load_study
+from minihbt.study.data import DirectionBootstrap, StudyResults
+from minihbt.study.perquery import METRICS, RankFile, unit_values
+from minihbt.study.progress import Progress
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Data directories and the start model: A trains on qa, qb and evaluates on qa, qb, qc;
+    B trains on all three and evaluates on qa, qb."""
+    root = tmp_path_factory.mktemp("world")
+    w = demo.make_world(0, n_languages=3, n_entities=8, n_relations=3)
+    train3 = demo.lareqa_files(w, str(root / "data" / "train3"), "train")
+    eval3 = demo.lareqa_files(w, str(root / "data" / "eval3"), "eval")
+    for split, src in (("train2", train3), ("eval2", eval3)):
+        os.makedirs(root / "data" / split)
+        for lang in ("qa", "qb"):
+            shutil.copy(os.path.join(src, f"{lang}.json"), root / "data" / split)
+    demo.make_model(w, str(root / "model"))
+    return root
+
+
+def make_config(world, path, steps=STEPS, **recipe):
+    cfg = {"name": "tiny", "description": "a test grid", "model": str(world / "model"),
+           "data_root": str(world / "data"),
+           "directions": {"A": {"train": ["train2"], "eval": "eval3", "about": "qa, qb -> qa, qb, qc"},
+                          "B": {"train": ["train3"], "eval": "eval2"}},
+           "conditions": {"base": None, "xx": {"sampler": "xx"}, "xy": {"sampler": "xy"},
+                          "hybrid": {"sampler": "hybrid", "alpha": 0.5}},
+           "seeds": [0, 1],
+           "recipe": {"batch_size": 4, "steps": steps, "lr": 1e-3, "warmup": 1, "max_query_len": 16,
+                      "max_passage_len": 16, "save_every": 0, **recipe},
+           "evaluation": {"batch_size": 16, "max_length": 30},
+           "report": {"bootstrap_resamples": 1000, "comparisons": [["hybrid", "xx"], ["xy", "xx"],
+                                                                    ["hybrid", "base+centered"]]}}
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(cfg, f)
+    return str(path)
+
+
+def flags(config, out):
+    return ["--config", config, "--results", str(out / "results"), "--runs", str(out / "runs"), "--progress-every", "0"]
+
+
+@pytest.fixture(scope="module")
+def grid(world, tmp_path_factory):
+    """Direction A run in full (base + 3 conditions x 2 seeds); direction B left missing."""
+    out = tmp_path_factory.mktemp("grid")
+    config = make_config(world, out / "study.json")
+    assert study.main(flags(config, out) + ["--only", "direction=A"]) == 0
+    return config, out, load_study(config, ROOT, results_root=str(out / "results"), runs_root=str(out / "runs"))
+
+
+def result(out, run_id):
+    with open(out / "results" / "tiny" / f"{run_id}.json", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def test_grid_writes_one_record_per_run(grid):
+    config, out, st = grid
+    files = sorted(os.listdir(out / "results" / "tiny" / "A"))
+    stems = ["base"] + [f"{c}-seed{s}" for c in ("hybrid", "xx", "xy") for s in (0, 1)]
+    assert files == sorted([s + ".json" for s in stems] + [s + ".npz" for s in stems])
+    assert not os.path.exists(out / "results" / "tiny" / "B")
+    rec = result(out, "A/xy-seed1")
+    assert (rec["run"], rec["condition"], rec["seed"]) == ("A/xy-seed1", "xy", 1)
+    assert rec["settings"]["train"] == {"batch_size": 4, "steps": STEPS, "lr": 1e-3, "warmup": 1, "max_query_len": 16,
+                                        "max_passage_len": 16, "save_every": 0, "sampler": "xy", "seed": 1}
+    assert rec["seen"] == ["qa", "qb"] and rec["unseen"] == ["qc"] and rec["train_languages"] == ["qa", "qb"]
+    assert len(rec["loss_curve"]["loss"]) == STEPS and set(rec["loss_curve"]["kind"]) == {"xy"}
+    assert rec["command"].endswith("--verify A/xy-seed1") and "--seed 1" in rec["train_command"]
+    assert rec["evaluate_commands"]["centered"].endswith("--center-languages")
+    assert set(rec["minihbt"]) == {"version", "commit", "dirty"} and rec["machine"]["cpus"] >= 1
+    assert rec["seconds"]["train_steps"] == STEPS and rec["seconds"]["evaluate"] > 0
+    plain, centered = rec["results"]["plain"], rec["results"]["centered"]
+    assert plain["center_languages"] is False and centered["center_languages"] is True
+    assert len(plain["cross"]["per_pair"]) == 6 and plain != centered
+    assert result(out, "A/base")["loss_curve"] is None and result(out, "A/base")["settings"]["train"] is None
+    # weights, optimizer state and embeddings are gone; the training log stays
+    assert sorted(os.listdir(out / "runs" / "tiny" / "A" / "xy-seed1")) == ["log.jsonl", "study_state.json"]
+
+
+def test_per_query_ranks_reproduce_every_figure(grid):
+    config, out, st = grid
+    for run_id in ("A/base", "A/hybrid-seed0"):
+        rec, ranks = result(out, run_id), RankFile(str(out / "results" / "tiny" / f"{run_id}.npz"))
+        for variant in ("plain", "centered"):
+            for metric in METRICS:
+                units, figures = ranks.units(variant, metric), unit_values(rec["results"][variant], metric)
+                assert set(units) == set(figures)
+                for unit, (ids, values) in units.items():
+                    assert values.mean() == pytest.approx(figures[unit], abs=1e-12)
+                    assert len(ids) == len(values)
+
+
+def test_finished_runs_are_skipped(grid, monkeypatch):
+    config, out, st = grid
+    before = {p: (out / "results" / "tiny" / "A" / p).read_bytes() for p in os.listdir(out / "results" / "tiny" / "A")}
+
+    def boom(*a, **k):
+        raise AssertionError("a finished run was trained or encoded again")
+    monkeypatch.setattr(train, "main", boom)
+    monkeypatch.setattr("minihbt.encode", boom)
+    assert study.main(flags(config, out) + ["--only", "direction=A"]) == 0
+    assert before == {p: (out / "results" / "tiny" / "A" / p).read_bytes() for p in before}
+
+
+def test_report_from_result_files_alone(grid, monkeypatch):
+    config, out, st = grid
+
+    def boom(*a, **k):
+        raise AssertionError("the report must not load a model or data")
+    for name in ("minihbt.load_model", "minihbt.encode", "minihbt.data.load_lareqa"):
+        monkeypatch.setattr(name, boom)
+    shutil.rmtree(out / "runs")                                       # nothing but the result files
+    assert study.main(flags(config, out) + ["--report"]) == 0
+    text = (out / "results" / "tiny" / "REPORT.md").read_text()
+    assert "**Missing runs (7):** B/base, B/xx-seed0" in text and "## Direction B\n\nNo runs yet." in text
+    xx = [result(out, f"A/xx-seed{s}")["results"]["plain"]["mono"]["map"] for s in (0, 1)]
+    half = 12.706204736174696 * abs(xx[0] - xx[1]) / 2                # t_{0.975,1} s / sqrt(2), s = |a - b| / sqrt(2)
+    assert f"| xx | 2 | {np.mean(xx):.3f} ± {half:.3f}".replace("0.", ".") in text
+    for claim in ("hybrid ≥ X-X on Cr. and Mul.", "hybrid ≥ X-Y on Mo.", "reduce the language bias",
+                  "best or tied-best", "carry to unseen languages", "training-free fix"):
+        row = next(l for l in text.splitlines() if claim in l)
+        assert any(f"| {v} |" in row for v in ("holds", "refuted", "not separable"))
+    assert "| qc | unseen |" in text and "| hybrid − base+centered |" in text
+    if (out / "results" / "tiny" / "metrics-A.png").exists():
+        assert "![training loss, direction A](loss-A.png)" in text
+    else:
+        assert "matplotlib is not installed" in text
+    # the bootstrap's observed difference is the difference of the seed means of the table
+    boot = DirectionBootstrap(StudyResults(st), "A", 1000, 0)
+    for metric in ("cr_map", "mul_map", "bias"):
+        key = METRICS[metric]
+        mean = lambda c: np.mean([r["results"]["plain"][key[1]][key[2]]                    # noqa: E731
+                                  for r in (result(out, f"A/{c}-seed{s}") for s in (0, 1))])
+        d = boot.difference("hybrid", "xx", metric)
+        assert d["difference"] == pytest.approx(mean("hybrid") - mean("xx"), abs=1e-12) and d["low"] <= d["high"]
+
+
+def test_resume_a_run_stopped_during_training(grid, tmp_path):
+    config, out, st = grid
+    run = next(r for r in st.runs() if r.id == "A/hybrid-seed0")
+    run_dir = tmp_path / "runs" / "tiny" / "A" / "hybrid-seed0"
+    argv = st.train_argv(run, str(run_dir))
+    argv[argv.index("--steps") + 1] = "2"                            # the state a stop after step 2 leaves
+    train.main(argv + ["--quiet"])
+    assert study.main(flags(config, tmp_path) + ["--only", "A/hybrid-seed0"]) == 0
+    again, clean = result(tmp_path, "A/hybrid-seed0"), result(out, "A/hybrid-seed0")
+    assert again["results"] == clean["results"] and again["loss_curve"] == clean["loss_curve"]
+    assert again["seconds"]["train_sessions"] == 1 and again["seconds"]["train_steps"] == 1   # only step 3 here
+
+
+def test_resume_after_training_evaluates_only(grid, tmp_path, monkeypatch, capsys):
+    config, out, st = grid
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr("minihbt.study.runner.evaluate_run", stop)
+    with pytest.raises(SystemExit) as e:
+        study.main(flags(config, tmp_path) + ["--only", "A/xy-seed1"])
+    assert e.value.code == 130 and "interrupted during A/xy-seed1" in capsys.readouterr().err
+    assert (tmp_path / "runs" / "tiny" / "A" / "xy-seed1" / "final").is_dir()
+    monkeypatch.undo()
+
+    def boom(*a, **k):
+        raise AssertionError("trained again")
+    monkeypatch.setattr(train, "main", boom)
+    assert study.main(flags(config, tmp_path) + ["--only", "A/xy-seed1"]) == 0
+    assert result(tmp_path, "A/xy-seed1")["results"] == result(out, "A/xy-seed1")["results"]
+
+
+def test_ctrl_c_saves_and_the_plan_shows_the_resume_point(world, tmp_path):
+    config = make_config(world, tmp_path / "study.json", steps=100000)
+    cmd = [sys.executable, os.path.join(ROOT, "study.py")] + flags(config, tmp_path) + ["--only", "A/xx-seed0"]
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    log = tmp_path / "runs" / "tiny" / "A" / "xx-seed0" / "log.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted during A/xx-seed0" in err and "the same command resumes it" in err
+    ckpt = [d for d in os.listdir(log.parent) if d.startswith("checkpoint-")]
+    assert len(ckpt) == 1
+    plan = subprocess.run(cmd + ["--dry-run"], capture_output=True, text=True, env=env, check=True).stdout
+    assert f"trained {ckpt[0].split('-')[1]}/100000" in plan
+
+
+def test_verify_reproduces_a_run_and_catches_a_change(grid, tmp_path, capsys):
+    config, out, st = grid
+    assert study.main(flags(config, out) + ["--verify", "A/xy-seed0"]) == 0
+    assert "A/xy-seed0: reproduced" in capsys.readouterr().out
+    shutil.copytree(out / "results", tmp_path / "results")
+    path = tmp_path / "results" / "tiny" / "A" / "xy-seed0.json"
+    rec = json.loads(path.read_text())
+    rec["results"]["plain"]["multi"]["map"] += 1e-3
+    path.write_text(json.dumps(rec))
+    assert study.main(flags(config, tmp_path) + ["--verify", "A/xy-seed0"]) == 1
+    said = capsys.readouterr().out
+    assert "NOT reproduced" in said and "plain.multi.map" in said
+
+
+def test_changed_settings_are_refused(world, grid, tmp_path, capsys):
+    config, out, st = grid
+    other = make_config(world, tmp_path / "study.json", lr=2e-3)
+    with pytest.raises(SystemExit) as e:
+        study.main(flags(other, out) + ["--only", "A/xx-seed0", "--dry-run"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "xx-seed0.json: made with another settings" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("change,flag_args,message", [
+    ({"recipe": {"lr": -1}}, [], "recipe.lr: expected a number > 0, got -1"),
+    ({"recipe": {"lrr": 1}}, [], "recipe.lrr: unknown key"),
+    ({"recipe": {"steps": 2.5}}, [], "recipe.steps: expected an integer >= 1"),
+    ({"seeds": [0, 0]}, [], "seeds: expected a list of distinct integers"),
+    ({"conditions": {"odd": {"alpha": 0.3}}}, [], "conditions.odd.sampler: required"),
+    ({"report": {"bootstrap_resamples": 100}}, [], "report.bootstrap_resamples: expected an integer >= 1000"),
+    ({"report": {"comparisons": [["hybrid", "nothing"]]}}, [], "report.comparisons[0]"),
+    ({"model": "/nonexistent/model"}, [], "no config.json there"),
+    ({"directions": {"A": {"train": ["nope"], "eval": "eval3"}}}, [], "direction A: "),
+    ({}, ["--only", "A/zz-seed0"], "--only A/zz-seed0: no such run"),
+    ({}, ["--only", "colour=red"], "unknown key 'colour'"),
+    ({}, ["--progress-every", "-1"], "--progress-every: expected a number of seconds >= 0"),
+    ({}, ["--report", "--verify", "A/base"], "--report and --verify cannot be combined"),
+    ({}, ["--device", "tpu"], "argument --device: invalid choice"),
+])
+def test_bad_settings_are_refused_before_anything_runs(world, tmp_path, capsys, change, flag_args, message):
+    config = make_config(world, tmp_path / "study.json")
+    with open(config, encoding="utf-8") as f:
+        cfg = json.load(f)
+    for key, value in change.items():
+        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and key != "directions" else value
+    with open(config, "w", encoding="utf-8") as f:
+        json.dump(cfg, f)
+    with pytest.raises(SystemExit) as e:
+        study.main(flags(config, tmp_path) + flag_args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "results").exists() and not (tmp_path / "runs").exists()
+
+
+def test_progress_estimate_uses_measured_times_only():
+    class Run:
+        def __init__(self, rid, direction):
+            self.id, self.direction = rid, direction
+    a1, a2, b1 = Run("A/x-seed0", "A"), Run("A/x-seed1", "A"), Run("B/base", "B")
+    finished = [{"direction": "A", "seconds": {"train": 100.0, "train_steps": 50, "evaluate": 30.0}}]
+    now = [0.0]
+    lines = []
+    p = Progress("t", 4, [(a1, 50, "A"), (a2, 50, "A"), (b1, 0, "B")], finished, every=0, clock=lambda: now[0])
+    p.stream = type("S", (), {"write": lambda self, s: lines.append(s), "flush": lambda self: None})()
+    # 2 s a step, 30 s an evaluation on A; B's evaluation time is unknown
+    assert p.time_left() == (2 * (50 * 2.0 + 30.0), ["evaluation time on B"])
+    assert "left: at least 4 min 20 s (not yet measured: evaluation time on B)" in p.line()
+    p.begin(a1)
+    p.trained(100.0, 50)                                               # a1 trained at 2 s a step too
+    now[0] = 10.0
+    p.evaluating("encoding")
+    now[0] = 25.0
+    assert p.time_left()[0] == pytest.approx(15.0 + 130.0)            # a1: 30 - 15 s spent; then a2
+    assert "run 2/4 A/x-seed0: encoding (evaluating for 15 s)" in p.line()
+    assert lines[0].startswith("[t] run 2/4 A/x-seed0: starting | 1/4 runs done")
