@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 
+from retrieval import timed          # benchmarks/retrieval.py: best of `repeat` after a warm-up call
 from gpu_check_common import (HERE, ROOT, find_tokenizer, find_xquad, gpu_memory_mb, load_model_with, xlmr_base,
                               xquad_texts)
 
@@ -120,14 +121,6 @@ def encoding(args, rec, model_dir, data_dir, deadline):
                       ">= 1.0x")
 
 
-def timed(fn, repeat=3):
-    fn()
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def unit_vectors(rng, n, d=384):
