@@ -161,9 +161,10 @@ def markdown_report(res, args):
         out.append(f"| {lang} | {m['map']:.3f} | {m['r@1']:.3f} | {number(cr_map, '.3f')} | {number(cr_r1, '.3f')} | "
                    f"{number(u.get('map'), '.3f')} | {number(u.get('r@10'), '.3f')} | "
                    f"{number(res['bias']['per_language'].get(lang), '.1f')} |")
-    out.append(f"| **mean** | {res['mono']['map']:.3f} | {res['mono']['r@1']:.3f} | {number(res['cross']['map'], '.3f')} | "
-               f"{number(res['cross']['r@1'], '.3f')} | {number(res['multi']['map'], '.3f')} | "
-               f"{number(res['multi']['r@10'], '.3f')} | {number(res['bias']['rank_distance'], '.1f')} |")
+    out.append(f"| **mean** | {res['mono']['map']:.3f} | {res['mono']['r@1']:.3f} | "
+               f"{number(res['cross']['map'], '.3f')} | {number(res['cross']['r@1'], '.3f')} | "
+               f"{number(res['multi']['map'], '.3f')} | {number(res['multi']['r@10'], '.3f')} | "
+               f"{number(res['bias']['rank_distance'], '.1f')} |")
     if not_applicable(res):
         out += ["", "One language: Cr., Mul. and bias compare languages and do not apply (n/a)."]
     out += ["", "Cr. mAP per pair (rows: query language, columns: candidate language; diagonal: Mo.)", "",

@@ -92,8 +92,7 @@ class TrainSettings:
     quiet: bool = setting(False, "no progress bar or messages")
 
 
-# settings a resumed run may change; the others must stay as the run saved them
-RESUMABLE = ("steps", "save_every", "device", "tf32", "fused_kernels", "quiet")
+RESUMABLE = ("steps", "save_every", "device", "tf32", "fused_kernels", "quiet")     # the rest stay as saved
 RESUMABLE_FLAGS = ", ".join(cli.flag_of(name) for name in RESUMABLE)
 CUDA_ONLY = ("tf32", "fused_kernels")
 
@@ -119,7 +118,8 @@ def build_parser():
     ap.add_argument("--demo", action="store_true", help="the built-in demo, also `python train.py` alone: tiny "
                     "models trained on a synthetic parallel world with xx, xy and hybrid batches, then evaluated; "
                     "takes only --demo-seeds, --steps and --out (minihbt/demo.py)")
-    ap.add_argument("--demo-seeds", metavar="SEEDS", help="demo: comma-separated world/model seeds (default 0)")
+    ap.add_argument("--demo-seeds", metavar="SEEDS",
+                    help=f"demo: comma-separated world/model seeds (default {demo.DEMO_SEEDS})")
     return ap
 
 

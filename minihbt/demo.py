@@ -28,6 +28,7 @@ from . import cli
 from .files import write_json
 
 DEMO_STEPS = 300
+DEMO_SEEDS = "0"
 DESCRIPTION = "4 artificial languages with disjoint vocabularies and word orders, 48 entities x 5 relations"
 SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "query:", "passage:", "?", "."]
 # each language: its own consonants and vowels (so its words look like no other's) and word order
@@ -180,8 +181,8 @@ def build_parser():
                                  description="The built-in demo: HBT's effect on a synthetic parallel world "
                                              "(see minihbt/demo.py).")
     ap.add_argument("--demo", action="store_true", help="run the demo (also what `python train.py` alone does)")
-    ap.add_argument("--demo-seeds", default="0", metavar="SEEDS",
-                    help="comma-separated world/model seeds, distinct integers >= 0 (default 0)")
+    ap.add_argument("--demo-seeds", default=DEMO_SEEDS, metavar="SEEDS",
+                    help=f"comma-separated world/model seeds, distinct integers >= 0 (default {DEMO_SEEDS})")
     ap.add_argument("--steps", type=int, default=DEMO_STEPS, help=f"training steps per model (default {DEMO_STEPS})")
     ap.add_argument("--out", default=os.path.join("runs", "demo"), metavar="DIR",
                     help="folder for the worlds, models and runs (default runs/demo); rerunning replaces them")
