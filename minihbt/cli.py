@@ -27,6 +27,8 @@ import sys
 import typing
 from dataclasses import dataclass, field, fields
 
+from .backend import DeviceError, get_xp
+
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 DEBUG_VARIABLE = "MINIHBT_DEBUG"
 
@@ -328,7 +330,6 @@ def check_device(flag, device, problems):
     """A cuda device must be usable now (CuPy importable, a GPU visible), not after loading."""
     if device == "cpu":
         return
-    from .backend import DeviceError, get_xp
     try:
         get_xp(device)
     except DeviceError as e:

@@ -23,9 +23,14 @@ import os
 import time
 
 import numpy as np
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
-from . import cli
+from . import cli, encode, load_model
+from .config import ModelConfig
+from .data import load_lareqa
+from .evaluation import evaluate
 from .files import write_json
+from .weights import expected_shapes, save_weights
 
 DEMO_STEPS = 300
 DEMO_SEEDS = "0"
@@ -98,9 +103,6 @@ def make_model(world, out_dir, seed=0, hidden=64, layers=2, heads=4, ffn=128):
     """A randomly initialised XLM-R-shaped encoder (Hugging Face layout) with a word-level
     tokenizer over the world's vocabulary. Initialisation as transformers': N(0, 0.02)
     weights, zero biases, unit LayerNorm."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from .weights import save_weights
-
     words = SPECIALS + sorted({w for lang in world["languages"] for w in world["vocab"][lang].values()})
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -114,8 +116,6 @@ def make_model(world, out_dir, seed=0, hidden=64, layers=2, heads=4, ffn=128):
               "layer_norm_eps": 1e-5, "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2,
               "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}
     write_json(os.path.join(out_dir, "config.json"), config, indent=1)
-    from .config import ModelConfig
-    from .weights import expected_shapes
     rng = np.random.default_rng(seed)
     params = {}
     for name, shape in expected_shapes(ModelConfig.from_dict(config)).items():
@@ -133,10 +133,6 @@ def run(train_fn, out_dir, seeds=(0,), steps=DEMO_STEPS, batch_size=32, samplers
         log=print, **world_options):
     """Build the world, train one model per sampler with `train_fn` (train.py's main, given
     its argv), evaluate; returns {seed: {sampler: results}}."""
-    from . import encode, load_model
-    from .data import load_lareqa
-    from .evaluation import evaluate
-
     table = {}
     for seed in seeds:
         world = make_world(seed, **world_options)

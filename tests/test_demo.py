@@ -46,7 +46,7 @@ def readme_demo_rows(seed):
 
 
 def test_readme_demo_table_is_what_the_demo_prints(tmp_path):
-    """SLOW (the full seed-0 demo: three 300-step trainings, about 20 s on 2 CPU cores).
+    """SLOW: the full seed-0 demo, three 300-step trainings (about 20 s on an idle 2-core CPU).
     When the training code changes the numbers, regenerate the README table with
     `python train.py --demo --demo-seeds 0,1,2` and check the paragraph around it still holds."""
     table = demo.run(train.main, str(tmp_path), seeds=(0,), log=lambda *a: None)
