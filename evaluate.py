@@ -11,6 +11,11 @@ and the "definitions" key of the JSON.
 
 Embeddings are cached on disk (--cache), keyed by the model files, the data files and the
 encoding options, so re-running the metrics is instant.
+
+One language (--languages en) gives Mo. only: Cr., Mul. and the bias compare languages and
+are reported as not applicable. Every setting is checked before the model or the data is
+loaded; a bad one is answered with one line naming the flag (exit status 2), an error while
+working with one line (exit status 1; MINIHBT_DEBUG=1 shows the traceback).
 """
 import argparse
 import hashlib
@@ -21,30 +26,69 @@ import time
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from minihbt import cli
+from minihbt.files import atomic_path, sha256_file, stat_digest, write_json, write_text
+
+DEFAULT_MAX_LENGTH = 512
+NOT_APPLICABLE = "n/a"
 
 
-def file_digest(path, full=True):
-    """sha256 of a file's bytes (full=True) or of its name, size and mtime (cheap, for big weights)."""
-    h = hashlib.sha256()
-    if full:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    else:
-        st = os.stat(path)
-        h.update(f"{os.path.basename(path)}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()
+def check_args(args):
+    """Every setting, before anything is loaded: one line per problem, exit status 2.
+    Normalises --languages to a de-duplicated list of languages present in --data."""
+    problems = cli.Problems()
+    cli.check_input_dir("--model", args.model, problems)
+    if cli.check_input_dir("--data", args.data, problems):
+        present = sorted(f[:-5] for f in os.listdir(args.data) if f.endswith(".json"))
+        if not present:
+            problems.add(f"--data {args.data}: no {{lang}}.json files in it (expected e.g. data/xquad-r)")
+        elif args.languages is not None:
+            args.languages = cli.parse_list("--languages", args.languages, problems)
+            missing = [lang for lang in args.languages if lang not in present]
+            if missing:
+                problems.add(f"--languages {','.join(missing)}: no {'.json, '.join(missing)}.json in {args.data}; "
+                             f"expected names from {','.join(present)}")
+    if args.batch_size < 1:
+        problems.bad_value("--batch-size", args.batch_size, "an integer >= 1")
+    if args.max_length is not None and args.max_length < 2:
+        problems.bad_value("--max-length", args.max_length, "an integer >= 2 (room for the special tokens)")
+    if args.report and os.path.splitext(args.report)[1].lower() == ".png":
+        problems.add(f"--report {args.report}: the heatmap goes to a .png beside the report; name the report .md")
+    if args.out and args.report and os.path.abspath(args.out) == os.path.abspath(args.report):
+        problems.add(f"--out and --report are both {args.out}; expected two different files")
+    cli.check_device("--device", args.device, problems)
+    problems.stop_if_any()
+    for flag, path in (("--out", args.out), ("--report", args.report)):
+        if path:
+            cli.check_output_file(flag, path, problems)
+    if args.cache:
+        cli.make_folder("--cache", args.cache, problems)
+    problems.stop_if_any()
+
+
+def fit_max_length(model, args):
+    """--max-length against the model's position table: a length the user gave must fit;
+    the default is lowered to the model's limit where that is shorter."""
+    if args.max_length is None:
+        args.max_length = min(DEFAULT_MAX_LENGTH, model.max_length)
+        if model.max_length < DEFAULT_MAX_LENGTH:
+            print(f"--max-length: the model has {model.max_length} positions; using {model.max_length}",
+                  file=sys.stderr)
+    elif args.max_length > model.max_length:
+        problems = cli.Problems()
+        problems.bad_value("--max-length", args.max_length, f"an integer in [2, {model.max_length}] for this model "
+                                                            f"({model.max_length} positions)")
+        problems.stop_if_any()
 
 
 def cache_key(model, rs, args):
     import minihbt
     from minihbt.weights import checkpoint_files
 
-    parts = {"minihbt": minihbt.__version__, "config": file_digest(os.path.join(model.path, "config.json")),
-             "tokenizer": file_digest(os.path.join(model.path, "tokenizer.json")),
-             "weights": [file_digest(p, full=False) for p in checkpoint_files(model.path)],
-             "data": [file_digest(p) for p in rs.files], "pooling": model.pooling,
+    parts = {"minihbt": minihbt.__version__, "config": sha256_file(os.path.join(model.path, "config.json")),
+             "tokenizer": sha256_file(os.path.join(model.path, "tokenizer.json")),
+             "weights": [stat_digest(p) for p in checkpoint_files(model.path)],
+             "data": [sha256_file(p) for p in rs.files], "pooling": model.pooling,
              "dtype": np.dtype(model.dtype).name, "max_length": args.max_length, "candidates": args.candidates,
              "prefixes": [args.query_prefix, args.passage_prefix]}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
@@ -56,7 +100,6 @@ def encode_all(model, rs, args):
 
     path = None
     if args.cache:
-        os.makedirs(args.cache, exist_ok=True)
         path = os.path.join(args.cache, f"{rs.name}-{cache_key(model, rs, args)}.npz")
         if os.path.exists(path):
             with np.load(path) as z:
@@ -72,10 +115,22 @@ def encode_all(model, rs, args):
     cands = minihbt.encode(model, rs.cand_text, kind="passage", prefix=True if args.passage_prefix is None else args.passage_prefix,
                            pairs=pairs, **kw)
     if path:
-        tmp = path + ".tmp.npz"
-        np.savez(tmp, candidates=cands, **{"q_" + l: e for l, e in queries.items()})
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            np.savez(tmp, candidates=cands, **{"q_" + l: e for l, e in queries.items()})
     return queries, cands
+
+
+def number(value, spec):
+    """A figure for the tables, or n/a where the setting does not apply (one language)."""
+    return NOT_APPLICABLE if value is None else format(value, spec)
+
+
+def not_applicable(res):
+    """The settings that do not apply to this evaluation, with the reason (for the JSON)."""
+    if len(res["languages"]) > 1:
+        return {}
+    reason = "one language: this setting compares languages"
+    return {"cross": reason, "multi": reason, "bias": reason}
 
 
 def summary_table(res):
@@ -85,8 +140,11 @@ def summary_table(res):
     lines = [f"{res['dataset']}: {len(res['languages'])} languages, "
              f"{sum(res['counts']['queries'].values())} queries, {res['counts']['pooled_candidates']} candidates",
              f"{'setting':8s}{'metric':8s}{'value':>8s}"]
-    lines += [f"{s:8s}{m:8s}{v:8.3f}" for s, m, v in rows]
-    lines.append(f"{'Mul.':8s}{'bias':8s}{res['bias']['rank_distance']:8.1f}   (mean rank distance, lower is better)")
+    lines += [f"{s:8s}{m:8s}{number(v, '8.3f'):>8s}" for s, m, v in rows]
+    lines.append(f"{'Mul.':8s}{'bias':8s}{number(res['bias']['rank_distance'], '8.1f'):>8s}   "
+                 "(mean rank distance, lower is better)")
+    if not_applicable(res):
+        lines.append("Cr., Mul. and bias: n/a (one language; they compare languages)")
     return "\n".join(lines)
 
 
@@ -98,13 +156,17 @@ def markdown_report(res, args):
            "| | Mo. mAP | Mo. R@1 | Cr. mAP | Cr. R@1 | Mul. mAP | Mul. R@10 | bias |", "|---|---|---|---|---|---|---|---|"]
     for lang in L:
         cr = [v for k, v in res["cross"]["per_pair"].items() if k.startswith(lang + "-")]
-        m, u = res["mono"]["per_language"][lang], res["multi"]["per_language"][lang]
-        out.append(f"| {lang} | {m['map']:.3f} | {m['r@1']:.3f} | {np.mean([c['map'] for c in cr]):.3f} | "
-                   f"{np.mean([c['r@1'] for c in cr]):.3f} | {u['map']:.3f} | {u['r@10']:.3f} | "
-                   f"{res['bias']['per_language'][lang]:.1f} |")
-    out.append(f"| **mean** | {res['mono']['map']:.3f} | {res['mono']['r@1']:.3f} | {res['cross']['map']:.3f} | "
-               f"{res['cross']['r@1']:.3f} | {res['multi']['map']:.3f} | {res['multi']['r@10']:.3f} | "
-               f"{res['bias']['rank_distance']:.1f} |")
+        m, u = res["mono"]["per_language"][lang], res["multi"]["per_language"].get(lang, {})
+        cr_map, cr_r1 = (np.mean([c[k] for c in cr]) if cr else None for k in ("map", "r@1"))
+        out.append(f"| {lang} | {m['map']:.3f} | {m['r@1']:.3f} | {number(cr_map, '.3f')} | {number(cr_r1, '.3f')} | "
+                   f"{number(u.get('map'), '.3f')} | {number(u.get('r@10'), '.3f')} | "
+                   f"{number(res['bias']['per_language'].get(lang), '.1f')} |")
+    out.append(f"| **mean** | {res['mono']['map']:.3f} | {res['mono']['r@1']:.3f} | "
+               f"{number(res['cross']['map'], '.3f')} | {number(res['cross']['r@1'], '.3f')} | "
+               f"{number(res['multi']['map'], '.3f')} | {number(res['multi']['r@10'], '.3f')} | "
+               f"{number(res['bias']['rank_distance'], '.1f')} |")
+    if not_applicable(res):
+        out += ["", "One language: Cr., Mul. and bias compare languages and do not apply (n/a)."]
     out += ["", "Cr. mAP per pair (rows: query language, columns: candidate language; diagonal: Mo.)", "",
             "| q \\ c | " + " | ".join(L) + " |", "|---" * (len(L) + 1) + "|"]
     for x in L:
@@ -146,25 +208,39 @@ def heatmap(res, path):
     ax.set_title(f"{res['dataset']}: mAP")
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
     return True
 
 
+def write_outputs(res, args):
+    """The results JSON (--out), the Markdown report and its heatmap (--report), each atomically."""
+    if args.out:
+        write_json(args.out, res, indent=1)
+    if args.report:
+        write_text(args.report, markdown_report(res, args))
+        heatmap(res, os.path.splitext(args.report)[0] + ".png")
+
+
+@cli.program("evaluate.py")
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="evaluate.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="Hugging Face model directory (config.json, safetensors, tokenizer.json)")
     ap.add_argument("--data", required=True, help="LAReQA directory with {lang}.json files (xquad-r or mlqa-r)")
-    ap.add_argument("--languages", help="comma-separated subset, e.g. ar,de,en (default: every {lang}.json in --data)")
+    ap.add_argument("--languages", help="comma-separated subset, e.g. ar,de,en, or one language for Mo. only "
+                                        "(default: every {lang}.json in --data)")
     ap.add_argument("--out", help="write the results JSON here (default: none)")
     ap.add_argument("--report", help="write a Markdown report here; a heatmap PNG goes beside it when matplotlib is "
                                      "installed (default: none)")
     ap.add_argument("--candidates", choices=["sentence", "pair"], default="sentence",
                     help="encode a candidate as its sentence alone (default) or as the (sentence, paragraph) pair, "
                          "as LAReQA does")
-    ap.add_argument("--batch-size", type=int, default=64, help="encoding batch size (default 64)")
+    ap.add_argument("--batch-size", type=int, default=64, help="encoding batch size, >= 1 (default 64)")
     ap.add_argument("--max-length", type=int, default=None,
-                    help="max tokens per text (default: the model's maximum, 512 for XLM-R and BERT checkpoints)")
+                    help=f"max tokens per text, >= 2 and at most the model's positions (default {DEFAULT_MAX_LENGTH}, "
+                         "or the model's limit if lower)")
     ap.add_argument("--query-prefix", default=None, help="prefix for questions (default: the model's 'query: ')")
     ap.add_argument("--passage-prefix", default=None, help="prefix for candidates (default: the model's 'passage: ')")
     ap.add_argument("--pooling", choices=["mean", "cls", "pooler"], default=None,
@@ -176,37 +252,30 @@ def main(argv=None):
     ap.add_argument("--cache", default=os.path.join(os.getcwd(), ".minihbt-cache"),
                     help="directory for cached embeddings (default ./.minihbt-cache); '' to disable")
     args = ap.parse_args(argv)
+    check_args(args)
 
     import minihbt
-    from minihbt.data import DataError, load_lareqa
-    from minihbt.evaluation import evaluate
+    from minihbt.data import load_lareqa
+    from minihbt.evaluation import center_languages, evaluate
 
-    try:
-        rs = load_lareqa(args.data, languages=args.languages.split(",") if args.languages else None)
-        model = minihbt.load_model(args.model, device=args.device, pooling=args.pooling)
-    except (DataError, minihbt.CheckpointError, minihbt.ConfigError, FileNotFoundError) as e:
-        sys.exit(f"evaluate.py: {e}")
+    rs = load_lareqa(args.data, languages=args.languages)
+    model = minihbt.load_model(args.model, device=args.device, pooling=args.pooling)
+    fit_max_length(model, args)
     t0 = time.perf_counter()
     queries, cands = encode_all(model, rs, args)
-    if args.center_languages:                               # post-hoc: the cache keeps the raw embeddings
-        from minihbt.evaluation import center_languages
+    if args.center_languages:                               # post hoc: the cache keeps the raw embeddings
         queries, cands = center_languages(queries, cands, rs.cand_lang)
     t1 = time.perf_counter()
     res = evaluate(rs, queries, cands, progress=True)
     res["center_languages"] = args.center_languages
     t2 = time.perf_counter()
+    res["not_applicable"] = not_applicable(res)
     res["model"] = os.path.abspath(args.model)
     res["candidate_encoding"] = args.candidates
     res["seconds"] = {"encode": round(t1 - t0, 2), "retrieve_and_metrics": round(t2 - t1, 2),
                       "embeddings_from_cache": bool(getattr(args, "cached", False))}
     print(summary_table(res))
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(res, f, indent=1)
-    if args.report:
-        with open(args.report, "w", encoding="utf-8") as f:
-            f.write(markdown_report(res, args))
-        heatmap(res, os.path.splitext(args.report)[0] + ".png")
+    write_outputs(res, args)
     return res
 
 

@@ -11,259 +11,335 @@ one AdamW step on the InfoNCE loss (cosine / temperature, in-batch candidates, d
 masked), with global-norm clipping and a warm-up. Checkpoints are Hugging Face
 directories that open in transformers and sentence-transformers.
 
+Settings: defaults (TrainSettings below) < a JSON --config file (long names, dashes or
+underscores) < the command line, all checked before anything is loaded; a bad one gets one
+line naming the flag and what it accepts (exit status 2). MINIHBT_DEBUG=1 shows the
+traceback behind any one-line error. A new run refuses an --out that holds a run: continue
+it with --resume, or start over with --overwrite.
+
 Exact resume: batches are a pure function of (seed, epoch), dropout of (seed, step), and
 the optimiser state is saved with each checkpoint; `--resume OUT` continues from the latest
-checkpoint and gives bit-for-bit the run that would have happened without the stop.
-Ctrl-C finishes the current step, saves a checkpoint and exits (a second Ctrl-C aborts).
+checkpoint, bit for bit the run that would have happened without the stop. Ctrl-C or
+SIGTERM finishes the step, saves a checkpoint and exits (130 or 143; a second one aborts).
 A non-finite loss stops the run with a message; the last good checkpoint stays.
-
-A JSON config file (--config) may set any flag by its long name (dashes or underscores);
-flags given on the command line win.
 """
 import argparse
 import json
 import math
 import os
-import signal
 import sys
 import time
+from dataclasses import asdict, dataclass, fields
+from typing import List, NamedTuple, Optional
 
 import numpy as np
 
-DEFAULTS = dict(sampler="hybrid", alpha=0.5, batch_size=100, lr=3e-5, weight_decay=0.01, warmup=0,
-                schedule="constant", decay_steps=None, steps=1000, max_query_len=64, max_passage_len=256,
-                temperature=0.05, candidates="inbatch", symmetric=False, seed=0, device="cpu", out="runs/hbt",
-                save_every=500, resume=None, grad_cache_chunk=0, max_grad_norm=1.0, max_negatives=1,
-                xx_weighting="uniform", pooling=None, model=None, train=None, quiet=False, tf32=False,
-                fused_kernels=False)
+from minihbt import cli, demo
+from minihbt.checkpoint import (LOG_FILE, is_checkpoint, latest_checkpoint, load_training_state, prepare_run_folder,
+                                read_trainer_state, remove_partial_checkpoints, run_contents, save_checkpoint)
+from minihbt.cli import AT_LEAST_0, AT_LEAST_1, FRACTION, POSITIVE, Problems, Range, Stop, setting
+
+PROG = "train.py"
+
+
+@dataclass
+class TrainSettings:
+    """Every setting of a training run: the flags, the --config keys, and what each
+    checkpoint saves for --resume. Each default is written once, here."""
+    model: Optional[str] = setting(None, "Hugging Face model directory to start from (config.json, safetensors, "
+                                         "tokenizer.json); required unless --resume", metavar="DIR")
+    train: Optional[List[str]] = setting(None, "training data, repeatable, one source each (batches never mix "
+                                               "sources): a SQuAD-format .json file, a folder of them, or a .jsonl "
+                                               "file; LANG=PATH forces the language (see README). Required unless "
+                                               "--resume", repeat=True, metavar="PATH")
+    sampler: str = setting("hybrid", "batch composition", choices=("xx", "xy", "hybrid"))
+    alpha: float = setting(0.5, "hybrid: probability of a monolingual (xx) batch", accepted=FRACTION,
+                           note=", the paper's best")
+    xx_weighting: str = setting("uniform", "xx and hybrid: draw the batch language uniformly (the paper's rule) or "
+                                           "in proportion to its data", choices=("uniform", "proportional"))
+    batch_size: int = setting(100, "triplets per batch", accepted=AT_LEAST_1, note=", as in the paper")
+    max_negatives: int = setting(1, "hard negatives per triplet, other sentences of the paragraph", accepted=AT_LEAST_0)
+    lr: float = setting(3e-5, "peak learning rate", accepted=POSITIVE, note=", as in the paper")
+    weight_decay: float = setting(0.01, "AdamW weight decay, not on biases and LayerNorm", accepted=AT_LEAST_0)
+    warmup: int = setting(0, "linear warm-up steps from 0 to --lr", accepted=AT_LEAST_0)
+    schedule: str = setting("constant", "after warm-up: constant (runs can be extended with --resume) or linear "
+                                        "decay to 0 at --decay-steps", choices=("constant", "linear"))
+    decay_steps: Optional[int] = setting(None, "with --schedule linear: the step at which lr reaches 0, more than "
+                                               "--warmup and at least --steps", accepted=AT_LEAST_1,
+                                         default_text="--steps")
+    steps: int = setting(1000, "total optimiser steps of the run", accepted=AT_LEAST_1)
+    max_query_len: int = setting(64, "query truncation in tokens, at most the model's positions", accepted=Range(2),
+                                 note=", or the model's limit if lower")
+    max_passage_len: int = setting(256, "passage truncation in tokens, at most the model's positions",
+                                   accepted=Range(2), note=", or the model's limit if lower")
+    temperature: float = setting(0.05, "InfoNCE temperature on cosine scores", accepted=POSITIVE)
+    candidates: str = setting("inbatch", "inbatch: all positives and negatives of the batch; paper: own positive "
+                                         "+ all negatives (Eq. 1)", choices=("inbatch", "paper"))
+    symmetric: bool = setting(False, "add the passage->query loss term")
+    max_grad_norm: float = setting(1.0, "clip the global gradient norm to this; 0 disables", accepted=AT_LEAST_0)
+    grad_cache_chunk: int = setting(0, "GradCache: embed N texts at a time, so memory is bounded by N, not the "
+                                       "batch; same gradients; 0 = off", accepted=AT_LEAST_0)
+    pooling: Optional[str] = setting(None, "pooling", choices=("mean", "cls", "pooler"),
+                                     default_text="the checkpoint's own, else mean")
+    seed: int = setting(0, "seed of batches and dropout", accepted=AT_LEAST_0)
+    device: str = setting("cpu", "cpu (NumPy) or cuda (CuPy)", choices=("cpu", "cuda"))
+    tf32: bool = setting(False, "cuda only: float32 GEMMs on TF32 tensor cores (faster, ~1e-3 relative error)")
+    fused_kernels: bool = setting(False, "cuda only: fused CuPy kernels for bias+GELU, residual+LayerNorm, softmax "
+                                         "and AdamW (not yet verified on a GPU, see minihbt/kernels.py)")
+    out: str = setting(os.path.join("runs", "hbt"), "run directory: checkpoint-N/, final/ (Hugging Face directories "
+                       "with optimizer.npz and trainer_state.json beside the weights), log.jsonl", metavar="DIR")
+    save_every: int = setting(500, "checkpoint every N steps; 0 = only at the end", accepted=AT_LEAST_0)
+    quiet: bool = setting(False, "no progress bar or messages")
+
+
+RESUMABLE = ("steps", "save_every", "device", "tf32", "fused_kernels", "quiet")     # the rest stay as saved
+RESUMABLE_FLAGS = ", ".join(cli.flag_of(name) for name in RESUMABLE)
+CUDA_ONLY = ("tf32", "fused_kernels")
+
+
+class Plan(NamedTuple):
+    """resolve_args' answer; `given`: the settings set by the command line or --config."""
+    settings: TrainSettings
+    checkpoint: Optional[str]
+    overwrite: bool
+    given: frozenset
 
 
 def build_parser():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = ap.add_argument
-    a("--config", help="JSON file setting any of these flags (command-line flags win)")
-    a("--model", help="Hugging Face model directory to start from (config.json, safetensors, tokenizer.json)")
-    a("--train", action="append", metavar="PATH",
-      help="training data, repeatable, one source each: a SQuAD-format .json file, a directory of them, or a .jsonl "
-           "file (see README). The language comes from a 'lang' field or the file name (ar.json, "
-           "arabic_tydiqa_dev.json, dev-context-ar-question-ar.json); LANG=PATH forces it. Batches never mix "
-           "sources; a source is drawn in proportion to its size")
-    a("--sampler", choices=["xx", "xy", "hybrid"], help="batch composition (default hybrid)")
-    a("--alpha", type=float, help="hybrid: probability of a monolingual (xx) batch (default 0.5, the paper's best)")
-    a("--xx-weighting", choices=["uniform", "proportional"],
-      help="xx: draw the batch language uniformly (the paper's rule, default) or in proportion to its data")
-    a("--batch-size", type=int, help="triplets per batch (default 100, as in the paper)")
-    a("--max-negatives", type=int, help="hard negatives per triplet, other sentences of the paragraph (default 1)")
-    a("--lr", type=float, help="peak learning rate (default 3e-5, as in the paper)")
-    a("--weight-decay", type=float, help="AdamW weight decay, not applied to biases and LayerNorm (default 0.01)")
-    a("--warmup", type=int, help="linear warm-up steps from 0 to --lr (default 0)")
-    a("--schedule", choices=["constant", "linear"],
-      help="after warm-up: constant (default; runs can be extended with --resume) or linear decay to 0 at "
-           "--decay-steps")
-    a("--decay-steps", type=int, help="linear schedule: the step at which lr reaches 0 (default: --steps)")
-    a("--steps", type=int, help="total optimiser steps of the run (default 1000)")
-    a("--max-query-len", type=int, help="query truncation in tokens (default 64)")
-    a("--max-passage-len", type=int, help="passage truncation in tokens (default 256)")
-    a("--temperature", type=float, help="InfoNCE temperature on cosine scores (default 0.05)")
-    a("--candidates", choices=["inbatch", "paper"],
-      help="inbatch: all positives and negatives of the batch (default); paper: own positive + all negatives (Eq. 1)")
-    a("--symmetric", action="store_true", default=None, help="add the passage->query loss term (default off)")
-    a("--max-grad-norm", type=float, help="clip the global gradient norm to this (default 1.0; 0 disables)")
-    a("--grad-cache-chunk", type=int, help="GradCache: embed N texts at a time, so memory is bounded by N, not "
-                                           "the batch; same gradients (default 0 = off)")
-    a("--pooling", choices=["mean", "cls", "pooler"], help="default: the checkpoint's own, else mean")
-    a("--seed", type=int, help="seed of batches and dropout (default 0)")
-    a("--device", choices=["cpu", "cuda"], help="cpu (NumPy, default) or cuda (CuPy)")
-    a("--tf32", action="store_true", default=None,
-      help="cuda only: float32 GEMMs on TF32 tensor cores (faster, ~1e-3 relative error; default off)")
-    a("--fused-kernels", action="store_true", default=None,
-      help="cuda only: fused CuPy kernels for bias+GELU, residual+LayerNorm, softmax and AdamW "
-           "(default off: not yet verified on a GPU, see minihbt/kernels.py)")
-    a("--out", help="run directory: checkpoint-N/, final/ (each a Hugging Face directory with optimizer.npz and "
-                    "trainer_state.json beside the weights), log.jsonl (default runs/hbt)")
-    a("--save-every", type=int, help="checkpoint every N steps (default 500; 0 = only at the end)")
-    a("--quiet", action="store_true", default=None, help="no progress bar or messages (default off)")
-    a("--demo", action="store_true", help="run the built-in demo (what `python train.py` with no arguments does): "
-                                          "a synthetic parallel world, a tiny model trained from scratch with xx, xy "
-                                          "and hybrid batches, evaluated with evaluate's code; see minihbt/demo.py")
-    a("--demo-seeds", default="0", help="demo: comma-separated world/model seeds (default 0)")
-    a("--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint up to --steps; its "
-                                      "settings are reused, --steps/--save-every/--device may change")
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", metavar="FILE", help="JSON file setting any of these settings (command-line flags "
+                                                     "win); checked before anything is loaded")
+    cli.add_flags(ap, TrainSettings)
+    ap.add_argument("--resume", metavar="DIR", help="continue the run in DIR (the run folder, not one of its "
+                                                    "checkpoints) from its latest checkpoint up to --steps; its "
+                                                    f"settings are reused, only {RESUMABLE_FLAGS} may change")
+    ap.add_argument("--overwrite", action="store_true", help="delete the run already in --out (log.jsonl, "
+                                                             "checkpoint-N/, final/) and start over (default: refuse)")
+    ap.add_argument("--demo", action="store_true", help="the built-in demo, also `python train.py` alone: tiny "
+                    "models trained on a synthetic parallel world with xx, xy and hybrid batches, then evaluated; "
+                    "takes only --demo-seeds, --steps and --out (minihbt/demo.py)")
+    ap.add_argument("--demo-seeds", metavar="SEEDS",
+                    help=f"demo: comma-separated world/model seeds (default {demo.DEMO_SEEDS})")
     return ap
 
 
 def resolve_args(argv):
-    """Defaults < config file < command line; on --resume, the run's saved settings."""
-    args = build_parser().parse_args(argv)
-    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("config", "demo", "demo_seeds")}
-    settings = dict(DEFAULTS)
-    if args.config:
-        try:
-            with open(args.config, encoding="utf-8") as f:
-                cfg = {k.replace("-", "_"): v for k, v in json.load(f).items()}
-        except (OSError, json.JSONDecodeError) as e:
-            sys.exit(f"train.py: --config {args.config}: {e}")
-        unknown = set(cfg) - set(DEFAULTS)
-        if unknown:
-            sys.exit(f"train.py: --config {args.config}: unknown keys {sorted(unknown)}")
-        settings.update(cfg)
-    settings.update(given)
-    if settings["resume"]:
-        from minihbt.checkpoint import STATE_FILE, latest_checkpoint
-        ckpt = latest_checkpoint(settings["resume"])
-        if ckpt is None:
-            sys.exit(f"train.py: --resume {settings['resume']}: no checkpoint-N with {STATE_FILE} in it")
-        with open(os.path.join(ckpt, STATE_FILE), encoding="utf-8") as f:
-            saved = json.load(f)["settings"]
-        changeable = {"steps", "save_every", "device", "tf32", "fused_kernels"}
-        changed = {k for k in given if k in saved and k not in changeable | {"resume"} and given[k] != saved[k]}
-        if changed:
-            sys.exit(f"train.py: --resume: {sorted(changed)} differ from the run's saved settings; "
-                     "only --steps, --save-every, --device, --tf32 and --fused-kernels may change")
-        settings = {**saved, **{k: given[k] for k in changeable if k in given}, "resume": settings["resume"],
-                    "out": settings["resume"], "checkpoint": ckpt}
-    for need in ("model", "train"):
-        if not settings.get(need) and not settings.get("checkpoint"):
-            sys.exit(f"train.py: --{need} is required (see --help)")
-    return settings
+    """The run's plan: defaults < --config file < command line; with --resume, the run's
+    saved settings, of which only RESUMABLE may change. Every problem is reported at once
+    (exit status 2) before any model or data is loaded."""
+    args = vars(build_parser().parse_args(argv))
+    config, resume, overwrite = args.pop("config"), args.pop("resume"), args.pop("overwrite")
+    args.pop("demo"), args.pop("demo_seeds")
+    problems = Problems()
+    values = cli.read_config(config, TrainSettings, problems) if config else {}
+    origins = {k: f" (from --config {config})" for k in values}
+    values.update(args)
+    origins.update({k: "" for k in args})
+    given = frozenset(values)
+    checkpoint = None
+    if resume:
+        checkpoint, values, origins = resume_settings(resume, values, origins, problems)
+        if overwrite:
+            problems.add("--overwrite: not with --resume (--resume continues the run, --overwrite deletes it)")
+    settings = cli.build_settings(TrainSettings, values, origins, problems)
+    check_combinations(settings, given, problems)
+    check_paths(settings, resume, overwrite, problems)
+    cli.check_device("--device", settings.device, problems)
+    problems.stop_if_any()
+    cli.make_folder("--out", settings.out, problems)
+    problems.stop_if_any()
+    return Plan(settings, checkpoint, overwrite, given)
 
 
-class StopFlag:
-    """First Ctrl-C: finish the step, save, exit. Second: abort at once."""
+def resume_settings(run_dir, values, origins, problems):
+    """(checkpoint, values, origins) to continue the run in `run_dir`: its saved settings,
+    with the RESUMABLE ones the user gave; any other change is a problem."""
+    if is_checkpoint(run_dir):
+        parent = os.path.dirname(os.path.normpath(run_dir)) or "."
+        problems.add(f"--resume {run_dir}: a checkpoint folder; --resume takes the run folder that holds it "
+                     f"(--resume {parent}) and continues from its latest checkpoint")
+        return None, values, origins
+    removed = remove_partial_checkpoints(run_dir)     # first: a cut swap may have left the latest as .old-NAME
+    if removed:
+        print(f"{PROG}: removed {', '.join(removed)} (left by an interrupted save) from {run_dir}", file=sys.stderr)
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        what = "no checkpoint-N or final/ with trainer_state.json in it" if os.path.isdir(run_dir) else \
+            "no such folder, so no checkpoint to resume"
+        problems.add(f"--resume {run_dir}: {what}")
+        return None, values, origins
+    state = read_trainer_state(checkpoint)
+    known = {f.name for f in fields(TrainSettings)}
+    saved = {k: v for k, v in state["settings"].items() if k in known}
+    changed = sorted(k for k in values if k in saved and k not in RESUMABLE + ("out",) and values[k] != saved[k])
+    for k in changed:
+        problems.add(f"{cli.flag_of(k)} {cli.show_value(values[k])}: the run in {run_dir} has "
+                     f"{cli.show_value(saved[k])}; a resumed run keeps its settings, only {RESUMABLE_FLAGS} may change")
+    if "out" in values and os.path.realpath(values["out"]) != os.path.realpath(run_dir):
+        problems.add(f"--out {values['out']}: a resumed run continues in its own folder ({run_dir}); drop --out")
+    steps = values.get("steps", saved.get("steps"))
+    if isinstance(steps, int) and steps <= state["step"]:
+        problems.add(f"--steps {steps}: the run in {run_dir} is already at step {state['step']}; give a larger "
+                     "--steps to continue it")
+    origin = f" (saved in {os.path.join(checkpoint, 'trainer_state.json')})"
+    merged = {**saved, **{k: values[k] for k in RESUMABLE if k in values}, "out": run_dir}
+    return checkpoint, merged, {k: origins.get(k, origin) if k in values else origin for k in merged}
 
-    def __init__(self):
-        self.requested = False
-        signal.signal(signal.SIGINT, self.handle)
 
-    def handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
-
-
-def demo(argv):
-    """The built-in demo (minihbt/demo.py): trains three tiny models and prints their table."""
-    from minihbt import demo as world
-    args = build_parser().parse_args(argv)
-    out = args.out or os.path.join("runs", "demo")
-    steps = args.steps or world.DEMO_STEPS
-    seeds = [int(x) for x in args.demo_seeds.split(",")]
-    print(f"minihbt demo: a synthetic parallel world ({world.DESCRIPTION}); a tiny XLM-R-shaped encoder "
-          f"trained from scratch for {steps} steps with each batch type, then evaluated (runs in {out}/)")
-    t0 = time.perf_counter()
-    table = world.run(main, out, seeds=seeds, steps=steps)
-    print()
-    print(world.format_table(table))
-    print(f"\n{time.perf_counter() - t0:.0f} s. X-X batches leave the languages unaligned (low Cr./Mul. mAP, large "
-          "bias); X-Y batches align them; hybrid batches keep X-X's Mo. quality while aligning. "
-          "Real data: see README.md.")
-    return table
+def check_combinations(s, given, problems):
+    """Settings that are fine alone but wrong together, or set where nothing reads them."""
+    if "decay_steps" in given and s.decay_steps is not None and s.schedule != "linear":
+        problems.add(f"--decay-steps {s.decay_steps}: only with --schedule linear (the constant schedule never "
+                     "decays)")
+    if s.schedule == "linear":
+        decay = s.decay_steps or s.steps
+        if decay <= s.warmup:
+            problems.add(f"--warmup {s.warmup}: expected less than the step where the linear schedule reaches 0 "
+                         f"(--decay-steps, default --steps: {decay}); else lr is 0 after warm-up")
+        elif decay < s.steps:
+            problems.add(f"--decay-steps {decay}: expected at least --steps {s.steps} (else steps {decay}.."
+                         f"{s.steps - 1} train at lr 0)")
+    if "alpha" in given and s.sampler != "hybrid":
+        problems.add(f"--alpha {s.alpha}: only with --sampler hybrid (the probability of an xx batch)")
+    if "xx_weighting" in given and s.sampler == "xy":
+        problems.add("--xx-weighting: only with --sampler xx or hybrid (xy batches have no single language)")
+    for name in CUDA_ONLY:
+        if name in given and getattr(s, name) and s.device != "cuda":
+            problems.add(f"{cli.flag_of(name)}: only with --device cuda")
 
 
-def main(argv=None):
-    if argv is None and len(sys.argv) == 1 or "--demo" in (sys.argv[1:] if argv is None else argv):
-        return demo(sys.argv[1:] if argv is None else argv)
-    s = resolve_args(argv)
-    say = (lambda *a: None) if s["quiet"] else (lambda *a: print(*a, file=sys.stderr))
+def check_paths(s, resume, overwrite, problems):
+    """--model and --train exist; --out does not hold a run this one would overwrite."""
+    if not resume:
+        for flag, value in (("--model", s.model), ("--train", s.train)):
+            if not value:
+                problems.add(f"{flag} is required (see --help)")
+        if s.model:
+            cli.check_input_dir("--model", s.model, problems)
+        for spec in s.train or []:
+            path = spec.split("=", 1)[1] if "=" in spec and not os.path.exists(spec) else spec
+            if not os.path.exists(path):
+                problems.add(f"--train {spec}: no such file or folder")
+        found = run_contents(s.out)
+        if found and not overwrite:
+            problems.add(f"--out {s.out}: already holds a run ({', '.join(found)}); continue it with --resume "
+                         f"{s.out}, or add --overwrite to delete it and start over")
+
+
+def load_start_model(s, checkpoint, given, say):
+    """The model to train (the checkpoint's when resuming), with the truncation lengths
+    checked against its position table: a length set by the user must fit, a default is
+    lowered to the model's limit."""
     import minihbt
-    from minihbt.checkpoint import load_training_state, save_checkpoint
-    from minihbt.data import DataError, read_training_data
-    from minihbt.step import loss_and_grads
-    from minihbt.optim import AdamW, clip_grad_norm, scheduled_lr
-    from minihbt.sampler import HBTSampler
-    from tqdm.auto import tqdm
+    model = minihbt.load_model(checkpoint or s.model, device=s.device, pooling=s.pooling, tf32=s.tf32,
+                               fused_kernels=s.fused_kernels)
+    problems = Problems()
+    for name in ("max_query_len", "max_passage_len"):
+        value = getattr(s, name)
+        if value > model.max_length and name in given:
+            problems.bad_value(cli.flag_of(name), value, f"an integer in [2, {model.max_length}] for this model "
+                                                         f"({model.max_length} positions)")
+        elif value > model.max_length:
+            say(f"{cli.flag_of(name)}: the model has {model.max_length} positions; using {model.max_length}")
+            setattr(s, name, model.max_length)
+    problems.stop_if_any()
+    return model
 
-    # data and batches
-    try:
-        examples = []
-        for spec in s["train"]:
-            ex, report = read_training_data(spec)
-            examples += ex
-            for line in report:
-                say(line)
-        sampler = HBTSampler(examples, s["batch_size"], sampler=s["sampler"], alpha=s["alpha"], seed=s["seed"],
-                             xx_language_weighting=s["xx_weighting"], max_negatives=s["max_negatives"])
-    except (DataError, ValueError) as e:
-        sys.exit(f"train.py: {e}")
-    # model and optimiser
-    start = s.get("checkpoint") or s["model"]
-    model = minihbt.load_model(start, device=s["device"], pooling=s["pooling"], tf32=s.get("tf32"),
-                               fused_kernels=s.get("fused_kernels"))
-    model.path = start
-    opt = AdamW({k: model.params[k] for k in model.trainable_names()}, lr=s["lr"], weight_decay=s["weight_decay"],
-                backend=model.backend)
-    step = 0
-    if s.get("checkpoint"):
-        step = load_training_state(s["checkpoint"], opt)["step"]
-        say(f"resuming {s['checkpoint']} at step {step}")
-    os.makedirs(s["out"], exist_ok=True)
-    settings = {k: v for k, v in s.items() if k not in ("resume", "checkpoint")}
-    log_path = os.path.join(s["out"], "log.jsonl")
-    _truncate_log(log_path, step)
-    say(f"{len(examples)} examples, {len(sampler)} batches per epoch of {s['batch_size']}; {model}")
+
+def read_batches(s, say):
+    """The training examples of every --train source, and the batch sampler over them."""
+    from minihbt.data import read_training_data
+    from minihbt.sampler import HBTSampler
+    examples = []
+    for spec in s.train:
+        found, report = read_training_data(spec)
+        examples += found
+        for line in report:
+            say(line)
+    sampler = HBTSampler(examples, s.batch_size, sampler=s.sampler, alpha=s.alpha, seed=s.seed,
+                         xx_language_weighting=s.xx_weighting, max_negatives=s.max_negatives)
+    return examples, sampler
+
+
+def train_step(model, optimizer, s, batch, step):
+    """One AdamW step on `batch`; returns the log record of the step."""
+    from minihbt.optim import clip_grad_norm, scheduled_lr
+    from minihbt.step import loss_and_grads
+    t0, stats = time.perf_counter(), {}
+    loss, grads = loss_and_grads(
+        model, [t.query for t in batch.triplets], [t.positive for t in batch.triplets],
+        [list(t.negatives) for t in batch.triplets], temperature=s.temperature, candidates=s.candidates,
+        symmetric=s.symmetric, dropout=True, seed=int(np.random.SeedSequence([s.seed, step]).generate_state(1)[0]),
+        max_query_length=s.max_query_len, max_passage_length=s.max_passage_len,
+        chunk_size=s.grad_cache_chunk or None, return_numpy=False, stats=stats)
+    if not math.isfinite(loss):
+        return {"step": step + 1, "loss": loss}
+    norm = clip_grad_norm(grads, s.max_grad_norm) if s.max_grad_norm else float("nan")
+    lr = scheduled_lr(step, s.lr, s.warmup, s.schedule, s.decay_steps or s.steps)
+    optimizer.step(model.params, grads, lr=lr)
+    seconds = time.perf_counter() - t0
+    return {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": norm, "kind": batch.kind, "lang": batch.lang,
+            "source": batch.source, "tokens": stats["tokens"], "seconds": round(seconds, 4)}
+
+
+def train(plan):
+    """The training recipe: batches, model and optimiser, then one AdamW step per batch,
+    a checkpoint every --save-every steps and on Ctrl-C/SIGTERM, and final/ at the end."""
+    import minihbt
+    from minihbt.optim import AdamW
+    from tqdm.auto import tqdm
+    s = plan.settings
+    say = (lambda *a: None) if s.quiet else (lambda *a: print(*a, file=sys.stderr))
+    examples, sampler = read_batches(s, say)
+    model = load_start_model(s, plan.checkpoint, plan.given, say)
+    optimizer = AdamW({k: model.params[k] for k in model.trainable_names()}, lr=s.lr, weight_decay=s.weight_decay,
+                      backend=model.backend)
+    step = load_training_state(plan.checkpoint, optimizer)["step"] if plan.checkpoint else 0
+    if plan.checkpoint:
+        say(f"resuming {plan.checkpoint} at step {step}")
+    for line in prepare_run_folder(s.out, step, plan.overwrite):
+        say(line)
+    say(f"{len(examples)} examples, {len(sampler)} batches per epoch of {s.batch_size}; {model}")
 
     def save(name):
-        state = {"step": step, "settings": settings, "sampler": sampler.state_dict(), "minihbt": minihbt.__version__}
-        return save_checkpoint(s["out"], name, model, opt, state)
+        state = {"step": step, "settings": asdict(s), "sampler": sampler.state_dict(), "minihbt": minihbt.__version__}
+        return save_checkpoint(s.out, name, model, optimizer, state)
 
-    stop = StopFlag()
-    epoch_batches, bar = (None, None), tqdm(total=s["steps"], initial=step, desc="train", unit="step",
-                                            disable=s["quiet"])
-    with open(log_path, "a", encoding="utf-8") as log:
-        while step < s["steps"]:
+    with cli.GracefulStop() as stop, open(os.path.join(s.out, LOG_FILE), "a", encoding="utf-8") as log, \
+            tqdm(total=s.steps, initial=step, desc="train", unit="step", disable=s.quiet) as bar:
+        epoch_batches = (None, None)                    # (epoch, its batches): an epoch is composed once
+        while step < s.steps:
             epoch, index = divmod(step, len(sampler))
             if epoch_batches[0] != epoch:
                 epoch_batches = (epoch, sampler.batches(epoch))
             batch = epoch_batches[1][index]
-            t0 = time.perf_counter()
-            stats = {}
-            loss, grads = loss_and_grads(
-                model, [t.query for t in batch.triplets], [t.positive for t in batch.triplets],
-                [list(t.negatives) for t in batch.triplets], temperature=s["temperature"],
-                candidates=s["candidates"], symmetric=s["symmetric"], dropout=True,
-                seed=int(np.random.SeedSequence([s["seed"], step]).generate_state(1)[0]),
-                max_query_length=s["max_query_len"], max_passage_length=s["max_passage_len"],
-                chunk_size=s["grad_cache_chunk"] or None, return_numpy=False, stats=stats)
-            if not math.isfinite(loss):
-                bar.close()
-                sys.exit(f"train.py: the loss is {loss} at step {step} (batch {index} of epoch {epoch}, {batch.kind}); "
-                         f"stopping. The last good checkpoint is kept in {s['out']}; try a lower --lr or --warmup.")
-            norm = clip_grad_norm(grads, s["max_grad_norm"]) if s["max_grad_norm"] else float("nan")
-            lr = scheduled_lr(step, s["lr"], s["warmup"], s["schedule"], s["decay_steps"] or s["steps"])
-            opt.step(model.params, grads, lr=lr)
-            del grads
+            record = train_step(model, optimizer, s, batch, step)
+            if not math.isfinite(record["loss"]):
+                raise Stop(1, f"error: the loss is {record['loss']} at step {step} (batch {index} of epoch {epoch}, "
+                              f"{batch.kind}); stopping. The last good checkpoint is kept in {s.out}; try a lower "
+                              "--lr or --warmup.")
             step += 1
-            dt = time.perf_counter() - t0
-            log.write(json.dumps({"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "kind": batch.kind,
-                                  "lang": batch.lang, "source": batch.source, "tokens": stats["tokens"],
-                                  "seconds": round(dt, 4)}) + "\n")
+            log.write(json.dumps(record) + "\n")
             log.flush()
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{stats['tokens'] / dt:.0f}", kind=batch.kind)
-            if stop.requested:
-                bar.close()
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                            tok_s=f"{record['tokens'] / max(record['seconds'], 1e-4):.0f}", kind=batch.kind)
+            if step < s.steps and (stop.signum or s.save_every and step % s.save_every == 0):
                 path = save(f"checkpoint-{step}")
-                print(f"stopped at step {step}; saved {path}; continue with --resume {s['out']}", file=sys.stderr)
-                sys.exit(130)
-            if s["save_every"] and step % s["save_every"] == 0 and step < s["steps"]:
-                save(f"checkpoint-{step}")
-    bar.close()
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    path = save("final")
+            if stop.signum and step < s.steps:                 # on the last step, final/ is saved below
+                raise Stop(128 + stop.signum, f"stopped at step {step}; saved {path}; continue with --resume {s.out}")
+        path = save("final")
     say(f"done: {step} steps; model in {path}")
     return path
 
 
-def _truncate_log(path, step):
-    """Keep only the log lines of steps <= step (a resumed run rewrites what came after)."""
-    if not os.path.exists(path):
-        return
-    with open(path, encoding="utf-8") as f:
-        lines = [l for l in f if l.strip() and json.loads(l)["step"] <= step]
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.writelines(lines)
-    os.replace(path + ".tmp", path)
+@cli.program(PROG)
+def main(argv=None):
+    """Train (see the module docstring) or, with no arguments or --demo/--demo-seeds, run the demo."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or any(a.startswith("--demo") for a in argv):
+        return demo.main(argv, train_fn=main)
+    return train(resolve_args(argv))
 
 
 if __name__ == "__main__":

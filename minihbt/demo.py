@@ -18,13 +18,22 @@ with minihbt's evaluation code: X-X batches learn each language alone and leave 
 languages unaligned (low Cr. and Mul. mAP, large language bias), X-Y batches align them,
 hybrid batches keep the monolingual quality while aligning.
 """
-import json
+import argparse
 import os
 import time
 
 import numpy as np
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+from . import cli, encode, load_model
+from .config import ModelConfig
+from .data import load_lareqa
+from .evaluation import evaluate
+from .files import write_json
+from .weights import expected_shapes, save_weights
 
 DEMO_STEPS = 300
+DEMO_SEEDS = "0"
 DESCRIPTION = "4 artificial languages with disjoint vocabularies and word orders, 48 entities x 5 relations"
 SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "query:", "passage:", "?", "."]
 # each language: its own consonants and vowels (so its words look like no other's) and word order
@@ -85,8 +94,8 @@ def lareqa_files(world, out_dir, split):
                 pos += len(s) + 1
             paragraphs.append({"context": " ".join(sentences), "sentences": sentences, "sentence_breaks": breaks,
                                "qas": qas})
-        with open(os.path.join(out_dir, f"{lang}.json"), "w", encoding="utf-8") as f:
-            json.dump({"data": [{"title": "synthetic", "paragraphs": paragraphs}]}, f, ensure_ascii=False)
+        write_json(os.path.join(out_dir, f"{lang}.json"), {"data": [{"title": "synthetic", "paragraphs": paragraphs}]},
+                   indent=None)
     return out_dir
 
 
@@ -94,9 +103,6 @@ def make_model(world, out_dir, seed=0, hidden=64, layers=2, heads=4, ffn=128):
     """A randomly initialised XLM-R-shaped encoder (Hugging Face layout) with a word-level
     tokenizer over the world's vocabulary. Initialisation as transformers': N(0, 0.02)
     weights, zero biases, unit LayerNorm."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from .weights import save_weights
-
     words = SPECIALS + sorted({w for lang in world["languages"] for w in world["vocab"][lang].values()})
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -109,10 +115,7 @@ def make_model(world, out_dir, seed=0, hidden=64, layers=2, heads=4, ffn=128):
               "intermediate_size": ffn, "hidden_act": "gelu", "max_position_embeddings": 32, "type_vocab_size": 1,
               "layer_norm_eps": 1e-5, "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2,
               "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}
-    with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=1)
-    from .config import ModelConfig
-    from .weights import expected_shapes
+    write_json(os.path.join(out_dir, "config.json"), config, indent=1)
     rng = np.random.default_rng(seed)
     params = {}
     for name, shape in expected_shapes(ModelConfig.from_dict(config)).items():
@@ -130,10 +133,6 @@ def run(train_fn, out_dir, seeds=(0,), steps=DEMO_STEPS, batch_size=32, samplers
         log=print, **world_options):
     """Build the world, train one model per sampler with `train_fn` (train.py's main, given
     its argv), evaluate; returns {seed: {sampler: results}}."""
-    from . import encode, load_model
-    from .data import load_lareqa
-    from .evaluation import evaluate
-
     table = {}
     for seed in seeds:
         world = make_world(seed, **world_options)
@@ -147,9 +146,9 @@ def run(train_fn, out_dir, seeds=(0,), steps=DEMO_STEPS, batch_size=32, samplers
             log(f"seed {seed} {sampler:6s}  training {steps} steps ...")
             t0 = time.perf_counter()
             final = train_fn(["--model", init, "--train", train_dir, "--sampler", sampler,
-                                       "--batch-size", str(batch_size), "--steps", str(steps), "--lr", str(lr),
-                                       "--warmup", str(steps // 10), "--max-negatives", "1", "--seed", str(seed),
-                                       "--save-every", "0", "--out", os.path.join(base, sampler), "--quiet"])
+                              "--batch-size", str(batch_size), "--steps", str(steps), "--lr", str(lr),
+                              "--warmup", str(steps // 10), "--max-negatives", "1", "--seed", str(seed),
+                              "--save-every", "0", "--out", os.path.join(base, sampler), "--overwrite", "--quiet"])
             model = load_model(final)
             q = {l: encode(model, [t for _, t in rs.queries[l]], kind="query") for l in rs.languages}
             c = encode(model, rs.cand_text, kind="passage")
@@ -169,3 +168,58 @@ def format_table(table):
             lines.append(f"| {seed} | {sampler} | {r['mono']['map']:.3f} | {r['cross']['map']:.3f} | "
                          f"{r['multi']['map']:.3f} | {r['bias']['rank_distance']:.1f} |")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the entry point
+
+def build_parser():
+    ap = argparse.ArgumentParser(prog="train.py --demo", allow_abbrev=False,
+                                 description="The built-in demo: HBT's effect on a synthetic parallel world "
+                                             "(see minihbt/demo.py).")
+    ap.add_argument("--demo", action="store_true", help="run the demo (also what `python train.py` alone does)")
+    ap.add_argument("--demo-seeds", default=DEMO_SEEDS, metavar="SEEDS",
+                    help=f"comma-separated world/model seeds, distinct integers >= 0 (default {DEMO_SEEDS})")
+    ap.add_argument("--steps", type=int, default=DEMO_STEPS, help=f"training steps per model (default {DEMO_STEPS})")
+    ap.add_argument("--out", default=os.path.join("runs", "demo"), metavar="DIR",
+                    help="folder for the worlds, models and runs (default runs/demo); rerunning replaces them")
+    return ap
+
+
+def parse_seeds(text, problems):
+    """--demo-seeds "0,1,2" -> [0, 1, 2]; anything else is a problem."""
+    items = [item.strip() for item in text.split(",")]
+    if not all(item.isdigit() for item in items) or len(set(map(int, items))) < len(items):
+        problems.add(f"--demo-seeds {text}: expected distinct integers >= 0 separated by commas, e.g. 0,1,2")
+        return []
+    return [int(item) for item in items]
+
+
+@cli.program("train.py")
+def main(argv, train_fn=None):
+    """`python train.py [--demo] [--demo-seeds 0,1,2] [--steps N] [--out DIR]`: train three tiny
+    models per seed with `train_fn` (train.py's main) and print their table. Training flags
+    are refused: the demo would ignore them."""
+    args, rest = build_parser().parse_known_args(argv)
+    problems = cli.Problems()
+    for item in rest:
+        if item.startswith("-"):
+            problems.add(f"{item.split('=')[0]}: not used by the demo, which takes only --demo-seeds, --steps and "
+                         "--out (leave out --demo to train a model of your own)")
+    if rest and not any(item.startswith("-") for item in rest):
+        problems.add(f"unexpected argument {rest[0]!r}: the demo takes only --demo-seeds, --steps and --out")
+    seeds = parse_seeds(args.demo_seeds, problems)
+    if args.steps < 1:
+        problems.bad_value("--steps", args.steps, "an integer >= 1")
+    problems.stop_if_any()
+    cli.make_folder("--out", args.out, problems)
+    problems.stop_if_any()
+    print(f"minihbt demo: a synthetic parallel world ({DESCRIPTION}); a tiny XLM-R-shaped encoder trained from "
+          f"scratch for {args.steps} steps with each batch type, then evaluated (runs in {args.out}/)")
+    t0 = time.perf_counter()
+    table = run(train_fn, args.out, seeds=seeds, steps=args.steps)
+    print()
+    print(format_table(table))
+    print(f"\n{time.perf_counter() - t0:.0f} s. X-X batches leave the languages unaligned (low Cr./Mul. mAP, large "
+          "bias); X-Y batches align them; hybrid batches keep X-X's Mo. quality while aligning. "
+          "Real data: see README.md.")
+    return table

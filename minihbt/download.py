@@ -32,6 +32,8 @@ from urllib.error import HTTPError, URLError
 
 from tqdm import tqdm
 
+from .cli import EXIT_USAGE, Problems, make_folder, program
+
 HF_ENDPOINT = "https://huggingface.co"
 GITHUB_RAW = "https://raw.githubusercontent.com"
 ENV_HF = "MINIHBT_HF_ENDPOINT"        # falls back to HF_ENDPOINT, as huggingface_hub reads it
@@ -147,6 +149,7 @@ DATASETS = {
     },
 }
 
+PROG = "python -m minihbt.download"
 FROM_HINT = ("If this machine is offline, copy from a local mirror instead: "
              "python -m minihbt.download NAME --from DIR (see --help).")
 
@@ -458,7 +461,7 @@ examples:
 
 def build_parser():
     p = argparse.ArgumentParser(
-        prog="python -m minihbt.download", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Download models (Hugging Face) and evaluation datasets (pinned GitHub commits), "
                     "verified, atomic and resumable.", epilog=_epilog())
     p.add_argument("names", nargs="+", metavar="NAME", help="model alias, owner/name repo id, or dataset")
@@ -470,27 +473,54 @@ def build_parser():
     return p
 
 
+def check_args(args, names):
+    """Every argument, before anything is fetched: one line per problem."""
+    problems = Problems()
+    models = [n for n in names if n not in DATASETS]
+    for n in models:
+        try:
+            resolve_model(n)
+        except DownloadError as e:
+            problems.add(f"NAME {n!r}: {e}")
+    if args.dir and len(names) > 1:
+        problems.add(f"--dir {args.dir}: takes a single NAME; run once per model or dataset.")
+    if args.mirror:
+        if not os.path.isdir(args.mirror):
+            problems.add(f"--from {args.mirror}: no such directory.")
+        elif len(models) > 1:
+            problems.add("--from with a model is one model directory; give one model per run.")
+        for n in names:
+            if n in DATASETS and os.path.isdir(args.mirror) and not os.path.isdir(os.path.join(args.mirror, n)):
+                problems.add(f"--from {args.mirror}: no {n}/ folder in it; expected a folder laid out like "
+                             f"../shared/data, with {n}/ inside.")
+        if models and os.path.isdir(args.mirror) and not os.path.isfile(os.path.join(args.mirror, "config.json")):
+            problems.add(f"--from {args.mirror}: no config.json in it; for a model, --from is a Hugging Face "
+                         "model directory.")
+    if not problems.lines and args.dir:
+        make_folder("--dir", args.dir, problems)
+    return problems
+
+
+@program(PROG)
 def main(argv=None):
-    """Command-line entry point; returns the exit status (0 ok, 1 error, 130 interrupted)."""
+    """Command-line entry point; returns the exit status (0 ok, 1 error, 2 bad arguments,
+    130 interrupted)."""
     args = build_parser().parse_args(argv)
+    names = list(dict.fromkeys(args.names))         # a name given twice is fetched once
+    problems = check_args(args, names)
+    for line in problems.lines:
+        print(f"{PROG}: error: {line}", file=sys.stderr)
+    if problems.lines:
+        return EXIT_USAGE
     progress = not args.quiet
     try:
-        if args.dir and len(args.names) > 1:
-            raise DownloadError("--dir takes a single NAME; run once per model or dataset.")
-        models = [n for n in args.names if n not in DATASETS]
-        for n in models:
-            resolve_model(n)                        # unknown names fail before anything is fetched
-        if args.mirror and len(models) > 1:
-            raise DownloadError("--from with a model is one model directory; give one model per run.")
-        if args.mirror and not os.path.isdir(args.mirror):
-            raise DownloadError(f"--from {args.mirror}: no such directory.")
-        for n in args.names:
+        for n in names:
             if n in DATASETS:
                 out = download_dataset(n, args.dir, mirror=args.mirror, progress=progress, force=args.force)
             else:
                 out = download_model(n, args.dir, mirror=args.mirror, progress=progress, force=args.force)
             print(f"{n}: {out}")
-    except DownloadError as e:
+    except (DownloadError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -44,11 +44,13 @@ def _query_metrics(ranks_list, recall_ks):
 
 
 def _macro(per, keys):
-    return {k: M.mean(v[k] for v in per.values()) for k in keys}
+    """Macro means over languages (pairs); None where nothing was measured (one language: Cr.)."""
+    return {k: M.mean(v[k] for v in per.values()) if per else None for k in keys}
 
 
 def _progress_bar(rs):
-    total = sum(len(rs.queries[l]) for l in rs.languages) * (len(rs.languages) + 1)
+    langs = rs.languages
+    total = sum(len(rs.queries[l]) for l in langs) * (len(langs) + (len(langs) > 1))   # Mo./Cr., then Mul.
     return tqdm(total=total, desc="rank", unit="query")
 
 
@@ -79,7 +81,8 @@ def evaluate(rs, query_emb, cand_emb, progress=False, return_ranks=False):
     """Run Mo., Cr. and Mul. on a RetrievalSet given embeddings.
 
     query_emb: {lang: [len(rs.queries[lang]), D]}; cand_emb: [len(rs.cand_text), D].
-    Returns the results dict (see evaluate.py for its JSON shape); with return_ranks,
+    Returns the results dict (see evaluate.py for its JSON shape; with one language, Cr.,
+    Mul. and bias are None); with return_ranks,
     (results, ranks), the per-query ranks every figure derives from: ranks["mono"][x],
     ranks["cross"]["x-y"] (for the queries of x at ranks["cross_queries"]["x-y"]) and
     ranks["multi"][x], as rank_of_relevant returns them.
@@ -110,21 +113,25 @@ def evaluate(rs, query_emb, cand_emb, progress=False, return_ranks=False):
                 mono[x], kept["mono"][x] = res, ranks
             else:
                 cross[f"{x}-{y}"], kept["cross"][f"{x}-{y}"], kept["cross_queries"][f"{x}-{y}"] = res, ranks, keep
+        if len(langs) == 1:                             # Mul. and bias compare languages: not applicable
+            continue
         # Mul.: against the pooled candidates; relevant = gold in every language
         rel = [[rs.gold[(qid, l)] for l in langs if (qid, l) in rs.gold] for qid in qids]
         ranks = rank_of_relevant(Qx, cand_emb, rel, progress=bar)
         multi[x], kept["multi"][x] = _query_metrics(ranks, recall_ks=(1, 10)), ranks
-        bias[x] = M.mean(M.rank_distance(r) for r in ranks if len(r) > 1)
+        distances = [M.rank_distance(r) for r in ranks if len(r) > 1]
+        bias[x] = M.mean(distances) if distances else None   # None: no query of x has a parallel
     if bar is not None:
         bar.close()
     keys = ("map", "map@20", "r@1", "r@10", "mrr", "ndcg@10")
+    measured = [b for b in bias.values() if b is not None]
     results = {
         "dataset": rs.name,
         "languages": list(langs),
         "mono": {**_macro(mono, keys), "per_language": mono},
         "cross": {**_macro(cross, keys), "per_pair": cross},
         "multi": {**_macro(multi, keys), "per_language": multi},
-        "bias": {"rank_distance": M.mean(bias.values()), "per_language": bias},
+        "bias": {"rank_distance": M.mean(measured) if measured else None, "per_language": bias},
         "counts": {"queries": {l: len(rs.queries[l]) for l in langs},
                    "candidates": {l: int(len(idx_of[l])) for l in langs},
                    "pooled_candidates": len(rs.cand_text),

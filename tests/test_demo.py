@@ -1,14 +1,14 @@
 """The built-in demo shows the paper's effect, on a shortened run: X-X batches leave the
 synthetic languages unaligned, X-Y and hybrid batches align them, hybrid keeps X-X's
-monolingual quality."""
-import json
+monolingual quality. The README's demo table is what the demo prints today."""
 import os
-
-import numpy as np
+import re
 
 import train
 from minihbt import demo
 from minihbt.data import load_lareqa
+
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 
 
 def test_world_is_parallel_with_disjoint_vocabularies(tmp_path):
@@ -37,3 +37,18 @@ def test_shortened_demo_shows_the_effect(tmp_path):
     assert xx["mono"]["map"] > 0.9                                 # xx learns each language alone
     assert xx["cross"]["map"] < 0.2                                # ... and nothing across
     assert hy["mono"]["map"] >= xx["mono"]["map"] - 0.02
+
+
+def readme_demo_rows(seed):
+    """The rows of README.md's demo table for `seed`."""
+    with open(README, encoding="utf-8") as f:
+        return [line.rstrip() for line in f if re.match(rf"\| {seed} \| (xx|xy|hybrid) \|", line)]
+
+
+def test_readme_demo_table_is_what_the_demo_prints(tmp_path):
+    """SLOW: the full seed-0 demo, three 300-step trainings (about 20 s on an idle 2-core CPU).
+    When the training code changes the numbers, regenerate the README table with
+    `python train.py --demo --demo-seeds 0,1,2` and check the paragraph around it still holds."""
+    table = demo.run(train.main, str(tmp_path), seeds=(0,), log=lambda *a: None)
+    printed = demo.format_table(table).splitlines()[2:]            # without the header
+    assert len(printed) == 3 and readme_demo_rows(0) == printed

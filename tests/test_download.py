@@ -479,11 +479,12 @@ def test_cli_error_exit_1_no_traceback(tmp_path, capsys, monkeypatch):
     assert main(["labse", "--dir", str(tmp_path / "m"), "--quiet"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "--from" in err and "Traceback" not in err
-    assert main(["xquad-r", "--from", str(tmp_path / "nowhere")]) == 1
+    # bad arguments are refused before any transfer, with argparse's exit status 2
+    assert main(["xquad-r", "--from", str(tmp_path / "nowhere")]) == 2
     assert "no such directory" in capsys.readouterr().err
-    assert main(["nonsense"]) == 1
+    assert main(["nonsense"]) == 2
     assert "unknown name" in capsys.readouterr().err
-    assert main(["xquad-r", "mlqa-r", "--dir", str(tmp_path)]) == 1
+    assert main(["xquad-r", "mlqa-r", "--dir", str(tmp_path)]) == 2
 
 
 def test_cli_success(server, tmp_path, fake_dataset, monkeypatch, capsys):

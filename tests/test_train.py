@@ -101,9 +101,9 @@ def test_config_file_and_precedence(data, tmp_path):
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps({"model": TINY["bert"], "train": [data], "batch-size": 4, "steps": 2,
                                "temperature": 0.1, "sampler": "xx"}))
-    s = train.resolve_args(["--config", str(cfg), "--steps", "3", "--out", str(tmp_path / "o")])
-    assert s["steps"] == 3 and s["temperature"] == 0.1 and s["batch_size"] == 4 and s["sampler"] == "xx"
-    assert s["lr"] == 3e-5 and s["alpha"] == 0.5                  # untouched defaults
+    s = train.resolve_args(["--config", str(cfg), "--steps", "3", "--out", str(tmp_path / "o")]).settings
+    assert s.steps == 3 and s.temperature == 0.1 and s.batch_size == 4 and s.sampler == "xx"
+    assert s.lr == 3e-5 and s.alpha == 0.5                        # untouched defaults
     cfg.write_text(json.dumps({"bogus": 1}))
     with pytest.raises(SystemExit, match="bogus"):
         train.resolve_args(["--config", str(cfg)])

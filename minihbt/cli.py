@@ -1,0 +1,336 @@
+"""The programs' edge: settings declared once, checked together, and errors as one line.
+
+train.py, evaluate.py and `python -m minihbt.download` share what is here:
+
+- `setting(default, help, accepted=..., choices=...)` declares one field of a settings
+  dataclass. `add_flags` turns the dataclass into argparse flags (the help text shows the
+  default, so each default is written once), `read_config` reads a JSON file of the same
+  settings, and `build_settings` checks every value against its type, choices and range.
+- `Problems` collects one line per bad setting, naming the flag and what is accepted;
+  `Problems.stop_if_any()` ends the program with all of them and exit status 2, argparse's
+  convention. Settings are checked before any model or data is loaded.
+- `GracefulStop` turns the first Ctrl-C or SIGTERM into a request the training loop answers
+  after its current step (save, then exit 128 + the signal's number).
+- `program(name)` wraps a program's main(argv): an error raised by the library (a damaged
+  checkpoint, a malformed data file, a missing GPU, a bad argument) reaches the user as one
+  line and exit status 1, Ctrl-C as exit status 130; `MINIHBT_DEBUG=1` in the environment
+  shows the traceback instead, for bug reports.
+"""
+import argparse
+import difflib
+import functools
+import json
+import math
+import os
+import signal
+import sys
+import typing
+from dataclasses import dataclass, field, fields
+
+from .backend import Backend, DeviceError
+
+EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+DEBUG_VARIABLE = "MINIHBT_DEBUG"
+
+
+class Stop(SystemExit):
+    """Ends the program with `status` after showing `lines` (each prefixed with the program's
+    name). A SystemExit, so it passes through `with` blocks and `finally` clauses, and
+    `str()` gives the lines (tests match on it)."""
+
+    def __init__(self, status, *lines):
+        super().__init__(status)
+        self.lines, self.shown = lines, False
+
+    def __str__(self):
+        return "\n".join(self.lines)
+
+    def show(self, prog):
+        if not self.shown:
+            for line in self.lines:
+                print(f"{prog}: {line}", file=sys.stderr)
+            self.shown = True
+        return self
+
+
+def program(prog):
+    """Decorator for a program's main(argv): library errors become one line on stderr and
+    exit status 1 (2 for bad settings, 130 for Ctrl-C); MINIHBT_DEBUG=1 re-raises them."""
+    def wrap(main):
+        @functools.wraps(main)
+        def run(argv=None, **options):
+            debug = os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
+            try:
+                return main(argv, **options)
+            except Stop as stop:
+                raise stop.show(prog)
+            except KeyboardInterrupt:
+                if debug:
+                    raise
+                raise Stop(EXIT_INTERRUPTED, "interrupted").show(prog) from None
+            except Exception as e:  # the edge: every error reaches the user as one line
+                if debug:
+                    raise
+                raise Stop(EXIT_ERROR, "error: " + one_line(e)).show(prog) from None
+        return run
+    return wrap
+
+
+def one_line(error):
+    """An exception as one line: its message for the errors the library and the OS raise on
+    bad input, the type and a pointer to MINIHBT_DEBUG for anything else (a bug)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    expected = isinstance(error, (ValueError, OSError)) or type(error).__module__.startswith("minihbt")
+    if expected:
+        return text
+    return f"{type(error).__name__}: {text} (an internal error; {DEBUG_VARIABLE}=1 shows the traceback)"
+
+
+class GracefulStop:
+    """While active, the first Ctrl-C or SIGTERM (what batch schedulers send before killing
+    a job) only sets `signum`: the loop finishes its step, saves and exits with 128 + signum.
+    A second signal stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self):
+        self.signum = None
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt if signum == signal.SIGINT else Stop(128 + signum, "terminated")
+        self.signum = signum
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\n{name}: finishing this step, then saving a checkpoint (again to abort)", file=sys.stderr)
+
+
+class Problems:
+    """One line per bad setting, reported all at once."""
+
+    def __init__(self):
+        self.lines = []
+
+    def add(self, line):
+        self.lines.append(line)
+
+    def bad_value(self, flag, value, accepted, origin=""):
+        self.add(f"{flag} {show_value(value)}{origin}: expected {accepted}")
+
+    def stop_if_any(self):
+        if self.lines:
+            raise Stop(EXIT_USAGE, *(f"error: {line}" for line in self.lines))
+
+
+def show_value(value):
+    return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else json.dumps(value)
+
+
+# ----------------------------------------------------------------------------- ranges
+
+@dataclass(frozen=True)
+class Range:
+    """Accepted numbers: finite, at least `low` (more than `low` when `strict`), at most `high`."""
+    low: float = None
+    high: float = None
+    strict: bool = False
+
+    def accepts(self, x):
+        if not math.isfinite(x):
+            return False
+        if self.low is not None and (x <= self.low if self.strict else x < self.low):
+            return False
+        return self.high is None or x <= self.high
+
+    def short(self):
+        """The range alone: "in [0, 1]", ">= 1", "> 0"."""
+        return self.describe("").strip()
+
+    def describe(self, kind):
+        if self.low is not None and self.high is not None:
+            return f"{kind} in [{self.low}, {self.high}]"
+        if self.low is not None:
+            return f"{kind} {'>' if self.strict else '>='} {self.low}"
+        return f"{kind} <= {self.high}" if self.high is not None else f"a finite {kind.split()[-1]}"
+
+
+AT_LEAST_0, AT_LEAST_1, POSITIVE, FRACTION = Range(0), Range(1), Range(0, strict=True), Range(0, 1)
+
+
+# ----------------------------------------------------------------------------- settings dataclasses
+
+def setting(default, help, *, accepted=None, choices=None, metavar=None, repeat=False, note="", default_text=None):
+    """One field of a settings dataclass. The help text is `help`, then the accepted range and
+    the default in parentheses: "(>= 1; default 100{note})"; `default_text` replaces the
+    default's value there (e.g. "the checkpoint's own"). `accepted`: a Range; `choices`: the
+    allowed strings; `repeat`: the flag may be given several times (a list)."""
+    meta = dict(help=help, accepted=accepted, choices=choices, metavar=metavar, repeat=repeat, note=note,
+                default_text=default_text)
+    return field(default=default, metadata=meta)
+
+
+def field_kind(cls, f):
+    """(base type, None allowed) of a field: int, float, str, bool or list (of str)."""
+    hint = typing.get_type_hints(cls)[f.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    optional = type(None) in typing.get_args(hint)
+    base = args[0] if optional else hint
+    return (list if typing.get_origin(base) is list else base), optional
+
+
+def flag_of(name):
+    return "--" + name.replace("_", "-")
+
+
+def help_text(f):
+    meta, default = f.metadata, f.default
+    shown = meta["default_text"] or ("on" if default is True else "off" if default is False else default)
+    parts = [meta["accepted"].short()] if meta["accepted"] else []
+    if shown is not None:
+        parts.append(f"default{': ' if meta['default_text'] else ' '}{shown}{meta['note']}")
+    return f"{meta['help']} ({'; '.join(parts)})" if parts else meta["help"]
+
+
+def add_flags(parser, cls):
+    """One argparse flag per field of `cls`. Flags not given stay out of the namespace
+    (argparse.SUPPRESS), so the caller knows exactly what the command line set."""
+    for f in fields(cls):
+        base, _ = field_kind(cls, f)
+        meta = f.metadata
+        kw = dict(default=argparse.SUPPRESS, help=help_text(f))
+        if base is bool:
+            kw["action"] = "store_true"
+        elif meta["repeat"]:
+            kw.update(action="append", metavar=meta["metavar"])
+        else:
+            kw.update(type=base, choices=meta["choices"],
+                      metavar=meta["metavar"] or {int: "N", float: "X"}.get(base) if not meta["choices"] else None)
+        parser.add_argument(flag_of(f.name), **kw)
+
+
+def expected_text(cls, f):
+    """What a field accepts, in words: "an integer >= 1", "one of xx, xy, hybrid", ..."""
+    base, optional = field_kind(cls, f)
+    meta = f.metadata
+    if meta["choices"]:
+        return "one of " + ", ".join(meta["choices"])
+    kind = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+            list: "a list of strings"}[base]
+    return meta["accepted"].describe(kind) if meta["accepted"] else kind
+
+
+def value_fits(cls, f, value):
+    """Whether `value` (from the command line, a JSON file or a saved run) suits field `f`."""
+    base, optional = field_kind(cls, f)
+    meta = f.metadata
+    if value is None:
+        return optional
+    if isinstance(value, bool) != (base is bool):
+        return False
+    if base is float and isinstance(value, (int, float)) or base is int and isinstance(value, int):
+        return meta["accepted"] is None or meta["accepted"].accepts(value)
+    if base is list:
+        return isinstance(value, list) and all(isinstance(v, str) and v for v in value)
+    if base is str:
+        return isinstance(value, str) and (not meta["choices"] or value in meta["choices"])
+    return base is bool
+
+
+def build_settings(cls, values, origins, problems):
+    """An instance of `cls` from `values` (field name -> value); each unfit value is reported
+    (naming its flag, where it came from and what is accepted) and replaced by the default."""
+    kept = {}
+    for f in fields(cls):
+        if f.name not in values:
+            continue
+        value = values[f.name]
+        if f.metadata["repeat"] and isinstance(value, str):
+            value = [value]
+        base, _ = field_kind(cls, f)
+        if not value_fits(cls, f, value):
+            problems.bad_value(flag_of(f.name), value, expected_text(cls, f), origins.get(f.name, ""))
+            continue
+        kept[f.name] = float(value) if base is float and value is not None else value
+    return cls(**kept)
+
+
+def read_config(path, cls, problems):
+    """Settings from a JSON file {"name": value} (names with dashes or underscores). Unknown
+    names are reported with the closest known one; values are checked by `build_settings`."""
+    where = f"--config {path}"
+    try:
+        with open(path, encoding="utf-8") as fh:
+            doc = json.load(fh)
+    except OSError as e:
+        problems.add(f"{where}: cannot read it ({e.strerror or e})")
+        return {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        problems.add(f"{where}: not valid JSON ({e})")
+        return {}
+    if not isinstance(doc, dict):
+        problems.add(f"{where}: expected a JSON object of settings, e.g. {{\"lr\": 3e-5}}")
+        return {}
+    known = [f.name for f in fields(cls)]
+    values = {}
+    for key, value in doc.items():
+        name = str(key).replace("-", "_")
+        if name in known:
+            values[name] = value
+            continue
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else " (see --help for the settings)"
+        problems.add(f"{where}: unknown setting {key!r}{hint}")
+    return values
+
+
+# ----------------------------------------------------------------------------- paths and devices
+
+def parse_list(flag, text, problems):
+    """A comma-separated list: items stripped, empty items reported, duplicates dropped."""
+    items = [item.strip() for item in text.split(",")]
+    if not all(items):
+        problems.add(f"{flag} {json.dumps(text)}: an empty name in the list; expected names separated by "
+                     "commas, e.g. ar,de,en")
+        return []
+    return list(dict.fromkeys(items))
+
+
+def check_input_dir(flag, path, problems):
+    if not os.path.isdir(path):
+        problems.add(f"{flag} {path}: " + ("a file, not a folder" if os.path.exists(path) else "no such folder"))
+        return False
+    return True
+
+
+def check_output_file(flag, path, problems):
+    """An output file: not a folder, and its folder can be created (reported if not)."""
+    if os.path.isdir(path):
+        problems.add(f"{flag} {path}: a folder; expected a file name")
+        return
+    make_folder(flag, os.path.dirname(os.path.abspath(path)), problems)
+
+
+def make_folder(flag, path, problems):
+    """Create folder `path` (and its parents) now, so the work cannot fail on it later."""
+    if os.path.isfile(path):
+        problems.add(f"{flag} {path}: a file; expected a folder")
+        return
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        problems.add(f"{flag} {path}: cannot create this folder ({e.strerror or e})")
+
+
+def check_device(flag, device, problems):
+    """A cuda device must be usable now (CuPy importable, a GPU visible), not after loading."""
+    if device == "cpu":
+        return
+    try:
+        Backend(device)
+    except DeviceError as e:
+        problems.add(f"{flag} {device}: {one_line(e).rstrip('.')}; expected cpu, or cuda where CuPy sees a GPU")
