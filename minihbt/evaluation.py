@@ -77,6 +77,15 @@ def center_languages(query_emb, cand_emb, cand_lang):
     return {lang: centred(q) for lang, q in query_emb.items()}, cands
 
 
+def _candidates_by_language(rs, cand_emb):
+    """Each language's candidate indices and embeddings (gathered once), and every candidate's
+    index within its language."""
+    cand_lang = np.array(rs.cand_lang)
+    idx_of = {l: np.flatnonzero(cand_lang == l) for l in rs.languages}
+    pos_in_lang = {int(g): i for l in rs.languages for i, g in enumerate(idx_of[l])}
+    return idx_of, {l: cand_emb[idx_of[l]] for l in rs.languages}, pos_in_lang
+
+
 def evaluate(rs, query_emb, cand_emb, progress=False, return_ranks=False):
     """Run Mo., Cr. and Mul. on a RetrievalSet given embeddings.
 
@@ -88,12 +97,7 @@ def evaluate(rs, query_emb, cand_emb, progress=False, return_ranks=False):
     ranks["multi"][x], as rank_of_relevant returns them.
     """
     langs = rs.languages
-    cand_lang = np.array(rs.cand_lang)
-    idx_of = {l: np.flatnonzero(cand_lang == l) for l in langs}
-    cands_of = {l: cand_emb[idx_of[l]] for l in langs}  # each language's candidates, gathered once
-    pos_in_lang = {}                                    # global candidate index -> index within its language
-    for l in langs:
-        pos_in_lang.update({int(g): i for i, g in enumerate(idx_of[l])})
+    idx_of, cands_of, pos_in_lang = _candidates_by_language(rs, cand_emb)
     bar = _progress_bar(rs) if progress else None
 
     mono, cross, multi, bias = {}, {}, {}, {}

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from minihbt import download as dl
+from minihbt.files import sha256_file
 from minihbt.download import DownloadError, download_dataset, download_model, fetch, main
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -469,7 +470,7 @@ def test_real_xquad_r_from_shared(tmp_path):
     assert main(["xquad-r", "--from", os.path.join(SHARED, "data"), "--dir", str(out), "--quiet"]) == 0
     assert leftovers(out) == sorted(dl.DATASETS["xquad-r"]["files"])
     for rel, sha256 in dl.DATASETS["xquad-r"]["files"].items():
-        assert dl.sha256_file(out / rel) == sha256
+        assert sha256_file(out / rel) == sha256
 
 
 # ---------------------------------------------------------------- 9: the command line
