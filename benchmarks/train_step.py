@@ -51,6 +51,7 @@ excluded on both); see train_step_sides.py. After one warm-up step the mean of -
 is reported. Needs torch + transformers for the peer (and CuPy for minihbt on cuda).
 """
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -60,15 +61,16 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.path.abspath(os.path.join(HERE, "..", "..", "shared"))
-sys.path.insert(0, os.path.dirname(HERE))           # this checkout's minihbt first
+_SRC = sys.argv[sys.argv.index("--minihbt-src") + 1] if "--minihbt-src" in sys.argv else os.path.dirname(HERE)
+sys.path.insert(0, _SRC)                            # this checkout's minihbt first (a --baseline child: that one's)
 import matmul_rate                                  # noqa: E402  (benchmarks/ is the script's directory)
 import train_step_inputs as inputs                  # noqa: E402
-from minihbt.files import write_json                # noqa: E402
 from train_step_report import print_case, print_header, print_profile   # noqa: E402
 
 CASES = ("xquad", "mlqa-hybrid", "xquad-long")
 PASSAGE_LEN = {"xquad": 64, "mlqa-hybrid": 96, "xquad-long": 128}
 SIDES = (("minihbt", "minihbt"), ("torch", "pytorch+transformers"))
+BASELINE = ("baseline", "minihbt at --baseline")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -103,6 +105,9 @@ def parse_args(argv):
     a("--threads", type=int, default=os.cpu_count(), help="CPU threads for both (default: all cores)")
     a("--matmul-size", type=int, default=4096, help="side of the reference float32 matmul (default 4096; 0: skip)")
     a("--matmul-repeats", type=int, default=3, help="timed reference matmuls, best kept (default 3)")
+    a("--baseline", metavar="REV", help="also time minihbt at this git revision (checked out in a temporary "
+                                         "worktree) in the same run, e.g. the commit before a speed-up")
+    a("--minihbt-src", help=argparse.SUPPRESS)
     a("--group-tokens", type=int, help="minihbt: padded tokens per length group (default: the library's; "
                                          "0: each side as one padded batch)")
     a("--no-dropout", action="store_true", help="both sides without dropout: their losses must then agree")
@@ -181,6 +186,28 @@ def prepare_model(args, tmp):
     return os.path.join(tmp, "xlmr-base-random")
 
 
+def write_json(path, obj):
+    from minihbt.files import write_json as atomic_write_json   # the parent only: a --baseline child may predate it
+    atomic_write_json(path, obj)
+
+
+@contextlib.contextmanager
+def baseline_checkout(args, tmp):
+    """--baseline REV checked out (detached) in a temporary git worktree for the run's duration."""
+    if not args.baseline:
+        yield
+        return
+    root, args.baseline_dir = os.path.dirname(HERE), os.path.join(tmp, "baseline")
+    out = subprocess.run(["git", "-C", root, "worktree", "add", "--detach", args.baseline_dir, args.baseline],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        fail(f"--baseline {args.baseline}: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else 'git failed'}")
+    try:
+        yield
+    finally:
+        subprocess.run(["git", "-C", root, "worktree", "remove", "--force", args.baseline_dir], capture_output=True)
+
+
 def thread_env(threads):
     return dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
                 MKL_NUM_THREADS=str(threads),
@@ -189,10 +216,13 @@ def thread_env(threads):
 
 def run_child(which, batch_file, args, model_dir, precision, env):
     """One side in its own process: its JSON result, or {"skipped": why}."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", which, "--batch-file", batch_file,
+    src = []
+    if which == "baseline":
+        which, src = "minihbt", ["--minihbt-src", args.baseline_dir]
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", which, "--batch-file", batch_file] + src + [
            "--model", model_dir, "--device", args.device, "--precision", precision, "--steps", str(args.steps),
            "--threads", str(args.threads)] + (["--no-dropout"] if args.no_dropout else []) \
-        + (["--group-tokens", str(args.group_tokens)] if args.group_tokens is not None else [])
+        + (["--group-tokens", str(args.group_tokens)] if args.group_tokens is not None and not src else [])
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         print(out.stderr[-3000:], file=sys.stderr)
@@ -243,7 +273,7 @@ def make_cases(args, model_dir, tmp, config, n_nonembed):
 def compare(args, model_dir, cases, env, setup):
     """Time both sides of every case (and precision), bracketed by the matmul reference; returns the record."""
     reference = args.matmul_size and args.device == "cpu"
-    progress = Progress(len(cases) * len(args.precisions) * 2 + (2 if reference else 0))
+    progress = Progress(len(cases) * len(args.precisions) * (3 if args.baseline else 2) + (2 if reference else 0))
     matmul = {}
     if reference:
         progress.phase(f"matmul reference {args.matmul_size}^3")
@@ -252,7 +282,7 @@ def compare(args, model_dir, cases, env, setup):
     for path, info in cases:
         for precision in args.precisions:
             sides = {}
-            for key, name in SIDES:
+            for key, name in SIDES + ((BASELINE,) if args.baseline else ()):
                 progress.phase(f"case {info['case']}, {precision}, {name}")
                 sides[key] = run_child(key, path, args, model_dir, precision, env)
             results.append(dict(info, precision=precision, sides=sides))
@@ -286,7 +316,7 @@ def main(argv=None):
     resolve_settings(args)
     cores = matmul_rate.pin_cores(args.threads)           # the children inherit it
     env = thread_env(args.threads)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, baseline_checkout(args, tmp):
         model_dir = prepare_model(args, tmp)
         with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
             config = json.load(f)

@@ -26,10 +26,18 @@ def run_minihbt(model_dir, batch, args):
 
     if args.precision == "mixed":
         return None, "mixed precision is not implemented in minihbt"
-    model = minihbt.load_model(model_dir, device=args.device, tf32=args.precision == "tf32")
+    trainable = lambda m: {k: m.params[k] for k in m.trainable_names()}
+    if hasattr(minihbt, "Backend"):
+        model = minihbt.load_model(model_dir, device=args.device, tf32=args.precision == "tf32")
+        opt = AdamW(trainable(model), lr=3e-5, weight_decay=0.01, backend=model.backend)
+        clip = lambda grads: clip_grad_norm(grads, 1.0)
+    else:                          # a --baseline revision from before the Backend (xp passed instead)
+        from minihbt.backend import set_tf32
+        model = minihbt.load_model(model_dir, device=args.device)
+        set_tf32(model.xp, args.precision == "tf32")
+        opt = AdamW(trainable(model), lr=3e-5, weight_decay=0.01, xp=model.xp)
+        clip = lambda grads: clip_grad_norm(model.xp, grads, 1.0)
     xp = model.xp
-    opt = AdamW({k: model.params[k] for k in model.trainable_names()}, lr=3e-5, weight_decay=0.01,
-                backend=model.backend)
     seeds = iter(range(1000))
     group = {} if args.group_tokens is None else {"group_tokens": args.group_tokens or None}
 
@@ -39,7 +47,7 @@ def run_minihbt(model_dir, batch, args):
             model, batch["queries"], batch["positives"], batch["negatives"], temperature=0.05,
             dropout=not args.no_dropout, seed=next(seeds), max_query_length=batch["max_query_length"],
             max_passage_length=batch["max_passage_length"], return_numpy=False, stats=stats, **group)
-        clip_grad_norm(grads, 1.0)
+        clip(grads)
         opt.step(model.params, grads)
         if xp is not np:
             xp.cuda.runtime.deviceSynchronize()
