@@ -14,7 +14,7 @@ averaged over languages.
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import metrics as M
+from . import metrics
 from .retrieval import rank_of_relevant
 
 DEFINITIONS = {
@@ -33,19 +33,19 @@ DEFINITIONS = {
 
 def _query_metrics(ranks_list, recall_ks):
     """Per-query metric dicts from the relevant ranks of each query, averaged."""
-    out = {"map": M.mean(M.average_precision(r) for r in ranks_list),
-           "map@20": M.mean(M.map_at_k(r, 20) for r in ranks_list),
-           "mrr": M.mean(M.reciprocal_rank(r) for r in ranks_list),
-           "ndcg@10": M.mean(M.ndcg_at_k(r, 10) for r in ranks_list),
+    out = {"map": metrics.mean(metrics.average_precision(r) for r in ranks_list),
+           "map@20": metrics.mean(metrics.map_at_k(r, 20) for r in ranks_list),
+           "mrr": metrics.mean(metrics.reciprocal_rank(r) for r in ranks_list),
+           "ndcg@10": metrics.mean(metrics.ndcg_at_k(r, 10) for r in ranks_list),
            "n_queries": len(ranks_list)}
     for k in recall_ks:
-        out[f"r@{k}"] = M.mean(M.recall_at_k(r, k) for r in ranks_list)
+        out[f"r@{k}"] = metrics.mean(metrics.recall_at_k(r, k) for r in ranks_list)
     return out
 
 
 def _macro(per, keys):
     """Macro means over languages (pairs); None where nothing was measured (one language: Cr.)."""
-    return {k: M.mean(v[k] for v in per.values()) if per else None for k in keys}
+    return {k: metrics.mean(v[k] for v in per.values()) if per else None for k in keys}
 
 
 def _progress_bar(rs):
@@ -123,8 +123,8 @@ def evaluate(rs, query_emb, cand_emb, progress=False, return_ranks=False):
         rel = [[rs.gold[(qid, l)] for l in langs if (qid, l) in rs.gold] for qid in qids]
         ranks = rank_of_relevant(Qx, cand_emb, rel, progress=bar)
         multi[x], kept["multi"][x] = _query_metrics(ranks, recall_ks=(1, 10)), ranks
-        distances = [M.rank_distance(r) for r in ranks if len(r) > 1]
-        bias[x] = M.mean(distances) if distances else None   # None: no query of x has a parallel
+        distances = [metrics.rank_distance(r) for r in ranks if len(r) > 1]
+        bias[x] = metrics.mean(distances) if distances else None   # None: no query of x has a parallel
     if bar is not None:
         bar.close()
     keys = ("map", "map@20", "r@1", "r@10", "mrr", "ndcg@10")
@@ -135,7 +135,7 @@ def evaluate(rs, query_emb, cand_emb, progress=False, return_ranks=False):
         "mono": {**_macro(mono, keys), "per_language": mono},
         "cross": {**_macro(cross, keys), "per_pair": cross},
         "multi": {**_macro(multi, keys), "per_language": multi},
-        "bias": {"rank_distance": M.mean(measured) if measured else None, "per_language": bias},
+        "bias": {"rank_distance": metrics.mean(measured) if measured else None, "per_language": bias},
         "counts": {"queries": {l: len(rs.queries[l]) for l in langs},
                    "candidates": {l: int(len(idx_of[l])) for l in langs},
                    "pooled_candidates": len(rs.cand_text),

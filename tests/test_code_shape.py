@@ -1,0 +1,72 @@
+"""The shape of the library's code, as README promises it: minihbt/ has no import cycle and no
+import inside a function (imports are where a reader looks for them), no module over 350
+lines and no function over 60. Read with `ast`, so the check is exact, not a style hint."""
+import ast
+import os
+
+import pytest
+
+PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "minihbt")
+MODULES = sorted(os.path.relpath(os.path.join(d, f), PACKAGE)
+                 for d, _, files in os.walk(PACKAGE) if "__pycache__" not in d for f in files if f.endswith(".py"))
+
+
+def parse(rel):
+    with open(os.path.join(PACKAGE, rel), encoding="utf-8") as f:
+        src = f.read()
+    return src, ast.parse(src)
+
+
+def module_name(rel):
+    return "minihbt." + rel[:-3].replace(os.sep, ".").removesuffix(".__init__")
+
+
+def internal_imports(rel, tree):
+    """The minihbt modules `rel` imports (relative imports resolved)."""
+    package = module_name(rel).rsplit(".", 1)[0] if not rel.endswith("__init__.py") else module_name(rel)
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+            target = f"{base}.{node.module}" if node.module else base
+            found.add(target)
+            found.update(f"{target}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("minihbt"))
+    known = {module_name(m) for m in MODULES}
+    return {m for m in found if m in known and m != module_name(rel)}
+
+
+def test_no_import_cycle():
+    graph = {module_name(rel): internal_imports(rel, parse(rel)[1]) for rel in MODULES}
+    graph = {m: {d for d in deps if not m.startswith(d + ".")} for m, deps in graph.items()}   # a package's own __init__
+    state = {}
+
+    def visit(m, path):
+        state[m] = "open"
+        for d in sorted(graph.get(m, ())):
+            assert state.get(d) != "open", "import cycle: " + " -> ".join(path + [d])
+            if d not in state:
+                visit(d, path + [d])
+        state[m] = "done"
+    for m in graph:
+        if m not in state:
+            visit(m, [m])
+
+
+@pytest.mark.parametrize("rel", MODULES)
+def test_module_and_function_sizes_and_no_imports_inside_functions(rel):
+    src, tree = parse(rel)
+    assert len(src.splitlines()) <= 350, f"{rel}: {len(src.splitlines())} lines"
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            assert node.end_lineno - node.lineno + 1 <= 60, f"{rel}:{node.lineno} {node.name}"
+            inner = [n.lineno for n in ast.walk(node) if isinstance(n, (ast.Import, ast.ImportFrom))]
+            assert not inner, f"{rel}: import inside {node.name} at line(s) {inner}"
+
+
+def test_the_check_sees_a_cycle_and_an_inner_import():
+    """The checks above can fail: they do on code that has the defects."""
+    tree = ast.parse("def f():\n    import os\n")
+    assert any(isinstance(n, ast.Import) for n in ast.walk(tree.body[0]))
+    assert internal_imports("layers.py", ast.parse("from . import model\n")) == {"minihbt.model"}
