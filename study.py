@@ -170,7 +170,7 @@ def run_grid(study, runs, pending, args):
     except (Interrupted, KeyboardInterrupt) as e:
         print(f"study.py: interrupted during {current.id}{': ' + str(e) if str(e) else ''}; the same command "
               "resumes it", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(getattr(e, "code", 130))
     print(f"study.py: {len(pending)} run(s) done, {len(runs) - len(pending)} already finished; results in "
           f"{study.display(study.results_dir)}/; the report: python study.py "
           f"{shlex.join(reproduce_flags(study, args))} --report", file=sys.stderr)

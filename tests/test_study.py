@@ -192,7 +192,8 @@ def test_resume_after_training_evaluates_only(grid, tmp_path, monkeypatch, capsy
     assert result(tmp_path, "A/xy-seed1")["results"] == result(out, "A/xy-seed1")["results"]
 
 
-def test_ctrl_c_saves_and_the_plan_shows_the_resume_point(world, tmp_path):
+@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_saves_and_the_plan_shows_the_resume_point(world, tmp_path, signum, code):
     config = make_config(world, tmp_path / "study.json", steps=100000)
     cmd = [sys.executable, os.path.join(ROOT, "study.py")] + flags(config, tmp_path) + ["--only", "A/xx-seed0"]
     env = {**os.environ, "PYTHONPATH": ROOT}
@@ -201,9 +202,9 @@ def test_ctrl_c_saves_and_the_plan_shows_the_resume_point(world, tmp_path):
     deadline = time.time() + 60
     while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 3):
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    assert proc.returncode == code, err
     assert "interrupted during A/xx-seed0" in err and "the same command resumes it" in err
     ckpt = [d for d in os.listdir(log.parent) if d.startswith("checkpoint-")]
     assert len(ckpt) == 1

@@ -41,7 +41,12 @@ class RunError(Exception):
 
 
 class Interrupted(Exception):
-    """Ctrl-C: what the run has so far is kept; the same command resumes it."""
+    """Ctrl-C or SIGTERM: what the run has so far is kept; the same command resumes it.
+    `code` is the exit status to end with (130 Ctrl-C, 143 SIGTERM)."""
+
+    def __init__(self, message="", code=130):
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass
@@ -149,8 +154,8 @@ def train(ctx, run):
     try:
         final = ctx.train_main(argv + ["--device", ctx.device])
     except SystemExit as e:
-        if e.code == 130:
-            raise Interrupted(f"{run.id}: training stopped at a saved checkpoint") from None
+        if e.code in (130, 143):                    # Ctrl-C or SIGTERM: train.py saved a checkpoint first
+            raise Interrupted(f"{run.id}: training stopped at a saved checkpoint", code=e.code) from None
         raise RunError(f"{run.id}: training failed: {e.code}") from None
     except (CheckpointError, ConfigError, DeviceError, OSError) as e:
         raise RunError(f"{run.id}: training failed: {e}") from None
