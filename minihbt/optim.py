@@ -70,9 +70,13 @@ def _sum_of_squares(g, chunk=1 << 20):
 class AdamW:
     """AdamW over the tensors of `params` (name -> array); `backend` defaults to the CPU."""
 
-    def __init__(self, params, lr=3e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, backend=None):
-        self.backend = backend or Backend("cpu", "float64" if any(p.dtype == np.float64 for p in params.values())
-                                          else "float32")
+    def __init__(self, params, lr=3e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, xp=None, backend=None):
+        """backend: the model's (`model.backend`). xp, the array module, is the older way to say
+        it (numpy: the CPU, cupy: the GPU); with neither, the CPU."""
+        if backend is None:
+            dtype = "float64" if any(p.dtype == np.float64 for p in params.values()) else "float32"
+            backend = Backend("cpu" if xp is None or xp is np else "cuda", dtype)
+        self.backend = backend
         xp = self.backend.xp
         self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
         self.t = 0

@@ -221,3 +221,14 @@ def test_whole_model_float64_with_dropout(kind, pooling):
         analytic = g.reshape(-1)[idx]
         numeric = [central_difference(loss, p, i) for i in idx]
         assert rel_err(analytic, numeric) <= TOL, (name, analytic, numeric)
+
+
+def test_adamw_takes_the_array_module_or_the_backend():
+    """The public AdamW signature of earlier versions (xp=numpy) and the Backend one give the same update."""
+    from minihbt.optim import AdamW
+    rng = np.random.default_rng(3)
+    p0, g = rng.standard_normal((4, 5)), rng.standard_normal((4, 5))
+    a, b = {"w": p0.copy()}, {"w": p0.copy()}
+    AdamW(a, lr=0.1, xp=np).step(a, {"w": g})
+    AdamW(b, lr=0.1, backend=be).step(b, {"w": g})
+    assert np.array_equal(a["w"], b["w"]) and not np.array_equal(a["w"], p0)
