@@ -140,6 +140,7 @@ def dry_run(study, runs, pending, args):
             print(f"  {run.id:16s} {run_state(study, run):16s} {what}")
     try:
         check_inputs(study, pending)
+        check_train_settings(study, pending)
     except SettingError as e:
         print(f"not ready: {e}")
     left, missing = make_progress(study, runs, pending, 0).time_left()
@@ -151,6 +152,19 @@ def dry_run(study, runs, pending, args):
     else:
         print(f"estimated time: about {human(left)} (from the measured times of finished runs)")
     return 0
+
+
+def check_train_settings(study, runs):
+    """Every planned training run's train.py settings, checked by train.py's own rules before any
+    run starts (a combination train.py refuses would otherwise stop the grid hours in)."""
+    import train
+    from minihbt.study import SettingError
+    for run in runs:
+        if study.conditions[run.condition] is None:
+            continue
+        problems = train.setting_problems(study.train_argv(run, study.run_dir(run)))
+        if problems:
+            raise SettingError(f"{run.id}: train.py would refuse its settings: {problems[0]}")
 
 
 def run_grid(study, runs, pending, args):
@@ -231,6 +245,7 @@ def main(argv=None):
         if args.dry_run:
             return dry_run(study, runs, pending, args)
         check_inputs(study, runs if args.verify else pending)
+        check_train_settings(study, runs if args.verify else pending)
     except SettingError as e:
         print(f"study.py: {e}", file=sys.stderr)
         sys.exit(2)

@@ -151,6 +151,18 @@ def resolve_args(argv):
     return Plan(settings, checkpoint, overwrite, given)
 
 
+def setting_problems(argv):
+    """The problems of a fresh run's settings on their own (types, ranges, combinations; no
+    paths, device or existing runs): for programs that plan many runs, e.g. study.py."""
+    args = vars(build_parser().parse_args(argv))
+    for name in ("config", "resume", "overwrite", "demo", "demo_seeds"):
+        args.pop(name)
+    problems = Problems()
+    settings = cli.build_settings(TrainSettings, args, {k: "" for k in args}, problems)
+    check_combinations(settings, frozenset(args), problems)
+    return problems.lines
+
+
 def resume_settings(run_dir, values, origins, problems):
     """(checkpoint, values, origins) to continue the run in `run_dir`: its saved settings,
     with the RESUMABLE ones the user gave; any other change is a problem."""

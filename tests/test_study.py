@@ -287,3 +287,18 @@ def test_progress_estimate_uses_measured_times_only():
     assert p.time_left()[0] == pytest.approx(15.0 + 130.0)            # a1: 30 - 15 s spent; then a2
     assert "run 2/4 A/x-seed0: encoding (evaluating for 15 s)" in p.line()
     assert lines[0].startswith("[t] run 2/4 A/x-seed0: starting | 1/4 runs done")
+
+
+def test_a_recipe_train_py_would_refuse_is_refused_before_any_run(world, tmp_path, capsys, monkeypatch):
+    """The recipe is shared by every condition: --xx-weighting reaching an xy run is refused by
+    train.py, so study.py must refuse the grid up front, naming the run and the flag."""
+    config = make_config(world, tmp_path / "study.json", xx_weighting="uniform")
+
+    def boom(*a, **k):
+        raise AssertionError("trained although the settings are refused")
+    monkeypatch.setattr(train, "main", boom)
+    with pytest.raises(SystemExit) as e:
+        study.main(flags(config, tmp_path))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "A/xy-seed0: train.py would refuse its settings: --xx-weighting" in err
+    assert "Traceback" not in err and not (tmp_path / "results").exists()
