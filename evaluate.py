@@ -27,7 +27,7 @@ import time
 import numpy as np
 
 from minihbt import cli
-from minihbt.files import atomic_path, sha256_file, stat_digest, write_json, write_text
+from minihbt.files import atomic_path, sha256_file, source_digest, stat_digest, write_json, write_text
 
 DEFAULT_MAX_LENGTH = 512
 NOT_APPLICABLE = "n/a"
@@ -85,7 +85,7 @@ def cache_key(model, rs, args):
     import minihbt
     from minihbt.weights import checkpoint_files
 
-    parts = {"minihbt": minihbt.__version__, "config": sha256_file(os.path.join(model.path, "config.json")),
+    parts = {"minihbt": minihbt.__version__, "code": source_digest(), "device": model.device, "config": sha256_file(os.path.join(model.path, "config.json")),
              "tokenizer": sha256_file(os.path.join(model.path, "tokenizer.json")),
              "weights": [stat_digest(p) for p in checkpoint_files(model.path)],
              "data": [sha256_file(p) for p in rs.files], "pooling": model.pooling,

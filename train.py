@@ -236,6 +236,10 @@ def check_paths(s, resume, overwrite, problems):
         if found and not overwrite:
             problems.add(f"--out {s.out}: already holds a run ({', '.join(found)}); continue it with --resume "
                          f"{s.out}, or add --overwrite to delete it and start over")
+        model, doomed = os.path.realpath(s.model or ""), [os.path.realpath(os.path.join(s.out, n)) for n in found]
+        if overwrite and s.model and any(model == d or model.startswith(d + os.sep) for d in doomed):
+            problems.add(f"--overwrite: --model {s.model} lies in the run in --out {s.out}, which --overwrite would "
+                         "delete; copy it elsewhere first or choose another --out")
 
 
 def load_start_model(s, checkpoint, given, say):
@@ -336,10 +340,11 @@ def train(plan):
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                             tok_s=f"{record['tokens'] / max(record['seconds'], 1e-4):.0f}", kind=batch.kind)
-            if step < s.steps and (stop.signum or s.save_every and step % s.save_every == 0):
+            signum = stop.signum                                # read once: a signal may land any time
+            if step < s.steps and (signum or s.save_every and step % s.save_every == 0):
                 path = save(f"checkpoint-{step}")
-            if stop.signum and step < s.steps:                 # on the last step, final/ is saved below
-                raise Stop(128 + stop.signum, f"stopped at step {step}; saved {path}; continue with --resume {s.out}")
+            if signum and step < s.steps:                       # on the last step, final/ is saved below
+                raise Stop(128 + signum, f"stopped at step {step}; saved {path}; continue with --resume {s.out}")
         path = save("final")
     say(f"done: {step} steps; model in {path}")
     return path

@@ -110,12 +110,17 @@ def run_contents(run_dir):
 
 
 def clear_run(run_dir):
-    """Delete the run in `run_dir` (log, checkpoints, partial writes); other files stay.
-    Returns the names removed."""
+    """Delete the run in `run_dir` (log, checkpoint folders, partial saves of them); other
+    files stay. Returns the names removed."""
     removed = remove_partial_checkpoints(run_dir) + run_contents(run_dir)
     for name in run_contents(run_dir):
         path = os.path.join(run_dir, name)
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        if os.path.isdir(path) and is_checkpoint(path):
+            shutil.rmtree(path)
+        elif name == LOG_FILE:
+            os.remove(path)
+        else:
+            removed.remove(name)                              # a checkpoint-N that holds no checkpoint: kept
     return removed
 
 
@@ -129,9 +134,15 @@ def remove_partial_checkpoints(run_dir):
     removed = []
     for entry in sorted(os.listdir(run_dir)):
         path = os.path.join(run_dir, entry)
-        if entry.startswith(".old-") and not os.path.exists(os.path.join(run_dir, entry[5:])):
-            os.replace(path, os.path.join(run_dir, entry[5:]))
-        elif entry.startswith(PARTIAL_PREFIXES) or re.fullmatch(r"log\.tmp-\d+\.jsonl", entry):
+        prefix, name = entry[:5], entry[5:]
+        if prefix not in PARTIAL_PREFIXES or not CHECKPOINT_NAME.fullmatch(name):
+            if re.fullmatch(r"log\.tmp-\d+\.jsonl", entry):           # the log's temporary copy
+                os.remove(path)
+                removed.append(entry)
+            continue                                                  # not ours: a user's file stays
+        if prefix == ".old-" and not os.path.exists(os.path.join(run_dir, name)):
+            os.replace(path, os.path.join(run_dir, name))
+        else:
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
             removed.append(entry)
     return removed

@@ -55,6 +55,20 @@ def sha256_file(path):
     return h.hexdigest()
 
 
+def source_digest():
+    """sha256 of minihbt's own source files (this package, subpackages included): a cache key part
+    that changes whenever the code that computed a cached result may have."""
+    root, h = os.path.dirname(os.path.abspath(__file__)), hashlib.sha256()
+    for folder, dirs, files in sorted(os.walk(root)):
+        dirs.sort()
+        for name in sorted(f for f in files if f.endswith(".py")):
+            path = os.path.join(folder, name)
+            h.update(os.path.relpath(path, root).encode())
+            with open(path, "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()
+
+
 def stat_digest(path):
     """A cheap fingerprint of a big file: sha256 of its name, size and modification time."""
     st = os.stat(path)

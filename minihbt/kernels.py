@@ -85,7 +85,8 @@ def adamw(p, g, m, v, decay, one_minus_b1, b2, one_minus_b2, inv_bc2_sqrt, eps, 
 
 
 def dropout_keep(keys, elem, threshold):
-    """keep = fmix32(key ^ elem * golden) >> 8 >= threshold (uint32 arrays, broadcast) -> bool."""
+    """keep = fmix32(elem ^ key) >> 8 >= threshold, uint32 arrays broadcast -> bool; `elem` is
+    the element index already multiplied by the golden constant (dropout.element_index)."""
     return _elementwise("dropout_keep")(keys, elem, threshold)
 
 
@@ -103,7 +104,7 @@ _ELEMENTWISE = {
                   f"T pdf = exp((T)-0.5 * x * x); pdf = pdf * (T){_INV_SQRT2PI!r}; pdf = pdf * x; "
                   "pdf = pdf + cdf; dx = dy * pdf;"),
     "dropout_keep": ("uint32 key, uint32 elem, uint32 threshold", "bool keep",
-                     "unsigned int h = (elem * 0x9E3779B9u) ^ key; h ^= h >> 16; h *= 0x85EBCA6Bu; "
+                     "unsigned int h = elem ^ key; h ^= h >> 16; h *= 0x85EBCA6Bu; "
                      "h ^= h >> 13; h *= 0xC2B2AE35u; h ^= h >> 16; keep = (h >> 8) >= threshold;"),
     "adamw": ("T g, T decay, T one_minus_b1, T b2, T one_minus_b2, T inv_bc2_sqrt, T eps, T step_size",
               "T p, T m, T v",

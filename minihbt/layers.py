@@ -114,7 +114,8 @@ def _gelu_into(be, x, cdf, out):
 
 def gelu_forward(be, x):
     """Exact GELU: x * Phi(x). x [...]. On the CPU in cache-sized chunks over all cores."""
-    cdf, out = be.xp.empty_like(x), be.xp.empty_like(x)
+    x = be.xp.ascontiguousarray(x)                                 # the flat views below must be views
+    cdf, out = be.xp.empty(x.shape, x.dtype), be.xp.empty(x.shape, x.dtype)
     xf, cf, of = x.reshape(-1), cdf.reshape(-1), out.reshape(-1)
     be.map_chunks(lambda s, e: _gelu_into(be, xf[s:e], cf[s:e], of[s:e]), x.size)
     return out, (x, cdf)
@@ -145,7 +146,8 @@ def gelu_backward(be, d_y, cache):
     x, cdf = cache
     if be.fused:
         return kernels.gelu_grad(d_y, x, cdf)
-    d_x = be.xp.empty_like(d_y)
+    d_y = be.xp.ascontiguousarray(d_y)
+    d_x = be.xp.empty(d_y.shape, d_y.dtype)
     xf, cf, df, of = x.reshape(-1), cdf.reshape(-1), d_y.reshape(-1), d_x.reshape(-1)
     be.map_chunks(lambda s, e: _gelu_grad_into(be, xf[s:e], cf[s:e], df[s:e], of[s:e]), x.size)
     return d_x
@@ -166,7 +168,8 @@ def dropout_forward(be, x, p, streams, site):
 
 def _scale_kept(be, x, keep, scale):
     """x * keep * scale, in flat chunks on all cores."""
-    out = be.xp.empty_like(x)
+    x, keep = be.xp.ascontiguousarray(x), be.xp.ascontiguousarray(keep)
+    out = be.xp.empty(x.shape, x.dtype)
     xf, kf, of = x.reshape(-1), keep.reshape(-1), out.reshape(-1)
 
     def chunk(s, e):

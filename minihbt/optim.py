@@ -93,7 +93,7 @@ class AdamW:
         step_size = lr / (1 - b1 ** self.t)
         bc2_sqrt = math.sqrt(1 - b2 ** self.t)
         for name in self.m:
-            p, g = params[name], grads[name]
+            p, g = params[name], self.backend.xp.ascontiguousarray(grads[name])
             if g.shape != p.shape:
                 raise ValueError(f"gradient of {name} has shape {g.shape}, parameter {p.shape}")
             wd = 0.0 if no_decay(name) else self.weight_decay
@@ -103,6 +103,8 @@ class AdamW:
             if be.fused:
                 kernels.adamw(p, g, m, v, *consts)                 # one kernel launch for the whole update
                 continue
+            if not p.flags.c_contiguous:
+                raise ValueError(f"parameter {name} is not C-contiguous: AdamW updates it in place through a flat view")
             pf, gf, mf, vf = p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1)
             be.map_chunks(lambda s, e: _adamw_update(pf[s:e], gf[s:e], mf[s:e], vf[s:e], *consts), p.size)
 

@@ -260,15 +260,26 @@ def test_overwrite_clears_the_old_run_and_keeps_other_files(paths, tmp_path):
     assert json.loads((run / "final" / "trainer_state.json").read_text())["settings"]["seed"] == 1
 
 
+def test_overwrite_refuses_to_delete_the_model_it_starts_from(paths, tmp_path, capsys):
+    run = tmp_path / "run"
+    tiny_run(paths["data"], run, "--steps", "1", "--save-every", "0")
+    code, err = call("train", ["--model", str(run / "final"), "--train", paths["data"], "--out", str(run),
+                               "--overwrite", "--steps", "1"], capsys)
+    assert code == 2 and "--overwrite" in err and "--model" in err and "Traceback" not in err
+    assert (run / "final" / "tokenizer.json").exists()                             # nothing deleted
+
+
 def test_partial_checkpoints_are_cleared_and_a_cut_swap_is_undone(tmp_path):
     run = tmp_path / "run"
     for name in (".tmp-checkpoint-4", ".old-checkpoint-2", "checkpoint-2", ".old-final", ".tmp-final"):
         (run / name).mkdir(parents=True)
         (run / name / "marker").write_text(name)
     (run / "log.tmp-123.jsonl").write_text("")
+    (run / ".tmp-mydata").mkdir()                                                   # the user's, not a save's
+    (run / ".old-notes.txt").write_text("mine")
     removed = remove_partial_checkpoints(str(run))
     assert sorted(removed) == [".old-checkpoint-2", ".tmp-checkpoint-4", ".tmp-final", "log.tmp-123.jsonl"]
-    assert sorted(os.listdir(run)) == ["checkpoint-2", "final"]
+    assert sorted(os.listdir(run)) == [".old-notes.txt", ".tmp-mydata", "checkpoint-2", "final"]
     assert (run / "final" / "marker").read_text() == ".old-final"                  # the last complete version
     assert (run / "checkpoint-2" / "marker").read_text() == "checkpoint-2"
 

@@ -232,3 +232,15 @@ def test_adamw_takes_the_array_module_or_the_backend():
     AdamW(a, lr=0.1, xp=np).step(a, {"w": g})
     AdamW(b, lr=0.1, backend=be).step(b, {"w": g})
     assert np.array_equal(a["w"], b["w"]) and not np.array_equal(a["w"], p0)
+
+
+def test_threaded_elementwise_passes_take_non_contiguous_inputs(rng):
+    """GELU and dropout scaling run over flat views of their arrays: a transposed input must give
+    the same result as its contiguous copy (not a write into a throwaway copy)."""
+    x = rng.standard_normal((40, 30)).T                          # non-contiguous [30, 40]
+    y, _ = L.gelu_forward(be, x)
+    np.testing.assert_array_equal(y, L.gelu_forward(be, np.ascontiguousarray(x))[0])
+    d = L.gelu_backward(be, x, L.gelu_forward(be, x)[1])
+    np.testing.assert_array_equal(d, L.gelu_backward(be, np.ascontiguousarray(x), L.gelu_forward(be, x.copy())[1]))
+    keep = rng.random((40, 30)).T > 0.3
+    np.testing.assert_array_equal(L.dropout_backward(be, x, (keep, 2.0)), x * keep * 2.0)

@@ -84,7 +84,11 @@ def _cell(metric, d):
 def differences_section(study, boot):
     rows = [[f"{a} − {b}"] + [_cell(m, boot.difference(a, b, m)) for m in TABLE_METRICS]
             for a, b in study.report["comparisons"]]
-    lines = ["### Differences (paired bootstrap over questions, 95% interval)", ""]
+    lines = ["### Differences (paired bootstrap over questions, 95% interval)", "",
+             "Each question's value is first averaged over the seeds, then the questions are resampled: the "
+             "interval is the uncertainty from which questions were asked, for the seed-averaged models. "
+             "Seed-to-seed variation is in the ± of the tables above; with three seeds, one outlying seed can "
+             "move a difference, so read a verdict together with both.", ""]
     return lines + _table(["difference"] + [METRICS[m][0] for m in TABLE_METRICS], rows) + [""]
 
 

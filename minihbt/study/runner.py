@@ -25,7 +25,7 @@ from .. import CheckpointError, ConfigError, DeviceError, __version__, encode, l
 from ..checkpoint import STATE_FILE, latest_checkpoint
 from ..data import DataError, load_lareqa
 from ..evaluation import DEFINITIONS, center_languages, evaluate
-from ..files import atomic_path, stat_digest, sha256_file, write_json
+from ..files import atomic_path, sha256_file, source_digest, stat_digest, write_json
 from ..weights import checkpoint_files
 from .config import SettingError, languages_in
 from .perquery import save_ranks
@@ -173,8 +173,9 @@ def train(ctx, run):
     return final
 
 
-def _embedding_key(study, model_path, rs):
-    parts = {"config": sha256_file(os.path.join(model_path, "config.json")),
+def _embedding_key(study, model_path, rs, device):
+    parts = {"code": source_digest(), "device": device,
+             "config": sha256_file(os.path.join(model_path, "config.json")),
              "weights": [stat_digest(p) for p in checkpoint_files(model_path)],
              "data": [stat_digest(p) for p in rs.files], "evaluation": study.evaluation}
     return json.dumps(parts, sort_keys=True)
@@ -185,7 +186,7 @@ def embed(ctx, run, model_path, rs):
     (one encode call per query language, one for all candidates); kept in the run directory.
     Returns (queries, candidates, seconds the encoding took, model loading included)."""
     study = ctx.study
-    path, key = os.path.join(study.run_dir(run), EMBEDDINGS), _embedding_key(study, model_path, rs)
+    path, key = os.path.join(study.run_dir(run), EMBEDDINGS), _embedding_key(study, model_path, rs, ctx.device)
     if os.path.exists(path):
         with np.load(path) as z:
             if str(z["key"]) == key:
