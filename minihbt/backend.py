@@ -6,12 +6,13 @@ instead of testing the array module itself. Data crosses to the host only at the
 `to_numpy`. On the CPU, element-wise passes that NumPy runs on one core are spread over a
 small thread pool (`be.map_chunks`): NumPy's ufuncs release the GIL.
 """
+import contextlib
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from threadpoolctl import threadpool_info
+from threadpoolctl import ThreadpoolController, threadpool_info
 
 try:                                  # optional: only device="cuda" needs it
     import cupy
@@ -76,6 +77,7 @@ class Backend:
         self.fused = bool(fused) and self.is_cuda and self.dtype == np.float32
         self.threads = threads or blas_threads()
         self._pool = None
+        self._blas = None if self.is_cuda else ThreadpoolController().select(user_api="blas")
         if self.is_cuda:
             mode = _cupy_linalg.COMPUTE_TYPE_TF32 if self.tf32 else _cupy_linalg.COMPUTE_TYPE_DEFAULT
             _cupy_linalg.set_compute_type(np.float32, mode)       # CuPy's own switch (cuBLAS compute type)
@@ -101,6 +103,17 @@ class Backend:
             return
         for _ in self._executor().map(lambda r: fn(*r), ranges):
             pass
+
+    @contextlib.contextmanager
+    def blas_serial(self):
+        """BLAS on one thread inside the block: for many small products that the thread pool
+        runs side by side (a multi-threaded BLAS on each tiny GEMM only adds wake-ups, and
+        collapses when other processes hold the cores)."""
+        if self._blas is None or self.threads == 1:
+            yield
+            return
+        with self._blas.limit(limits=1):
+            yield
 
     def map_rows(self, fn, rows, row_size):
         """map_chunks over the leading axis of an array of `rows` rows of `row_size` elements."""

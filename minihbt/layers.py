@@ -224,6 +224,20 @@ def softmax_backward(be, d_probs, probs):
     return d_probs
 
 
+def batched_matmul(be, a, b):
+    """a @ b for stacks of small matrices [B, N, ., .]: on the CPU the texts (leading axis) are
+    spread over the thread pool, each product on one BLAS thread; on CuPy one batched call."""
+    if be.is_cuda:
+        return a @ b
+    out = be.xp.empty(a.shape[:-1] + b.shape[-1:], dtype=be.xp.result_type(a, b))
+
+    def texts(s, e):
+        be.xp.matmul(a[s:e], b[s:e], out=out[s:e])
+    with be.blas_serial():
+        be.map_rows(texts, a.shape[0], out[0].size)
+    return out
+
+
 def attention_forward(be, q, k, v, mask_bias, num_heads, dropout_p=0.0, streams=None, site=0):
     """Masked multi-head scaled dot-product attention.
 
@@ -235,10 +249,10 @@ def attention_forward(be, q, k, v, mask_bias, num_heads, dropout_p=0.0, streams=
     q_heads = q.reshape(B, T, num_heads, D).transpose(0, 2, 1, 3)     # [B, N, T, D]
     k_heads = k.reshape(B, T, num_heads, D).transpose(0, 2, 1, 3)     # [B, N, T, D]
     v_heads = v.reshape(B, T, num_heads, D).transpose(0, 2, 1, 3)     # [B, N, T, D]
-    scores = q_heads @ k_heads.transpose(0, 1, 3, 2)                    # [B, N, T, T]
+    scores = batched_matmul(be, q_heads, k_heads.transpose(0, 1, 3, 2))   # [B, N, T, T]
     probs = scaled_masked_softmax(be, scores, 1.0 / math.sqrt(D), mask_bias)
     probs_dropped, drop = dropout_forward(be, probs, dropout_p, streams, site)   # [B, N, T, T]
-    ctx = probs_dropped @ v_heads                                       # [B, N, T, D]
+    ctx = batched_matmul(be, probs_dropped, v_heads)                    # [B, N, T, D]
     ctx = ctx.transpose(0, 2, 1, 3).reshape(B, T, H)                    # [B, T, H]
     return ctx, (q_heads, k_heads, v_heads, probs, drop)
 
@@ -250,14 +264,14 @@ def attention_backward(be, d_ctx, cache):
     B, N, T, D = q_heads.shape
     d_ctx = d_ctx.reshape(B, T, N, D).transpose(0, 2, 1, 3)           # [B, N, T, D]
     probs_dropped = dropout_backward(be, probs, drop)                   # what multiplied v (dropout is linear)
-    d_v = probs_dropped.transpose(0, 1, 3, 2) @ d_ctx                  # [B, N, T, D]
+    d_v = batched_matmul(be, probs_dropped.transpose(0, 1, 3, 2), d_ctx)   # [B, N, T, D]
     del probs_dropped
-    d_probs = d_ctx @ v_heads.transpose(0, 1, 3, 2)                    # [B, N, T, T]
+    d_probs = batched_matmul(be, d_ctx, v_heads.transpose(0, 1, 3, 2))    # [B, N, T, T]
     d_probs = dropout_backward(be, d_probs, drop)
     d_scores = softmax_backward(be, d_probs, probs)                     # [B, N, T, T]
     d_scores *= q_heads.dtype.type(1.0 / math.sqrt(D))
-    d_q = d_scores @ k_heads                                            # [B, N, T, D]
-    d_k = d_scores.transpose(0, 1, 3, 2) @ q_heads                      # [B, N, T, D]
+    d_q = batched_matmul(be, d_scores, k_heads)                         # [B, N, T, D]
+    d_k = batched_matmul(be, d_scores.transpose(0, 1, 3, 2), q_heads)   # [B, N, T, D]
 
     def merge(t):                                                       # [B, N, T, D] -> [B, T, H]
         return t.transpose(0, 2, 1, 3).reshape(B, T, N * D)
