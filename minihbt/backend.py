@@ -58,9 +58,11 @@ class Backend:
 
     device: "cpu" (NumPy) or "cuda"/"cuda:N" (CuPy; an error if no GPU is usable, never a
         silent fallback). dtype: "float32" or "float64". tf32: float32 GEMMs on TF32 tensor
-        cores (CuPy only; ~1e-3 relative error). fused: the fused CuPy kernels of kernels.py
-        for float32 on CuPy. threads: worker threads for CPU element-wise passes (default:
-        all cores).
+        cores (CuPy only; ~1e-3 relative error). cuBLAS keeps this per process: True or False
+        sets it, None leaves it as the last Backend set it. fused: the fused CuPy kernels of
+        kernels.py for float32 on CuPy. threads: worker threads for CPU element-wise passes
+        (default: as many as BLAS uses, which follows OMP_NUM_THREADS / OPENBLAS_NUM_THREADS
+        and the CPU affinity).
     """
 
     def __init__(self, device="cpu", dtype="float32", tf32=False, fused=False, threads=None):
@@ -73,14 +75,14 @@ class Backend:
             raise DeviceError(f"unknown device {device!r}: use 'cpu' or 'cuda'.")
         self.is_cuda = self.xp is not np
         self.dtype = get_dtype(dtype)
-        self.tf32 = bool(tf32) and self.is_cuda
+        if self.is_cuda and tf32 is not None:
+            mode = _cupy_linalg.COMPUTE_TYPE_TF32 if tf32 else _cupy_linalg.COMPUTE_TYPE_DEFAULT
+            _cupy_linalg.set_compute_type(np.float32, mode)       # CuPy's own switch (cuBLAS compute type)
+        self.tf32 = self.is_cuda and (bool(tf32) if tf32 is not None else _tf32_on())
         self.fused = bool(fused) and self.is_cuda and self.dtype == np.float32
         self.threads = threads or blas_threads()
         self._pool = None
         self._blas = None if self.is_cuda else ThreadpoolController().select(user_api="blas")
-        if self.is_cuda:
-            mode = _cupy_linalg.COMPUTE_TYPE_TF32 if self.tf32 else _cupy_linalg.COMPUTE_TYPE_DEFAULT
-            _cupy_linalg.set_compute_type(np.float32, mode)       # CuPy's own switch (cuBLAS compute type)
 
     def __repr__(self):
         return (f"Backend({self.device!r}, {self.dtype.name}" + (", tf32" if self.tf32 else "")
@@ -155,6 +157,12 @@ class Backend:
         if x.dtype != np.float32:
             return _erf_exact(x)
         return self.elementwise(_erf_f32, x) if threaded else _erf_f32(x)
+
+
+def _tf32_on():
+    """Whether cuBLAS currently runs float32 GEMMs on TF32 (False where CuPy cannot say)."""
+    get = getattr(_cupy_linalg, "get_compute_type", None)
+    return get is not None and get(np.float32) == _cupy_linalg.COMPUTE_TYPE_TF32
 
 
 def blas_threads():

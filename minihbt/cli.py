@@ -331,6 +331,6 @@ def check_device(flag, device, problems):
     if device == "cpu":
         return
     try:
-        Backend(device)
+        Backend(device, tf32=None)
     except DeviceError as e:
         problems.add(f"{flag} {device}: {one_line(e).rstrip('.')}; expected cpu, or cuda where CuPy sees a GPU")

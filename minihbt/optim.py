@@ -75,7 +75,7 @@ class AdamW:
         it (numpy: the CPU, cupy: the GPU); with neither, the CPU."""
         if backend is None:
             dtype = "float64" if any(p.dtype == np.float64 for p in params.values()) else "float32"
-            backend = Backend("cpu" if xp is None or xp is np else "cuda", dtype)
+            backend = Backend("cpu" if xp is None or xp is np else "cuda", dtype, tf32=None)   # TF32 left as set
         self.backend = backend
         xp = self.backend.xp
         self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
