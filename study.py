@@ -22,6 +22,7 @@ import argparse
 import math
 import os
 import shlex
+import signal
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -174,6 +175,10 @@ def run_grid(study, runs, pending, args):
                   flags=reproduce_flags(study, args), git=git_info(HERE))
     ctx.progress = make_progress(study, runs, pending, args.progress_every)
     current = None
+
+    def terminated(signum, frame):              # outside training (train.py has its own handler): stop now
+        raise Interrupted("terminated", code=128 + signum)
+    signal.signal(signal.SIGTERM, terminated)
     try:
         with ctx.progress:
             for run in pending:
