@@ -173,6 +173,16 @@ def test_resume_a_run_stopped_during_training(grid, tmp_path):
     assert again["seconds"]["train_sessions"] == 1 and again["seconds"]["train_steps"] == 1   # only step 3 here
 
 
+def test_a_run_killed_before_its_first_checkpoint_starts_over(grid, tmp_path):
+    config, out, st = grid
+    run_dir = tmp_path / "runs" / "tiny" / "A" / "xx-seed1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "log.jsonl").write_text('{"step": 1, "loss": 9.0}\n')   # a SIGKILL left a log and no checkpoint
+    assert study.main(flags(config, tmp_path) + ["--only", "A/xx-seed1"]) == 0
+    again, clean = result(tmp_path, "A/xx-seed1"), result(out, "A/xx-seed1")
+    assert again["results"] == clean["results"] and again["loss_curve"] == clean["loss_curve"]
+
+
 def test_resume_after_training_evaluates_only(grid, tmp_path, monkeypatch, capsys):
     config, out, st = grid
 

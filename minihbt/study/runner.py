@@ -144,7 +144,8 @@ def train(ctx, run):
         # --quiet is a saved setting that --resume may not change (a run begun by hand may lack it)
         argv = ["--resume", out, "--steps", str(steps)] + (["--quiet"] if state["settings"].get("quiet") else [])
     else:
-        argv = study.train_argv(run, out) + ["--quiet"]
+        # no checkpoint: whatever a hard kill left here (a log, no weights) is the study's own; start over
+        argv = study.train_argv(run, out) + ["--quiet"] + (["--overwrite"] if os.path.isdir(out) else [])
         if os.path.exists(os.path.join(out, STUDY_STATE)):
             os.remove(os.path.join(out, STUDY_STATE))          # a fresh start: earlier times do not count
     os.makedirs(out, exist_ok=True)
