@@ -144,10 +144,9 @@ def train(ctx, run):
         # --quiet is a saved setting that --resume may not change (a run begun by hand may lack it)
         argv = ["--resume", out, "--steps", str(steps)] + (["--quiet"] if state["settings"].get("quiet") else [])
     else:
-        # no checkpoint: whatever a hard kill left here (a log, no weights) is the study's own; start over
-        argv = study.train_argv(run, out) + ["--quiet"] + (["--overwrite"] if os.path.isdir(out) else [])
-        if os.path.exists(os.path.join(out, STUDY_STATE)):
-            os.remove(os.path.join(out, STUDY_STATE))          # a fresh start: earlier times do not count
+        argv = study.train_argv(run, out) + ["--quiet"]
+        if os.path.isdir(out):      # no checkpoint: what a hard kill left (a log, no weights) is the study's own
+            shutil.rmtree(out)      # a fresh start: its log and earlier times do not count
     os.makedirs(out, exist_ok=True)
     log = os.path.join(out, "log.jsonl")
     ctx.progress.training(log, start, steps)
