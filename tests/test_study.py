@@ -17,10 +17,11 @@ import pytest
 import study
 import train
 from minihbt import demo
-from minihbt.study import load_study
+from minihbt.study import load_study, paper
 from minihbt.study.data import DirectionBootstrap, StudyResults
 from minihbt.study.perquery import METRICS, RankFile, unit_values
 from minihbt.study.progress import Progress
+from minihbt.study.verdicts import fmt_difference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 3
@@ -158,6 +159,23 @@ def test_report_from_result_files_alone(grid, monkeypatch):
                                   for r in (result(out, f"A/{c}-seed{s}") for s in (0, 1))])
         d = boot.difference("hybrid", "xx", metric)
         assert d["difference"] == pytest.approx(mean("hybrid") - mean("xx"), abs=1e-12) and d["low"] <= d["high"]
+
+
+def test_the_paper_beside_a_direction_on_a_set_it_reports(grid, monkeypatch):
+    config, out, st = grid
+    figs = {"XLM-R": {"xx": (.792, .674, .547, 410.2), "xy": (.755, .700, .593, 295.4), "hybrid": (.798, .705, .593, 286.6)}}
+    monkeypatch.setitem(paper.FIGURES, "eval3", figs)                 # direction A evaluates on eval3
+    assert paper.figures_for(str(out / "data" / "XQuAD-R/")) is paper.FIGURES["xquad-r"]
+    assert study.main(flags(config, out) + ["--report"]) == 0
+    text = (out / "results" / "tiny" / "REPORT.md").read_text()
+    a, b = text.split("## Direction B")
+    assert "### Beside the paper" in a and "### Beside the paper" not in b
+    # by hand from the figures: hybrid - xx = .798 - .792, .705 - .674, .593 - .547, 286.6 - 410.2
+    assert "| hybrid − xx | paper, XLM-R | +.006 | +.031 | +.046 | -123.6 |" in a
+    assert "| xy − xx | paper, XLM-R | -.037 | +.026 | +.046 | -114.8 |" in a
+    boot = DirectionBootstrap(StudyResults(st), "A", 1000, 0)
+    ours = next(l for l in a.splitlines() if l.startswith("| hybrid − xx | this study |"))
+    assert fmt_difference("bias", boot.difference("hybrid", "xx", "bias")) in ours
 
 
 def test_resume_a_run_stopped_during_training(grid, tmp_path):

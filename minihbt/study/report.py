@@ -8,7 +8,7 @@ and the cost. A partial grid is reported as far as it goes, and the missing runs
 import os
 
 from ..files import write_text
-from . import figures
+from . import figures, paper
 from .data import DirectionBootstrap, StudyResults, column
 from .perquery import METRICS
 from .progress import human
@@ -125,6 +125,25 @@ def verdicts_section(boot, has_unseen):
     return lines + _table(["claim", "verdict", "numbers"], verdicts(boot, has_unseen)) + [""]
 
 
+def paper_section(study, boot, d):
+    """The paper's differences between batch types beside this direction's (when it evaluates
+    on a set the paper reports: xquad-r, mlqa-r)."""
+    figures_by_init = paper.figures_for(study.directions[d].eval)
+    if figures_by_init is None:
+        return []
+    rows = []
+    for a, b in paper.DIFFERENCES:
+        rows += [[f"{a} − {b}", f"paper, {init}"] + [paper.fmt_plain(m, paper.paper_difference(f, a, b, m))
+                                                     for m in paper.SETTINGS]
+                 for init, f in figures_by_init.items()]
+        rows.append([f"{a} − {b}", "this study"] + [_cell(m, boot.difference(a, b, m)) for m in paper.SETTINGS])
+    lines = ["### Beside the paper", "",
+             f"The differences between batch types in the {paper.PAPER} on the same evaluation set, beside this "
+             "study's (bootstrap intervals as above). The paper's models and training data differ from this "
+             "study's, so only the signs and sizes of the differences compare, not the levels.", ""]
+    return lines + _table(["difference", "source"] + [METRICS[m][0] for m in paper.SETTINGS], rows) + [""]
+
+
 def figures_section(study, results, d, plot_rows):
     out_dir = study.results_dir
     metrics_png, loss_png = f"metrics-{d}.png", f"loss-{d}.png"
@@ -170,7 +189,7 @@ def direction_section(study, results, d):
     metrics, plot_rows = metrics_section(results, d)
     has_unseen = bool(results.runs(d)[0][1]["unseen"])
     return (lines + metrics + differences_section(study, boot) + languages_section(study, results, boot, d)
-            + verdicts_section(boot, has_unseen) + figures_section(study, results, d, plot_rows)
+            + verdicts_section(boot, has_unseen) + paper_section(study, boot, d) + figures_section(study, results, d, plot_rows)
             + cost_section(results, d))
 
 
