@@ -178,6 +178,24 @@ def test_the_paper_beside_a_direction_on_a_set_it_reports(grid, monkeypatch):
     assert fmt_difference("bias", boot.difference("hybrid", "xx", "bias")) in ours
 
 
+def test_differences_seed_by_seed(grid):
+    config, out, st = grid
+    assert study.main(flags(config, out) + ["--report"]) == 0
+    text = (out / "results" / "tiny" / "REPORT.md").read_text().split("## Direction B")[0]
+    rows = {l.split(" | ")[0][2:]: l.split(" | ")[1:] for l in text.split("### Differences seed by seed")[1]
+            .split("###")[0].splitlines() if l.startswith("| hybrid")}
+
+    def value(run_id, key):
+        return result(out, run_id)["results"]["plain"]["multi"][key]
+    by_hand = [value(f"A/hybrid-seed{s}", "map") - value(f"A/xx-seed{s}", "map") for s in (0, 1)]
+    side = sum((x > 0) == (sum(by_hand) > 0) for x in by_hand)
+    cell = " ".join(f"{x:+.3f}".replace("0.", ".", 1) for x in by_hand) + f" ({side}/2)"
+    assert rows["hybrid − xx"][2] == cell                             # Mo., Cr., Mul., bias: Mul. is third
+    base = result(out, "A/base")["results"]["centered"]["bias"]["rank_distance"]
+    hybrid = [result(out, f"A/hybrid-seed{s}")["results"]["plain"]["bias"]["rank_distance"] for s in (0, 1)]
+    assert rows["hybrid − base+centered"][3].startswith(" ".join(f"{h - base:+.1f}" for h in hybrid) + " (")
+
+
 def test_resume_a_run_stopped_during_training(grid, tmp_path):
     config, out, st = grid
     run = next(r for r in st.runs() if r.id == "A/hybrid-seed0")

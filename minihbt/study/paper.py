@@ -31,7 +31,3 @@ def paper_difference(figures, a, b, metric):
     """A - B in the paper for one init's figures (a dict batch type -> 4-tuple)."""
     i = SETTINGS.index(metric)
     return figures[a][i] - figures[b][i]
-
-
-def fmt_plain(metric, x):
-    return f"{x:+.1f}" if metric == "bias" else f"{x:+.3f}".replace("0.", ".", 1)

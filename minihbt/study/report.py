@@ -9,17 +9,22 @@ import os
 
 from ..files import write_text
 from . import figures, paper
-from .data import DirectionBootstrap, StudyResults, column
-from .perquery import METRICS
+from .data import DirectionBootstrap, StudyResults, column, split_column
+from .perquery import METRICS, macro_value
 from .progress import human
 from .verdicts import fmt_difference, verdicts
 
 TABLE_METRICS = ("mo_map", "mo_r1", "cr_map", "cr_r1", "mul_map", "mul_r10", "bias")
+SEED_METRICS = ("mo_map", "cr_map", "mul_map", "bias")
 VARIANTS = ("plain", "centered")
 
 
 def fmt_value(metric, x):
     return f"{x:.1f}" if metric == "bias" else f"{x:.3f}".replace("0.", ".", 1)
+
+
+def fmt_signed(metric, x):
+    return f"{x:+.1f}" if metric == "bias" else f"{x:+.3f}".replace("0.", ".", 1)
 
 
 def fmt_summary(metric, mean, half, n):
@@ -92,6 +97,35 @@ def differences_section(study, boot):
     return lines + _table(["difference"] + [METRICS[m][0] for m in TABLE_METRICS], rows) + [""]
 
 
+def seed_values(results, d, name, metric):
+    """{seed: macro figure} of a column's runs (seed None for an untrained condition)."""
+    condition, variant = split_column(name)
+    return {run.seed: macro_value(rec["results"][variant], metric) for run, rec in results.runs(d, condition)}
+
+
+def seeds_section(study, results, d):
+    """Each configured difference seed by seed (same seed number; an untrained column's one
+    run against every seed), with how many seeds fall on the difference's side of 0."""
+    rows = []
+    for a, b in study.report["comparisons"]:
+        cells = []
+        for m in SEED_METRICS:
+            va, vb = seed_values(results, d, a, m), seed_values(results, d, b, m)
+            pairs = [(va[s], vb[s if s in vb else None]) for s in sorted(va, key=str) if s in vb or None in vb]
+            if not pairs:
+                cells.append("–")
+                continue
+            diffs = [x - y for x, y in pairs]
+            side = sum(x > 0 for x in diffs) if sum(diffs) > 0 else sum(x < 0 for x in diffs)
+            cells.append(" ".join(fmt_signed(m, x) for x in diffs) + f" ({side}/{len(diffs)})")
+        rows.append([f"{a} − {b}"] + cells)
+    lines = ["### Differences seed by seed", "",
+             "The same differences for each seed on its own (seed 0, 1, 2 of one condition minus the same seed "
+             "of the other; the untrained base against every seed), and in brackets how many seeds lie on the "
+             "side of 0 of their mean: training noise, which the bootstrap above does not see.", ""]
+    return lines + _table(["difference"] + [METRICS[m][0] for m in SEED_METRICS], rows) + [""]
+
+
 def languages_section(study, results, boot, d):
     record = results.runs(d)[0][1]
     seen, unseen = record["seen"], record["unseen"]
@@ -133,7 +167,7 @@ def paper_section(study, boot, d):
         return []
     rows = []
     for a, b in paper.DIFFERENCES:
-        rows += [[f"{a} − {b}", f"paper, {init}"] + [paper.fmt_plain(m, paper.paper_difference(f, a, b, m))
+        rows += [[f"{a} − {b}", f"paper, {init}"] + [fmt_signed(m, paper.paper_difference(f, a, b, m))
                                                      for m in paper.SETTINGS]
                  for init, f in figures_by_init.items()]
         rows.append([f"{a} − {b}", "this study"] + [_cell(m, boot.difference(a, b, m)) for m in paper.SETTINGS])
@@ -188,7 +222,8 @@ def direction_section(study, results, d):
     boot = DirectionBootstrap(results, d, study.report["bootstrap_resamples"], study.report["bootstrap_seed"])
     metrics, plot_rows = metrics_section(results, d)
     has_unseen = bool(results.runs(d)[0][1]["unseen"])
-    return (lines + metrics + differences_section(study, boot) + languages_section(study, results, boot, d)
+    return (lines + metrics + differences_section(study, boot) + seeds_section(study, results, d)
+            + languages_section(study, results, boot, d)
             + verdicts_section(boot, has_unseen) + paper_section(study, boot, d) + figures_section(study, results, d, plot_rows)
             + cost_section(results, d))
 
