@@ -175,10 +175,7 @@ def run_grid(study, runs, pending, args):
                   flags=reproduce_flags(study, args), git=git_info(HERE))
     ctx.progress = make_progress(study, runs, pending, args.progress_every)
     current = None
-
-    def terminated(signum, frame):              # outside training (train.py has its own handler): stop now
-        raise Interrupted("terminated", code=128 + signum)
-    signal.signal(signal.SIGTERM, terminated)
+    stop_on_sigterm()
     try:
         with ctx.progress:
             for run in pending:
@@ -196,18 +193,44 @@ def run_grid(study, runs, pending, args):
     return 0
 
 
+def check_same_blas_threads(study, run, flag_value):
+    """A run reproduces bit for bit only on as many BLAS threads as it was made with."""
+    import json
+    from minihbt.backend import blas_threads
+    from minihbt.study import SettingError
+    with open(study.result_path(run), encoding="utf-8") as f:
+        made = (json.load(f).get("machine") or {}).get("blas") or {}
+    if made.get("threads") and made["threads"] != blas_threads():
+        raise SettingError(f"--verify {flag_value}: the run was made with {made['threads']} BLAS thread(s), this "
+                           f"process has {blas_threads()} (float32 sums round differently); run it as "
+                           f"OPENBLAS_NUM_THREADS={made['threads']} python study.py ...")
+
+
+def stop_on_sigterm():
+    """SIGTERM outside training (train.py has its own handler) stops the program at once."""
+    from minihbt.study.runner import Interrupted
+
+    def terminated(signum, frame):
+        raise Interrupted("terminated", code=128 + signum)
+    signal.signal(signal.SIGTERM, terminated)
+
+
 def verify_run(study, run, args):
-    from minihbt.study.runner import Context, RunError, git_info
+    from minihbt.study.runner import Context, Interrupted, RunError, git_info
     from minihbt.study.verify import verify
     import train
     ctx = Context(study, train.main, None, device=args.device, keep_models=args.keep_models,
                   flags=reproduce_flags(study, args), git=git_info(HERE))
     ctx.progress = make_progress(study, [run], [run], args.progress_every)
+    stop_on_sigterm()
     try:
         with ctx.progress:
             ok, res, saved = verify(ctx, run)
     except RunError as e:
         sys.exit(f"study.py: {e}")
+    except (Interrupted, KeyboardInterrupt) as e:
+        print(f"study.py: --verify {run.id} interrupted; run again, it starts from nothing", file=sys.stderr)
+        sys.exit(getattr(e, "code", 130))
     made_at = saved["minihbt"]
     if made_at.get("commit") != ctx.git.get("commit") or made_at.get("dirty") or ctx.git.get("dirty"):
         print(f"note: the run was made at commit {made_at.get('commit')} (dirty: {made_at.get('dirty')}), this is "
@@ -247,6 +270,8 @@ def main(argv=None):
         pending = [r for r in runs if not is_finished(study, r)]
         if args.verify and pending:
             raise SettingError(f"--verify {args.verify}: the run has no result yet (run it first)")
+        if args.verify:
+            check_same_blas_threads(study, runs[0], args.verify)
         if args.dry_run:
             return dry_run(study, runs, pending, args)
         check_inputs(study, runs if args.verify else pending)

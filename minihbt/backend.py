@@ -173,6 +173,14 @@ def blas_threads():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def blas_info():
+    """{"library", "version", "architecture", "threads"} of NumPy's BLAS: float32 results
+    depend on them at rounding level (a run reproduces bit for bit only under the same)."""
+    info = next((i for i in threadpool_info() if i.get("user_api") == "blas"), {})
+    return {"library": info.get("internal_api"), "version": info.get("version"),
+            "architecture": info.get("architecture"), "threads": blas_threads()}
+
+
 def to_numpy(x):
     """Bring an array to the host as numpy (a no-op for numpy arrays)."""
     if isinstance(x, np.ndarray):

@@ -17,7 +17,9 @@ import pytest
 import study
 import train
 from minihbt import demo
+from minihbt.backend import blas_threads
 from minihbt.study import load_study, paper
+from minihbt.study.runner import Interrupted
 from minihbt.study.data import DirectionBootstrap, StudyResults
 from minihbt.study.perquery import METRICS, RankFile, unit_values
 from minihbt.study.progress import Progress
@@ -270,6 +272,27 @@ def test_verify_reproduces_a_run_and_catches_a_change(grid, tmp_path, capsys):
     assert study.main(flags(config, tmp_path) + ["--verify", "A/xy-seed0"]) == 1
     said = capsys.readouterr().out
     assert "NOT reproduced" in said and "plain.multi.map" in said
+    threads = rec["machine"]["blas"]["threads"]
+    assert threads == blas_threads()
+    rec["machine"]["blas"]["threads"] = threads + 1                 # made on more BLAS threads than this process has
+    path.write_text(json.dumps(rec))
+    with pytest.raises(SystemExit) as e:
+        study.main(flags(config, tmp_path) + ["--verify", "A/xy-seed0"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"made with {threads + 1} BLAS thread(s)" in err
+    assert f"OPENBLAS_NUM_THREADS={threads + 1} python study.py" in err and len(err.splitlines()) == 1
+
+
+def test_an_interrupted_verify_says_so_in_one_line(grid, monkeypatch, capsys):
+    config, out, st = grid
+
+    def stop(*a, **k):
+        raise Interrupted("terminated", code=143)
+    monkeypatch.setattr("minihbt.study.verify.verify", stop)
+    with pytest.raises(SystemExit) as e:
+        study.main(flags(config, out) + ["--verify", "A/xy-seed0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 143 and err[-1] == "study.py: --verify A/xy-seed0 interrupted; run again, it starts from nothing"
 
 
 def test_changed_settings_are_refused(world, grid, tmp_path, capsys):

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import CheckpointError, ConfigError, DeviceError, __version__, encode, load_model
+from ..backend import blas_info
 from ..checkpoint import STATE_FILE, latest_checkpoint
 from ..data import DataError, load_lareqa
 from ..evaluation import DEFINITIONS, center_languages, evaluate
@@ -79,7 +80,7 @@ def machine_info():
     except OSError:
         pass
     return {"cpu": cpu, "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "numpy": np.__version__}
+            "numpy": np.__version__, "blas": blas_info()}
 
 
 def expected_record(study, run):
