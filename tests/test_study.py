@@ -17,7 +17,7 @@ import pytest
 import study
 import train
 from minihbt import demo
-from minihbt.backend import blas_threads
+from minihbt.backend import blas_info, blas_threads
 from minihbt.study import load_study, paper
 from minihbt.study.runner import Interrupted
 from minihbt.study.data import DirectionBootstrap, StudyResults
@@ -141,6 +141,9 @@ def test_report_from_result_files_alone(grid, monkeypatch):
     assert study.main(flags(config, out) + ["--report"]) == 0
     text = (out / "results" / "tiny" / "REPORT.md").read_text()
     assert "**Missing runs (7):** B/base, B/xx-seed0" in text and "## Direction B\n\nNo runs yet." in text
+    blas = blas_info()
+    threads = f"{blas['threads']} thread{'s' if blas['threads'] > 1 else ''}"
+    assert f"; BLAS: {blas['library']} {blas['version']} ({blas['architecture']}): {threads} 7 runs\n" in text
     xx = [result(out, f"A/xx-seed{s}")["results"]["plain"]["mono"]["map"] for s in (0, 1)]
     half = 12.706204736174696 * abs(xx[0] - xx[1]) / 2                # t_{0.975,1} s / sqrt(2), s = |a - b| / sqrt(2)
     assert f"| xx | 2 | {np.mean(xx):.3f} ± {half:.3f}".replace("0.", ".") in text

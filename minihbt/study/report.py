@@ -53,7 +53,7 @@ def header_lines(study, results, command):
              f"- evaluation: {', '.join(f'{k} {v}' for k, v in study.evaluation.items())}; every run is evaluated "
              "twice on the same embeddings: plain, and centered (each language's mean query and candidate "
              "embedding subtracted, then re-normalised; `+centered` below)",
-             f"- minihbt commit(s) of the runs: {', '.join(commits) or 'none yet'}",
+             f"- minihbt commit(s) of the runs: {', '.join(commits) or 'none yet'}; BLAS: {blas_summary(results)}",
              "- intervals: `± h` is the half-width of the 95% Student-t interval of the mean over seeds (none "
              "for a single run); `[low, high]` is the 95% percentile interval of a paired bootstrap over the "
              f"parallel question ids ({study.report['bootstrap_resamples']} resamples, seed "
@@ -64,6 +64,24 @@ def header_lines(study, results, command):
     else:
         lines += ["All planned runs are present.", ""]
     return lines
+
+
+def blas_summary(results):
+    """'openblas 0.3.31 (SkylakeX): 1 thread 6 runs, 2 threads 3 runs; not recorded 4 runs' (float32
+    sums, hence a run's exact figures, depend on the BLAS build and its thread count)."""
+    counts = {}
+    for rec in results.records.values():
+        blas = (rec.get("machine") or {}).get("blas")
+        key = (f"{blas['library']} {blas['version']} ({blas['architecture']})", blas["threads"]) if blas else None
+        counts[key] = counts.get(key, 0) + 1
+    builds = sorted({k[0] for k in counts if k})
+    parts = [f"{b}: " + ", ".join(f"{t} thread{'s' if t > 1 else ''} {n} run{'s' if n > 1 else ''}"
+                                   for (bb, t), n in sorted((k, n) for k, n in counts.items() if k) if bb == b)
+             for b in builds]
+    if None in counts:
+        parts.append(f"not recorded {counts[None]} run{'s' if counts[None] > 1 else ''} (made before run records "
+                     "named it)")
+    return "; ".join(parts) or "none yet"
 
 
 def metrics_section(results, d):
@@ -200,11 +218,13 @@ def cost_section(results, d):
         train = [rec["seconds"].get("train", 0.0) for rec in recs]
         evaluate = [rec["seconds"]["evaluate"] for rec in recs]
         total += sum(train) + sum(evaluate)
-        rows.append([c, len(recs), human(sum(train) / len(recs)), human(sum(evaluate) / len(recs))])
+        threads = sorted({str(((rec.get("machine") or {}).get("blas") or {}).get("threads", "?")) for rec in recs})
+        rows.append([c, len(recs), "/".join(threads), human(sum(train) / len(recs)), human(sum(evaluate) / len(recs))])
     machines = sorted({f"{rec['machine']['cpu']} ({rec['machine']['cpus']} CPUs, {rec['device']})"
                        for _, rec in results.runs(d)})
     lines = ["### Cost", "", f"Machine(s): {'; '.join(machines)}.", ""]
-    lines += _table(["condition", "runs", "training, per run", "evaluation (both variants), per run"], rows)
+    lines += _table(["condition", "runs", "BLAS threads", "training, per run", "evaluation (both variants), per run"],
+                    rows)
     return lines + ["", f"Wall time of the runs present: {human(total)} (training wall time summed over the "
                         "sessions a run took; evaluation: encoding once, ranking and metrics twice).", ""]
 
