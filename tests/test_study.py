@@ -22,7 +22,7 @@ from minihbt.study import load_study, paper
 from minihbt.study.runner import Interrupted
 from minihbt.study.data import DirectionBootstrap, StudyResults
 from minihbt.study.perquery import METRICS, RankFile, unit_values
-from minihbt.study.progress import Progress
+from minihbt.study.progress import SESSION_STEPS, Progress
 from minihbt.study.verdicts import fmt_difference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -359,6 +359,35 @@ def test_progress_estimate_uses_measured_times_only():
     assert p.time_left()[0] == pytest.approx(15.0 + 130.0)            # a1: 30 - 15 s spent; then a2
     assert "run 2/4 A/x-seed0: encoding (evaluating for 15 s)" in p.line()
     assert lines[0].startswith("[t] run 2/4 A/x-seed0: starting | 1/4 runs done")
+
+
+def test_progress_prefers_this_invocations_own_times(tmp_path):
+    """Earlier runs went at 2 s a step and 30 s an evaluation; this invocation (say, two study
+    processes side by side) measures 3 s a step and 45 s: once it has timed SESSION_STEPS steps
+    and an evaluation, the estimate is its own."""
+    class Run:
+        def __init__(self, rid):
+            self.id, self.direction = rid, "A"
+    a1, a2 = Run("A/x-seed0"), Run("A/x-seed1")
+    finished = [{"direction": "A", "seconds": {"train": 100.0, "train_steps": 50, "evaluate": 30.0}}]
+    now, log = [0.0], tmp_path / "log.jsonl"
+    p = Progress("t", 3, [(a1, 50, "A"), (a2, 50, "A")], finished, every=0, clock=lambda: now[0])
+    p.stream = type("S", (), {"write": lambda self, s: None, "flush": lambda self: None})()
+    p.begin(a1)
+    p.training(str(log), 0, 50)
+    log.write_text("{}\n" * (SESSION_STEPS - 1))
+    now[0] = 3.0 * (SESSION_STEPS - 1)
+    assert p.seconds_per_step() == pytest.approx((100.0 + now[0]) / (50 + SESSION_STEPS - 1))   # too few of its own
+    log.write_text("{}\n" * SESSION_STEPS)
+    now[0] = 3.0 * SESSION_STEPS
+    assert p.seconds_per_step() == pytest.approx(3.0)
+    p.trained(150.0, 50)
+    p.evaluating("encoding")
+    now[0] = 195.0
+    p.finished({"direction": "A", "seconds": {"train": 150.0, "train_steps": 50, "evaluate": 45.0},
+                "results": {"plain": {"mono": {"map": 0}, "cross": {"map": 0}, "multi": {"map": 0},
+                                      "bias": {"rank_distance": 0}}}})
+    assert p.time_left() == (pytest.approx(50 * 3.0 + 45.0), [])
 
 
 def test_a_recipe_train_py_would_refuse_is_refused_before_any_run(world, tmp_path, capsys, monkeypatch):

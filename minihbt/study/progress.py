@@ -1,8 +1,10 @@
 """The study's progress line: which run (k of n), how far it is, and the time left for the grid.
 
-The estimate uses only measured times: seconds per training step (the finished runs' training
-wall time over their steps, and this session's steps so far) and seconds per evaluation of
-each direction's evaluation set (finished runs of that direction). What has not been
+The estimate uses only measured times: seconds per training step and seconds per evaluation
+of each direction's evaluation set. This invocation's own measurements come first once it has
+some (at least SESSION_STEPS steps; one finished evaluation of the direction): they were
+taken under the machine's present load and thread settings, which earlier runs may not share
+(e.g. two study processes side by side). Until then, the finished runs' times. What has not been
 measured yet is said, never guessed: the line then gives a lower bound and names what is
 missing. Lines go to stderr at every phase change and every `every` seconds in between
 (plain lines, so a log file of a long background run reads well).
@@ -14,6 +16,8 @@ import threading
 import time
 
 from ..checkpoint import STATE_FILE, latest_checkpoint
+
+SESSION_STEPS = 10          # steps this invocation must have timed before its own rate replaces the records'
 
 
 def human(seconds):
@@ -46,10 +50,11 @@ class Progress:
         self.stream = stream or sys.stderr
         self.todo = list(todo)
         self.done = total - len(self.todo)
-        self.step_time = [0.0, 0]                      # measured seconds, steps
-        self.eval_time = {}                            # direction -> [seconds, count]
+        self.step_time = [0.0, 0]                      # measured seconds, steps: finished runs
+        self.eval_time = {}                            # direction -> [seconds, count]: finished runs
         for res in finished:
             self.record(res)
+        self.session_steps, self.session_eval = [0.0, 0], {}          # the same, this invocation only
         self.current, self.index, self.run_start = None, 0, clock()
         self.phase_name, self.phase_start = "", clock()
         self.train_watch = None                        # (log path, steps at start, total steps, start time)
@@ -82,8 +87,9 @@ class Progress:
     def trained(self, seconds, steps):
         """Training of the current run ended after `seconds` of wall time for `steps` steps."""
         if steps:
-            self.step_time[0] += seconds
-            self.step_time[1] += steps
+            for slot in (self.step_time, self.session_steps):
+                slot[0] += seconds
+                slot[1] += steps
         self.train_watch = None
         self.todo = [(r, 0 if r == self.current else n, d) for r, n, d in self.todo]
 
@@ -94,6 +100,10 @@ class Progress:
 
     def finished(self, res):
         self.record(res)
+        if "evaluate" in res.get("seconds", {}):
+            slot = self.session_eval.setdefault(res["direction"], [0.0, 0])
+            slot[0] += res["seconds"]["evaluate"]
+            slot[1] += 1
         self.todo = [t for t in self.todo if t[0] != self.current]
         self.done += 1
         self.eval_direction = None
@@ -114,12 +124,15 @@ class Progress:
         return min(count_steps(log_path), total), total
 
     def seconds_per_step(self):
-        seconds, steps = self.step_time
+        (seconds, steps), (own_s, own_n) = self.step_time, self.session_steps
         if self.train_watch:
             log_path, start, _, t0 = self.train_watch
             now_steps = count_steps(log_path) - start
             if now_steps > 0:
-                seconds, steps = seconds + self.clock() - t0, steps + now_steps
+                live = self.clock() - t0
+                seconds, steps, own_s, own_n = seconds + live, steps + now_steps, own_s + live, own_n + now_steps
+        if own_n >= SESSION_STEPS:
+            return own_s / own_n
         return seconds / steps if steps else None
 
     def time_left(self):
@@ -134,7 +147,7 @@ class Progress:
                     missing.append("time per training step")
                 else:
                     total += steps_left * per_step
-            slot = self.eval_time.get(direction)
+            slot = self.session_eval.get(direction) or self.eval_time.get(direction)
             if slot is None:
                 missing.append(f"evaluation time on {direction}")
             else:
