@@ -113,6 +113,26 @@ def resample_counts(n_items, resamples, seed):
     return rng.multinomial(n_items, np.full(n_items, 1.0 / n_items), size=resamples).astype(np.float64)
 
 
+def seed_weights(seeds_per_column, resamples, seed):
+    """[resamples, sum(seeds_per_column)] float64: for each column (a condition with n runs,
+    one per training seed), its runs drawn n times with replacement, as fractions of n (each
+    column's weights sum to 1). Weighting a column's per-run figures by them resamples the
+    seeds; a column of one run always weighs 1."""
+    rng = np.random.default_rng(seed)
+    parts = [rng.multinomial(n, np.full(n, 1.0 / n), size=resamples) / n for n in seeds_per_column]
+    return np.hstack(parts).astype(np.float64)
+
+
+def combine_seeds(per_run, weights, seeds_per_column):
+    """[B, K] column figures from [B, sum(n)] per-run figures and weights of the same shape
+    (weights [1, sum(n)] or [B, sum(n)]; uniform weights give the mean over seeds)."""
+    weighted, out, start = per_run * weights, [], 0
+    for n in seeds_per_column:
+        out.append(weighted[:, start:start + n].sum(axis=1))
+        start += n
+    return np.stack(out, axis=1)
+
+
 def resampled_macro(counts, units):
     """Macro mean of a metric under each row of `counts` ([B, n_items], e.g. all ones for
     the observed value): for each unit (item_index [n_u], values [n_u, K]) the count-weighted

@@ -110,3 +110,31 @@ def test_bad_arguments():
         stats.t_quantile(0.9, 0)
     with pytest.raises(ValueError, match="nothing"):
         stats.mean_ci([])
+
+
+def test_seed_weights_draw_each_columns_runs_with_replacement():
+    w = stats.seed_weights([2, 1, 3], 4000, seed=0)
+    assert w.shape == (4000, 6)
+    np.testing.assert_allclose(w[:, :2].sum(axis=1), 1.0)
+    np.testing.assert_allclose(w[:, 3:].sum(axis=1), 1.0)
+    assert (w[:, 2] == 1.0).all()                                   # a column of one run always weighs 1
+    assert set(np.round(w[:, 3:] * 3).ravel()) <= {0, 1, 2, 3}       # k of 3 draws
+    # two runs: weights (1, 0), (1/2, 1/2), (0, 1) with probabilities 1/4, 1/2, 1/4
+    freq = [np.mean(np.isclose(w[:, 0], x)) for x in (1.0, 0.5, 0.0)]
+    np.testing.assert_allclose(freq, [0.25, 0.5, 0.25], atol=0.03)
+
+
+def test_resampling_seeds_widens_the_interval_by_the_seed_spread():
+    # condition A: two runs whose per-query values are 0.2 and 0.6 on every question;
+    # condition B: one run at 0. Questions alone: the difference is 0.4 in every resample.
+    # With the runs drawn too: 0.2, 0.4 or 0.6 with probabilities 1/4, 1/2, 1/4, so the 95%
+    # interval is [0.2, 0.6].
+    units = [(np.arange(4), np.array([[0.2, 0.6, 0.0]] * 4))]
+    per_run = stats.resampled_macro(stats.resample_counts(4, 2000, seed=0), units)      # [B, 3]
+    uniform = np.array([[0.5, 0.5, 1.0]])
+    questions = stats.combine_seeds(per_run, uniform, [2, 1])
+    np.testing.assert_allclose(questions[:, 0] - questions[:, 1], 0.4)
+    seeds = stats.combine_seeds(per_run, stats.seed_weights([2, 1], 2000, seed=5), [2, 1])
+    low, high = stats.percentile_interval(seeds[:, 0] - seeds[:, 1])
+    assert low == pytest.approx(0.2) and high == pytest.approx(0.6)
+    assert np.mean(np.isclose(seeds[:, 0], 0.4)) == pytest.approx(0.5, abs=0.04)

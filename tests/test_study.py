@@ -23,7 +23,7 @@ from minihbt.study.runner import Interrupted
 from minihbt.study.data import DirectionBootstrap, StudyResults
 from minihbt.study.perquery import METRICS, RankFile, unit_values
 from minihbt.study.progress import SESSION_STEPS, Progress
-from minihbt.study.verdicts import fmt_difference
+from minihbt.study.verdicts import fmt_difference, judge
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 3
@@ -158,6 +158,13 @@ def test_report_from_result_files_alone(grid, monkeypatch):
         assert "matplotlib is not installed" in text
     # the bootstrap's observed difference is the difference of the seed means of the table
     boot = DirectionBootstrap(StudyResults(st), "A", 1000, 0)
+    # verdicts are judged on the interval with the seeds resampled too, the questions-only one quoted
+    judged = [judge("bias", boot.difference(a, "xx", "bias", interval="seeds")) for a in ("xy", "hybrid")]
+    verdict = "holds" if judged == ["holds"] * 2 else "refuted" if "refuted" in judged else "not separable"
+    row = next(l for l in text.splitlines() if "reduce the language bias" in l)
+    assert f"| {verdict} |" in row and row.count("(questions only: [") == 2
+    wide, narrow = (boot.difference("xy", "xx", "bias", interval=i) for i in ("seeds", "questions"))
+    assert wide["difference"] == narrow["difference"] and wide["high"] - wide["low"] >= narrow["high"] - narrow["low"]
     for metric in ("cr_map", "mul_map", "bias"):
         key = METRICS[metric]
         mean = lambda c: np.mean([r["results"]["plain"][key[1]][key[2]]                    # noqa: E731
@@ -180,7 +187,7 @@ def test_the_paper_beside_a_direction_on_a_set_it_reports(grid, monkeypatch):
     assert "| xy − xx | paper, XLM-R | -.037 | +.026 | +.046 | -114.8 |" in a
     boot = DirectionBootstrap(StudyResults(st), "A", 1000, 0)
     ours = next(l for l in a.splitlines() if l.startswith("| hybrid − xx | this study |"))
-    assert fmt_difference("bias", boot.difference("hybrid", "xx", "bias")) in ours
+    assert fmt_difference("bias", boot.difference("hybrid", "xx", "bias", interval="seeds")) in ours
 
 
 def test_differences_seed_by_seed(grid):

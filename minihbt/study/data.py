@@ -74,7 +74,14 @@ def unit_in(subset, unit, seen):
 
 
 class DirectionBootstrap:
-    """Paired bootstrap differences for one direction, every (condition, variant) a column."""
+    """Paired bootstrap differences for one direction, every (condition, variant) a column.
+
+    Two intervals per difference, both from the same question resamples: `questions` (the
+    seeds' per-query values averaged, then the questions resampled: which questions were
+    asked) and `seeds` (in each resample each condition's runs are also drawn with
+    replacement: which questions, and which training seeds). A condition's macro figure is
+    linear in its runs' per-query values, so each run's figure is resampled once and the
+    seed draws only reweight them."""
 
     def __init__(self, results, direction, resamples, seed):
         self.columns = [column(c, v) for c in results.conditions(direction) for v in ("plain", "centered")]
@@ -87,26 +94,30 @@ class DirectionBootstrap:
         self.n_items = len(first.qids)
         any_record = results.runs(direction)[0][1]
         self.seen = set(any_record["seen"])
+        self.seeds = [len(self.files[split_column(name)[0]]) for name in self.columns]
         self.counts = stats.resample_counts(self.n_items, resamples, seed)
+        self.weights = {"questions": np.hstack([np.full(n, 1.0 / n) for n in self.seeds])[None, :],
+                        "seeds": stats.seed_weights(self.seeds, resamples, [seed, 1])}
         self.resamples, self.seed, self._cache = resamples, seed, {}
 
     def _units(self, metric, subset):
+        """[(item_index, values [n_u, sum(seeds)])]: every run of every column, per unit."""
         per_column = {}
         for name in self.columns:
             condition, variant = split_column(name)
-            seeds = [f.units(variant, metric) for f in self.files[condition]]
-            per_column[name] = seeds
+            per_column[name] = [f.units(variant, metric) for f in self.files[condition]]
         units = []
         for unit in sorted(per_column[self.columns[0]][0]):
             if not unit_in(subset, unit, self.seen):
                 continue
             index = per_column[self.columns[0]][0][unit][0]
-            cols = [np.mean([s[unit][1] for s in per_column[name]], axis=0) for name in self.columns]
-            units.append((index, np.stack(cols, axis=1)))
+            runs = [run[unit][1] for name in self.columns for run in per_column[name]]
+            units.append((index, np.stack(runs, axis=1)))
         return units
 
-    def difference(self, a, b, metric, subset="all"):
-        """{"difference", "low", "high"} of column a minus column b, or None if either is absent."""
+    def difference(self, a, b, metric, subset="all", interval="questions"):
+        """{"difference", "low", "high"} of column a minus column b (interval: "questions" or
+        "seeds", see the class), or None if either is absent."""
         if a not in self.columns or b not in self.columns:
             return None
         key = (metric, subset)
@@ -114,9 +125,13 @@ class DirectionBootstrap:
             units = self._units(metric, subset)
             if not units:
                 return None
-            observed = stats.resampled_macro(np.ones((1, self.n_items)), units)[0]
-            self._cache[key] = (observed, stats.resampled_macro(self.counts, units))
-        observed, samples = self._cache[key]
+            observed = stats.resampled_macro(np.ones((1, self.n_items)), units)             # [1, runs]
+            self._cache[key] = (observed, stats.resampled_macro(self.counts, units))       # [B, runs]
+        observed, per_run = self._cache[key]
+        uniform = self.weights["questions"]
+        observed = stats.combine_seeds(observed, uniform, self.seeds)[0]
+        samples = stats.combine_seeds(per_run, self.weights[interval] if interval == "seeds" else uniform,
+                                      self.seeds)
         i, j = self.columns.index(a), self.columns.index(b)
         low, high = stats.percentile_interval(samples[:, i] - samples[:, j])
         return {"difference": float(observed[i] - observed[j]), "low": low, "high": high}

@@ -105,14 +105,21 @@ def _cell(metric, d):
 
 
 def differences_section(study, boot):
-    rows = [[f"{a} − {b}"] + [_cell(m, boot.difference(a, b, m)) for m in TABLE_METRICS]
-            for a, b in study.report["comparisons"]]
-    lines = ["### Differences (paired bootstrap over questions, 95% interval)", "",
+    header = ["difference"] + [METRICS[m][0] for m in TABLE_METRICS]
+    tables = []
+    for interval in ("questions", "seeds"):
+        tables.append(_table(header, [[f"{a} − {b}"] + [_cell(m, boot.difference(a, b, m, interval=interval))
+                                                         for m in TABLE_METRICS]
+                                      for a, b in study.report["comparisons"]]))
+    return (["### Differences (paired bootstrap over questions, 95% interval)", "",
              "Each question's value is first averaged over the seeds, then the questions are resampled: the "
-             "interval is the uncertainty from which questions were asked, for the seed-averaged models. "
-             "Seed-to-seed variation is in the ± of the tables above; with three seeds, one outlying seed can "
-             "move a difference, so read a verdict together with both.", ""]
-    return lines + _table(["difference"] + [METRICS[m][0] for m in TABLE_METRICS], rows) + [""]
+             "interval is the uncertainty from which questions were asked, for the seed-averaged models. It "
+             "does not see training noise.", ""] + tables[0] +
+            ["", "The same differences with the training seeds resampled too: in each of the same question "
+             "resamples, each condition's runs are drawn with replacement (as many draws as it has runs). The interval then also "
+             "covers which seeds were trained; with three seeds the bootstrap sees only a coarse picture of that "
+             "spread (and understates it somewhat), so these are the intervals the verdicts use, not a final word.",
+             ""] + tables[1] + [""])
 
 
 def seed_values(results, d, name, metric):
@@ -172,8 +179,8 @@ def languages_section(study, results, boot, d):
 
 def verdicts_section(boot, has_unseen):
     lines = ["### Verdicts on the paper's claims", "",
-             "holds: the 95% bootstrap interval of every difference lies on the claimed side of 0; refuted: one "
-             "lies on the other side; not separable: an interval covers 0.", ""]
+             "holds: the 95% interval (questions and seeds resampled) of every difference lies on the claimed "
+             "side of 0; refuted: one lies on the other side; not separable: an interval covers 0.", ""]
     return lines + _table(["claim", "verdict", "numbers"], verdicts(boot, has_unseen)) + [""]
 
 
@@ -188,10 +195,11 @@ def paper_section(study, boot, d):
         rows += [[f"{a} − {b}", f"paper, {init}"] + [fmt_signed(m, paper.paper_difference(f, a, b, m))
                                                      for m in paper.SETTINGS]
                  for init, f in figures_by_init.items()]
-        rows.append([f"{a} − {b}", "this study"] + [_cell(m, boot.difference(a, b, m)) for m in paper.SETTINGS])
+        rows.append([f"{a} − {b}", "this study"] + [_cell(m, boot.difference(a, b, m, interval="seeds"))
+                                                     for m in paper.SETTINGS])
     lines = ["### Beside the paper", "",
              f"The differences between batch types in the {paper.PAPER} on the same evaluation set, beside this "
-             "study's (bootstrap intervals as above). The paper's models and training data differ from this "
+             "study's (mean over seeds; interval with questions and seeds resampled). The paper's models and training data differ from this "
              "study's, so only the signs and sizes of the differences compare, not the levels.", ""]
     return lines + _table(["difference", "source"] + [METRICS[m][0] for m in paper.SETTINGS], rows) + [""]
 
