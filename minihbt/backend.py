@@ -4,11 +4,15 @@ A Backend holds the array module `xp`, the compute dtype and the GPU switches (T
 fused kernels). Every other module receives it (`model.backend`, passed as `be`) and asks it
 instead of testing the array module itself. Data crosses to the host only at the edges:
 `to_numpy`. On the CPU, element-wise passes that NumPy runs on one core are spread over a
-small thread pool (`be.map_chunks`): NumPy's ufuncs release the GIL.
+small thread pool (`be.map_chunks`): NumPy's ufuncs release the GIL. Independent pieces of
+work (the length groups of a batch) run side by side on that pool, each on one thread with
+BLAS on one thread (`be.map_ordered`): their results are those of a one-thread run, the same
+bits whatever the number of threads.
 """
 import contextlib
 import math
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -82,6 +86,7 @@ class Backend:
         self.fused = bool(fused) and self.is_cuda and self.dtype == np.float32
         self.threads = threads or blas_threads()
         self._pool = None
+        self._local = threading.local()          # .serial: this thread runs one piece of map_ordered
         self._blas = None if self.is_cuda else ThreadpoolController().select(user_api="blas")
 
     def __repr__(self):
@@ -99,7 +104,7 @@ class Backend:
             fn(0, n)
             return
         ranges = [(s, min(s + chunk, n)) for s in range(0, n, max(1, chunk))]
-        if self.threads == 1 or len(ranges) <= 1:
+        if self._serial() or len(ranges) <= 1:
             for s, e in ranges:
                 fn(s, e)
             return
@@ -111,11 +116,42 @@ class Backend:
         """BLAS on one thread inside the block: for many small products that the thread pool
         runs side by side (a multi-threaded BLAS on each tiny GEMM only adds wake-ups, and
         collapses when other processes hold the cores)."""
-        if self._blas is None or self.threads == 1:
-            yield
+        if self._blas is None or getattr(self._local, "serial", False):
+            yield                                    # a map_ordered piece: BLAS is on one thread already
             return
         with self._blas.limit(limits=1):
             yield
+
+    def map_ordered(self, fn, items, then):
+        """then(fn(item)) for each item, in order. fn runs on the CPU's thread pool, the items
+        side by side, each on one thread (its element-wise passes serial) with BLAS held to one
+        thread meanwhile; `then` runs in the calling thread as results arrive, in item order.
+        So every result, and whatever `then` accumulates, is bit for bit what a one-thread run
+        computes, for any number of threads. On CuPy: one item after another."""
+        items = list(items)
+        if self.is_cuda:
+            for it in items:
+                then(fn(it))
+            return
+        with self.blas_serial():
+            if self.threads == 1 or len(items) <= 1:
+                for it in items:
+                    then(fn(it))
+                return
+            for result in self._executor().map(self._one_thread(fn), items):
+                then(result)
+
+    def _one_thread(self, fn):
+        def run(item):
+            self._local.serial = True
+            try:
+                return fn(item)
+            finally:
+                self._local.serial = False
+        return run
+
+    def _serial(self):
+        return self.threads == 1 or getattr(self._local, "serial", False)
 
     def map_rows(self, fn, rows, row_size):
         """map_chunks over the leading axis of an array of `rows` rows of `row_size` elements."""
@@ -124,7 +160,7 @@ class Backend:
     def map_tasks(self, fn, items):
         """Call fn(item) for each item; on the CPU across the thread pool (NumPy releases the GIL)."""
         items = list(items)
-        if self.is_cuda or self.threads == 1 or len(items) <= 1:
+        if self.is_cuda or self._serial() or len(items) <= 1:
             for it in items:
                 fn(it)
             return
