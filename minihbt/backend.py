@@ -9,10 +9,12 @@ work (the length groups of a batch) run side by side on that pool, each on one t
 BLAS on one thread (`be.map_ordered`): their results are those of a one-thread run, the same
 bits whatever the number of threads.
 """
+import collections
 import contextlib
 import math
 import os
 import threading
+from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -64,9 +66,9 @@ class Backend:
         silent fallback). dtype: "float32" or "float64". tf32: float32 GEMMs on TF32 tensor
         cores (CuPy only; ~1e-3 relative error). cuBLAS keeps this per process: True or False
         sets it, None leaves it as the last Backend set it. fused: the fused CuPy kernels of
-        kernels.py for float32 on CuPy. threads: worker threads for CPU element-wise passes
-        (default: as many as BLAS uses, which follows OMP_NUM_THREADS / OPENBLAS_NUM_THREADS
-        and the CPU affinity).
+        kernels.py for float32 on CuPy. threads: the CPU thread pool's size, for element-wise
+        passes and for the length groups that map_ordered runs side by side (default: as many
+        as BLAS uses, which follows OMP_NUM_THREADS / OPENBLAS_NUM_THREADS and the CPU affinity).
     """
 
     def __init__(self, device="cpu", dtype="float32", tf32=False, fused=False, threads=None):
@@ -85,7 +87,7 @@ class Backend:
         self.tf32 = self.is_cuda and (bool(tf32) if tf32 is not None else _tf32_on())
         self.fused = bool(fused) and self.is_cuda and self.dtype == np.float32
         self.threads = threads or blas_threads()
-        self._pool = None
+        self._pool, self._pool_size = None, 0
         self._local = threading.local()          # .serial: this thread runs one piece of map_ordered
         self._blas = None if self.is_cuda else ThreadpoolController().select(user_api="blas")
 
@@ -123,23 +125,37 @@ class Backend:
             yield
 
     def map_ordered(self, fn, items, then):
-        """then(fn(item)) for each item, in order. fn runs on the CPU's thread pool, the items
-        side by side, each on one thread (its element-wise passes serial) with BLAS held to one
-        thread meanwhile; `then` runs in the calling thread as results arrive, in item order.
-        So every result, and whatever `then` accumulates, is bit for bit what a one-thread run
-        computes, for any number of threads. On CuPy: one item after another."""
+        """then(fn(item)) for each item, in order; `then` runs in the calling thread.
+
+        With several items on a multi-threaded CPU, fn runs on the thread pool, the items side
+        by side, each on one thread (its element-wise passes serial); at most `threads` results
+        wait for `then`, which bounds the memory in flight. Otherwise (one item, one thread, or
+        CuPy) the items run one after another in the calling thread. Either way BLAS is held to
+        one thread on the CPU, so every result, and whatever `then` accumulates, is bit for bit
+        what a one-thread run computes, for any number of threads (a single item's products then
+        use one core: the price of that guarantee)."""
         items = list(items)
-        if self.is_cuda:
-            for it in items:
-                then(fn(it))
-            return
         with self.blas_serial():
-            if self.threads == 1 or len(items) <= 1:
+            if not self.parallel(len(items)):
                 for it in items:
                     then(fn(it))
                 return
-            for result in self._executor().map(self._one_thread(fn), items):
-                then(result)
+            pool, run, pending = self._executor(), self._one_thread(fn), collections.deque()
+            try:
+                for it in items:
+                    pending.append(pool.submit(run, it))
+                    if len(pending) > self.threads:
+                        then(pending.popleft().result())
+                while pending:
+                    then(pending.popleft().result())
+            finally:                        # an error or Ctrl-C: no piece left running once BLAS is restored
+                for f in pending:
+                    f.cancel()
+                futures.wait(pending)
+
+    def parallel(self, n_items):
+        """Whether map_ordered runs `n_items` items side by side (else one after another)."""
+        return not self.is_cuda and not self._serial() and n_items > 1
 
     def _one_thread(self, fn):
         def run(item):
@@ -168,8 +184,9 @@ class Backend:
             pass
 
     def _executor(self):
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="minihbt")
+        if self._pool is None or self._pool_size != self.threads:      # `threads` may be changed after use
+            self._pool, self._pool_size = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="minihbt"), \
+                self.threads
         return self._pool
 
     def elementwise(self, fn, *arrays, out_dtype=None):

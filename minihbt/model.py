@@ -4,7 +4,8 @@
 GradCache), evaluation and the demo all go through it. It tokenizes, sorts the texts by
 length and runs them in groups padded only to their own longest text, so no compute goes to
 padding beyond a group's; with `keep=True` it returns a backward closure that runs each
-group's backward from its own cache. Padding never reaches a real token (attention masks it,
+group's backward from its own cache. On a multi-threaded CPU the groups run side by side,
+each on one thread (`Backend.map_ordered`), with the same bits as one thread. Padding never reaches a real token (attention masks it,
 pooling skips it, dropout keeps it), so the result is that of one padded batch.
 """
 import json
@@ -199,24 +200,36 @@ def embed_texts(model, texts, max_length, pairs=None, seeds=None, keep=False, ma
         bar.close()
 
     def backward(d_emb, grads):
-        """Each group's backward from its own cache (side by side on the CPU's threads); their
-        gradients are added into `grads` newest group first, as a one-thread loop would."""
-        def group_backward(cache):
-            rows, caches, pool_cache, norm_cache = cache
-            own, tables = {}, []              # this group's gradients; its embedding-table scatters, deferred
-            d_pooled = layers.l2_normalize_backward(be, d_emb[rows], norm_cache)
-            model.backward(encoder.pool_backward(be, model.pooling, d_pooled, pool_cache, own), caches, own, tables)
-            return own, tables
-
-        def add(result):
-            own, tables = result
-            for name, g in own.items():
-                encoder.accumulate(grads, name, g)
-            for name, table_ids, d_rows in tables:
-                encoder.scatter_rows(be, grads, name, model.params[name].shape, table_ids, d_rows)
-        be.map_ordered(group_backward, reversed(backwards), add)
-        backwards.clear()
+        backward_groups(model, backwards, d_emb, grads)
     return emb, (backward if keep else None), sum(lengths)
+
+
+def backward_groups(model, caches, d_emb, grads):
+    """Each group's backward from its own cache (side by side on the CPU's threads, newest first;
+    `caches` is emptied); their gradients are added into `grads` in that order, as a one-thread
+    loop would add them."""
+    be = model.backend
+    side_by_side = be.parallel(len(caches))
+
+    def group_backward(cache):
+        rows, layer_caches, pool_cache, norm_cache = cache
+        # side by side: this group's own gradients, and its embedding-table scatters deferred;
+        # one after another: straight into `grads` (the same sums in the same order)
+        own, tables = ({}, []) if side_by_side else (grads, None)
+        d_pooled = layers.l2_normalize_backward(be, d_emb[rows], norm_cache)
+        model.backward(encoder.pool_backward(be, model.pooling, d_pooled, pool_cache, own), layer_caches, own, tables)
+        return own, tables
+
+    def add(result):
+        own, tables = result
+        if own is grads:
+            return
+        for name, g in own.items():
+            encoder.accumulate(grads, name, g)
+        for name, table_ids, d_rows in tables:
+            encoder.scatter_rows(be, grads, name, model.params[name].shape, table_ids, d_rows)
+    be.map_ordered(group_backward, reversed(caches), add)
+    caches.clear()
 
 
 def resolve_prefix(model, kind, prefix):

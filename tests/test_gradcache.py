@@ -75,8 +75,9 @@ def _step_and_encode(model, threads, blas_threads):
     with threadpool_limits(limits=blas_threads, user_api="blas"):
         loss, grads = loss_and_grads(model, *REAL, dropout=True, seed=3, group_tokens=96)
         total = clip_grad_norm(grads, 1e9)
-        emb = minihbt.encode(model, REAL[1] + REAL[0], batch_size=64)
-    return loss, grads, total, emb
+        loss_c, grads_c = loss_and_grads(model, *REAL, dropout=True, seed=3, group_tokens=96, chunk_size=5)
+        emb = minihbt.encode(model, REAL[1] + REAL[0], batch_size=5)
+    return loss, grads, total, emb, loss_c, grads_c
 
 
 # 12 triplets of real-length texts: several length groups per side at a 96-token budget
@@ -94,7 +95,8 @@ def test_a_step_has_the_same_bits_on_any_number_of_threads(me5_dir):
     model = minihbt.load_model(me5_dir)
     one = _step_and_encode(model, threads=1, blas_threads=1)
     two = _step_and_encode(model, threads=2, blas_threads=2)
-    assert one[0] == two[0] and one[2] == two[2]
+    assert one[0] == two[0] and one[2] == two[2] and one[4] == two[4]
     for name in model.params:
         assert np.array_equal(one[1][name], two[1][name]), name
-    assert np.array_equal(one[3], two[3])
+        assert np.array_equal(one[5][name], two[5][name]), name                     # GradCache chunks of 5
+    assert np.array_equal(one[3], two[3])                                          # encode, groups of 5 texts
