@@ -70,7 +70,6 @@ from train_step_report import print_case, print_header, print_profile   # noqa: 
 CASES = ("xquad", "mlqa-hybrid", "xquad-long")
 PASSAGE_LEN = {"xquad": 64, "mlqa-hybrid": 96, "xquad-long": 128}
 SIDES = (("minihbt", "minihbt"), ("torch", "pytorch+transformers"))
-BASELINE = ("baseline", "minihbt at --baseline")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -105,8 +104,9 @@ def parse_args(argv):
     a("--threads", type=int, default=os.cpu_count(), help="CPU threads for both (default: all cores)")
     a("--matmul-size", type=int, default=4096, help="side of the reference float32 matmul (default 4096; 0: skip)")
     a("--matmul-repeats", type=int, default=3, help="timed reference matmuls, best kept (default 3)")
-    a("--baseline", metavar="REV", help="also time minihbt at this git revision (checked out in a temporary "
-                                         "worktree) in the same run, e.g. the commit before a speed-up")
+    a("--baseline", metavar="REV[,REV...]", help="also time minihbt at these git revisions (each checked out in a "
+                                                  "temporary worktree) in the same run, e.g. the commit before a "
+                                                  "speed-up")
     a("--minihbt-src", help=argparse.SUPPRESS)
     a("--group-tokens", type=int, help="minihbt: padded tokens per length group (default: the library's; "
                                          "0: each side as one padded batch)")
@@ -193,19 +193,21 @@ def write_json(path, obj):
 
 @contextlib.contextmanager
 def baseline_checkout(args, tmp):
-    """--baseline REV checked out (detached) in a temporary git worktree for the run's duration."""
-    if not args.baseline:
-        yield
-        return
-    root, args.baseline_dir = os.path.dirname(HERE), os.path.join(tmp, "baseline")
-    out = subprocess.run(["git", "-C", root, "worktree", "add", "--detach", args.baseline_dir, args.baseline],
-                         capture_output=True, text=True)
-    if out.returncode != 0:
-        fail(f"--baseline {args.baseline}: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else 'git failed'}")
+    """Each --baseline REV checked out (detached) in a temporary git worktree for the run's duration;
+    args.baseline_dirs maps the side's key ("baseline REV") to it."""
+    root, args.baseline_dirs = os.path.dirname(HERE), {}
     try:
+        for i, rev in enumerate(r for r in (args.baseline or "").split(",") if r):
+            path = os.path.join(tmp, f"baseline-{i}")
+            out = subprocess.run(["git", "-C", root, "worktree", "add", "--detach", path, rev],
+                                 capture_output=True, text=True)
+            if out.returncode != 0:
+                fail(f"--baseline {rev}: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else 'git failed'}")
+            args.baseline_dirs[f"baseline {rev}"] = path
         yield
     finally:
-        subprocess.run(["git", "-C", root, "worktree", "remove", "--force", args.baseline_dir], capture_output=True)
+        for path in args.baseline_dirs.values():
+            subprocess.run(["git", "-C", root, "worktree", "remove", "--force", path], capture_output=True)
 
 
 def thread_env(threads):
@@ -217,8 +219,8 @@ def thread_env(threads):
 def run_child(which, batch_file, args, model_dir, precision, env):
     """One side in its own process: its JSON result, or {"skipped": why}."""
     src = []
-    if which == "baseline":
-        which, src = "minihbt", ["--minihbt-src", args.baseline_dir]
+    if which in args.baseline_dirs:
+        which, src = "minihbt", ["--minihbt-src", args.baseline_dirs[which]]
     cmd = [sys.executable, os.path.abspath(__file__), "--child", which, "--batch-file", batch_file] + src + [
            "--model", model_dir, "--device", args.device, "--precision", precision, "--steps", str(args.steps),
            "--threads", str(args.threads)] + (["--no-dropout"] if args.no_dropout else []) \
@@ -273,7 +275,8 @@ def make_cases(args, model_dir, tmp, config, n_nonembed):
 def compare(args, model_dir, cases, env, setup):
     """Time both sides of every case (and precision), bracketed by the matmul reference; returns the record."""
     reference = args.matmul_size and args.device == "cpu"
-    progress = Progress(len(cases) * len(args.precisions) * (3 if args.baseline else 2) + (2 if reference else 0))
+    sides_run = SIDES + tuple((key, f"minihbt at {key[len('baseline '):]}") for key in args.baseline_dirs)
+    progress = Progress(len(cases) * len(args.precisions) * len(sides_run) + (2 if reference else 0))
     matmul = {}
     if reference:
         progress.phase(f"matmul reference {args.matmul_size}^3")
@@ -282,7 +285,7 @@ def compare(args, model_dir, cases, env, setup):
     for path, info in cases:
         for precision in args.precisions:
             sides = {}
-            for key, name in SIDES + ((BASELINE,) if args.baseline else ()):
+            for key, name in sides_run:
                 progress.phase(f"case {info['case']}, {precision}, {name}")
                 sides[key] = run_child(key, path, args, model_dir, precision, env)
             results.append(dict(info, precision=precision, sides=sides))

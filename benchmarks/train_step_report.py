@@ -5,7 +5,7 @@ from train_step_profile import format_profile
 PEAKS = [("H100 PCIe", (51e12, 378e12, 756e12)), ("H100 NVL", (60e12, 417.5e12, 835e12)),
          ("H100", (67e12, 494.7e12, 989.4e12)), ("H200", (67e12, 494.7e12, 989.4e12)),
          ("A100", (19.5e12, 156e12, 312e12)), ("L4", (30.3e12, 60e12, 121e12))]
-NAMES = {"minihbt": "minihbt", "torch": "pytorch+transformers", "baseline": "minihbt --baseline"}
+NAMES = {"minihbt": "minihbt", "torch": "pytorch+transformers"}       # and "baseline REV": minihbt at REV
 
 
 def peak_flops(device_name, precision):
@@ -43,7 +43,8 @@ def print_case(result, matmul_flops, gpu):
     print(f"  {'':22s}{unit:>9s}{'tokens/s':>10s}{rate_head:>9s}{frac_head:>11s}"
           f"{'peak GPU MB' if gpu else 'peak RSS MB':>13s}{'cores busy':>12s}   losses")
     rows = {}
-    for key, name in NAMES.items():
+    baselines = [k for k in r["sides"] if k.startswith("baseline")]
+    for key, name in list(NAMES.items()) + [(k, "minihbt at " + k[len("baseline "):]) for k in baselines]:
         if key not in r["sides"]:
             continue
         side = r["sides"][key]
@@ -71,10 +72,10 @@ def print_case(result, matmul_flops, gpu):
         if gpu:
             print(f"  {'':22s}device: {side.get('device')}; MFU against the {card or 'unknown card'} datasheet peak "
                   f"for {r['precision']}; allocator size after each step (MB): {[round(m) for m in side['gpu_mb']]}")
-    if "baseline" in rows and "minihbt" in rows:
-        (tm, mm), (tb, mb) = rows["minihbt"], rows["baseline"]
-        r["speedup_vs_baseline"] = tb / tm
-        print(f"  minihbt vs --baseline: {tb / tm:.2f}x the real tokens/s (time ratio {tm / tb:.2f}), "
+    for key in (k for k in baselines if k in rows and "minihbt" in rows):
+        (tm, mm), (tb, mb) = rows["minihbt"], rows[key]
+        r.setdefault("speedup_vs_baseline", {})[key[len("baseline "):]] = tb / tm
+        print(f"  minihbt vs {key[len('baseline '):]}: {tb / tm:.2f}x the real tokens/s (time ratio {tm / tb:.2f}), "
               f"peak memory ratio {mm / mb:.2f}")
     if "minihbt" in rows and "torch" in rows:
         (tm, mm), (tt, mt) = rows["minihbt"], rows["torch"]

@@ -4,11 +4,17 @@ A Backend holds the array module `xp`, the compute dtype and the GPU switches (T
 fused kernels). Every other module receives it (`model.backend`, passed as `be`) and asks it
 instead of testing the array module itself. Data crosses to the host only at the edges:
 `to_numpy`. On the CPU, element-wise passes that NumPy runs on one core are spread over a
-small thread pool (`be.map_chunks`): NumPy's ufuncs release the GIL.
+small thread pool (`be.map_chunks`): NumPy's ufuncs release the GIL. Independent pieces of
+work (the length groups of a batch) run side by side on that pool, each on one thread with
+BLAS on one thread (`be.map_ordered`): their results are those of a one-thread run, the same
+bits whatever the number of threads.
 """
+import collections
 import contextlib
 import math
 import os
+import threading
+from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -60,9 +66,9 @@ class Backend:
         silent fallback). dtype: "float32" or "float64". tf32: float32 GEMMs on TF32 tensor
         cores (CuPy only; ~1e-3 relative error). cuBLAS keeps this per process: True or False
         sets it, None leaves it as the last Backend set it. fused: the fused CuPy kernels of
-        kernels.py for float32 on CuPy. threads: worker threads for CPU element-wise passes
-        (default: as many as BLAS uses, which follows OMP_NUM_THREADS / OPENBLAS_NUM_THREADS
-        and the CPU affinity).
+        kernels.py for float32 on CuPy. threads: the CPU thread pool's size, for element-wise
+        passes and for the length groups that map_ordered runs side by side (default: as many
+        as BLAS uses, which follows OMP_NUM_THREADS / OPENBLAS_NUM_THREADS and the CPU affinity).
     """
 
     def __init__(self, device="cpu", dtype="float32", tf32=False, fused=False, threads=None):
@@ -81,7 +87,8 @@ class Backend:
         self.tf32 = self.is_cuda and (bool(tf32) if tf32 is not None else _tf32_on())
         self.fused = bool(fused) and self.is_cuda and self.dtype == np.float32
         self.threads = threads or blas_threads()
-        self._pool = None
+        self._pool, self._pool_size = None, 0
+        self._local = threading.local()          # .serial: this thread runs one piece of map_ordered
         self._blas = None if self.is_cuda else ThreadpoolController().select(user_api="blas")
 
     def __repr__(self):
@@ -99,7 +106,7 @@ class Backend:
             fn(0, n)
             return
         ranges = [(s, min(s + chunk, n)) for s in range(0, n, max(1, chunk))]
-        if self.threads == 1 or len(ranges) <= 1:
+        if self._serial() or len(ranges) <= 1:
             for s, e in ranges:
                 fn(s, e)
             return
@@ -111,11 +118,56 @@ class Backend:
         """BLAS on one thread inside the block: for many small products that the thread pool
         runs side by side (a multi-threaded BLAS on each tiny GEMM only adds wake-ups, and
         collapses when other processes hold the cores)."""
-        if self._blas is None or self.threads == 1:
-            yield
+        if self._blas is None or getattr(self._local, "serial", False):
+            yield                                    # a map_ordered piece: BLAS is on one thread already
             return
         with self._blas.limit(limits=1):
             yield
+
+    def map_ordered(self, fn, items, then):
+        """then(fn(item)) for each item, in order; `then` runs in the calling thread.
+
+        With several items on a multi-threaded CPU, fn runs on the thread pool, the items side
+        by side, each on one thread (its element-wise passes serial); at most `threads` results
+        wait for `then`, which bounds the memory in flight. Otherwise (one item, one thread, or
+        CuPy) the items run one after another in the calling thread. Either way BLAS is held to
+        one thread on the CPU, so every result, and whatever `then` accumulates, is bit for bit
+        what a one-thread run computes, for any number of threads (a single item's products then
+        use one core: the price of that guarantee)."""
+        items = list(items)
+        with self.blas_serial():
+            if not self.parallel(len(items)):
+                for it in items:
+                    then(fn(it))
+                return
+            pool, run, pending = self._executor(), self._one_thread(fn), collections.deque()
+            try:
+                for it in items:
+                    pending.append(pool.submit(run, it))
+                    if len(pending) > self.threads:
+                        then(pending.popleft().result())
+                while pending:
+                    then(pending.popleft().result())
+            finally:                        # an error or Ctrl-C: no piece left running once BLAS is restored
+                for f in pending:
+                    f.cancel()
+                futures.wait(pending)
+
+    def parallel(self, n_items):
+        """Whether map_ordered runs `n_items` items side by side (else one after another)."""
+        return not self.is_cuda and not self._serial() and n_items > 1
+
+    def _one_thread(self, fn):
+        def run(item):
+            self._local.serial = True
+            try:
+                return fn(item)
+            finally:
+                self._local.serial = False
+        return run
+
+    def _serial(self):
+        return self.threads == 1 or getattr(self._local, "serial", False)
 
     def map_rows(self, fn, rows, row_size):
         """map_chunks over the leading axis of an array of `rows` rows of `row_size` elements."""
@@ -124,7 +176,7 @@ class Backend:
     def map_tasks(self, fn, items):
         """Call fn(item) for each item; on the CPU across the thread pool (NumPy releases the GIL)."""
         items = list(items)
-        if self.is_cuda or self.threads == 1 or len(items) <= 1:
+        if self.is_cuda or self._serial() or len(items) <= 1:
             for it in items:
                 fn(it)
             return
@@ -132,8 +184,9 @@ class Backend:
             pass
 
     def _executor(self):
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="minihbt")
+        if self._pool is None or self._pool_size != self.threads:      # `threads` may be changed after use
+            self._pool, self._pool_size = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="minihbt"), \
+                self.threads
         return self._pool
 
     def elementwise(self, fn, *arrays, out_dtype=None):

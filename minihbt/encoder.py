@@ -59,8 +59,15 @@ def embeddings_forward(be, params, config, input_ids, position_ids, token_type_i
     return h, EmbeddingsCache(input_ids, position_ids, token_type_ids, ln, drop)
 
 
-def embeddings_backward(be, params, d_h, cache, grads):
-    """Back through embeddings_forward: scatter-add into the three tables, LayerNorm grads."""
+def scatter_rows(be, grads, name, shape, ids, d_rows):
+    """grads[name] (a [V, H] table gradient, created on first use) += d_rows scattered to rows `ids`."""
+    grads[name] = layers.embedding_backward(be, d_rows, (ids, shape), grads.get(name))
+
+
+def embeddings_backward(be, params, d_h, cache, grads, tables=None):
+    """Back through embeddings_forward: scatter-add into the three tables, LayerNorm grads.
+    With `tables` (a list) the scatters are appended there as (name, ids, d_rows) for the
+    caller to apply with scatter_rows, in its own order (a [V, H] table per call is avoided)."""
     d_e = layers.dropout_backward(be, d_h, cache.dropout)
     d_e, d_gamma, d_beta = layers.layernorm_backward(be, d_e, cache.layernorm)
     accumulate(grads, "embeddings.LayerNorm.weight", d_gamma)
@@ -68,7 +75,10 @@ def embeddings_backward(be, params, d_h, cache, grads):
     for table, ids in (("word_embeddings", cache.input_ids), ("position_embeddings", cache.position_ids),
                        ("token_type_embeddings", cache.token_type_ids)):
         name = f"embeddings.{table}.weight"
-        grads[name] = layers.embedding_backward(be, d_e, (ids, params[name].shape), grads.get(name))
+        if tables is not None:
+            tables.append((name, ids, d_e))
+        else:
+            scatter_rows(be, grads, name, params[name].shape, ids, d_e)
 
 
 def block_forward(be, params, prefix, config, h, mask_bias, layer, p_hidden, p_attn, streams):

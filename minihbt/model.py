@@ -4,7 +4,8 @@
 GradCache), evaluation and the demo all go through it. It tokenizes, sorts the texts by
 length and runs them in groups padded only to their own longest text, so no compute goes to
 padding beyond a group's; with `keep=True` it returns a backward closure that runs each
-group's backward from its own cache. Padding never reaches a real token (attention masks it,
+group's backward from its own cache. On a multi-threaded CPU the groups run side by side,
+each on one thread (`Backend.map_ordered`), with the same bits as one thread. Padding never reaches a real token (attention masks it,
 pooling skips it, dropout keeps it), so the result is that of one padded batch.
 """
 import json
@@ -89,13 +90,14 @@ class Model:
                 caches.append(cache)
         return h
 
-    def backward(self, d_hidden, caches, grads):
+    def backward(self, d_hidden, caches, grads, tables=None):
         """Back through forward(): pops its caches newest first (each activation is freed once
-        used) and adds parameter gradients into `grads` (name -> array)."""
+        used) and adds parameter gradients into `grads` (name -> array). `tables`, a list:
+        the embedding tables' scatter-adds are appended there instead (see embeddings_backward)."""
         d_h = d_hidden
         for i in reversed(range(self.config.num_hidden_layers)):
             d_h = encoder.block_backward(self.backend, f"encoder.layer.{i}.", d_h, caches.pop(), grads)
-        encoder.embeddings_backward(self.backend, self.params, d_h, caches.pop(), grads)
+        encoder.embeddings_backward(self.backend, self.params, d_h, caches.pop(), grads, tables)
         return grads
 
     def pool(self, hidden, attention_mask):
@@ -176,27 +178,58 @@ def embed_texts(model, texts, max_length, pairs=None, seeds=None, keep=False, ma
     bar = tqdm(total=sum(lengths), desc=progress, unit="tok", unit_scale=True) if progress else None
     emb = be.xp.empty((len(texts), model.config.hidden_size), dtype=model.dtype)
     backwards = []
-    for rows in length_groups(lengths, max_tokens, max_texts):
+
+    def forward(rows):
         input_ids, mask, token_types = model.tokenizer.pad([ids[i] for i in rows], [type_ids[i] for i in rows])
         streams = None if seeds is None else DropoutStreams([seeds[i] for i in rows], [lengths[i] for i in rows])
         caches = [] if keep else None
         hidden = model.forward(input_ids, mask, token_types, caches=caches, streams=streams)      # [g, T, H]
         pooled, pool_cache = encoder.pool_forward(be, model.params, model.pooling, hidden, be.asarray(mask))
-        emb[rows], norm_cache = layers.l2_normalize_forward(be, pooled)                             # [g, H]
-        del hidden
+        e, norm_cache = layers.l2_normalize_forward(be, pooled)                                     # [g, H]
+        return rows, e, (rows, caches, pool_cache, norm_cache), int(mask.sum())
+
+    def store(result):
+        rows, e, cache, n = result
+        emb[rows] = e
         if keep:
-            backwards.append((rows, caches, pool_cache, norm_cache))
+            backwards.append(cache)
         if bar is not None:
-            bar.update(int(mask.sum()))
+            bar.update(n)
+    be.map_ordered(forward, length_groups(lengths, max_tokens, max_texts), store)
     if bar is not None:
         bar.close()
 
     def backward(d_emb, grads):
-        for rows, caches, pool_cache, norm_cache in reversed(backwards):
-            d_pooled = layers.l2_normalize_backward(be, d_emb[rows], norm_cache)
-            model.backward(encoder.pool_backward(be, model.pooling, d_pooled, pool_cache, grads), caches, grads)
-        backwards.clear()
+        backward_groups(model, backwards, d_emb, grads)
     return emb, (backward if keep else None), sum(lengths)
+
+
+def backward_groups(model, caches, d_emb, grads):
+    """Each group's backward from its own cache (side by side on the CPU's threads, newest first;
+    `caches` is emptied); their gradients are added into `grads` in that order, as a one-thread
+    loop would add them."""
+    be = model.backend
+    side_by_side = be.parallel(len(caches))
+
+    def group_backward(cache):
+        rows, layer_caches, pool_cache, norm_cache = cache
+        # side by side: this group's own gradients, and its embedding-table scatters deferred;
+        # one after another: straight into `grads` (the same sums in the same order)
+        own, tables = ({}, []) if side_by_side else (grads, None)
+        d_pooled = layers.l2_normalize_backward(be, d_emb[rows], norm_cache)
+        model.backward(encoder.pool_backward(be, model.pooling, d_pooled, pool_cache, own), layer_caches, own, tables)
+        return own, tables
+
+    def add(result):
+        own, tables = result
+        if own is grads:
+            return
+        for name, g in own.items():
+            encoder.accumulate(grads, name, g)
+        for name, table_ids, d_rows in tables:
+            encoder.scatter_rows(be, grads, name, model.params[name].shape, table_ids, d_rows)
+    be.map_ordered(group_backward, reversed(caches), add)
+    caches.clear()
 
 
 def resolve_prefix(model, kind, prefix):

@@ -61,10 +61,15 @@ def clip_grad_norm(grads, max_norm):
 
 def _sum_of_squares(g, chunk=1 << 20):
     """sum(g^2) accumulated in float64 over float32 chunks: accurate, no full-size temporary.
-    A float64 scalar on g's device (0-d on CuPy), so summing many costs no transfer."""
+    A float64 scalar on g's device (0-d on CuPy), so summing many costs no transfer. Not a BLAS
+    dot: NumPy's pairwise sum gives the same bits on any number of BLAS threads."""
     flat = g.reshape(-1)
-    return sum(flat[s:s + chunk].astype(np.float64) @ flat[s:s + chunk].astype(np.float64)
-               for s in range(0, flat.size, chunk))
+    return sum(_squares(flat[s:s + chunk].astype(np.float64)).sum() for s in range(0, flat.size, chunk))
+
+
+def _squares(x):
+    x *= x
+    return x
 
 
 class AdamW:

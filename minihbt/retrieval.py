@@ -39,7 +39,8 @@ def rank_of_relevant(queries, candidates, relevant, max_bytes=DEFAULT_MAX_BYTES,
     cand_index = np.arange(N)
     out = [None] * len(queries)
     for s, e in _query_blocks(len(queries), N, max_bytes):
-        scores = queries[s:e] @ candidates.T                              # [b, N]
+        with threadpool_limits(limits=1, user_api="blas"):               # the same bits on any thread count
+            scores = queries[s:e] @ candidates.T                          # [b, N]
         b = e - s
         width = max(len(r) for r in relevant[s:e])
         rel = np.zeros((b, width), dtype=np.int64)                        # [b, R] padded

@@ -64,16 +64,18 @@ def loss_and_grads(model, queries, positives, negatives=None, temperature=0.05, 
     grads, tokens = {}, 0
     if chunk_size is None:
         outs = [run(texts, max_len, role, 0, True) for texts, max_len, role in sides]
-        loss, d_q, d_c = contrastive_loss(model.backend, outs[0][0], outs[1][0], query_texts, cand_texts,
-                                          temperature, candidates, symmetric)
+        with model.backend.blas_serial():                     # the same bits on any number of threads
+            loss, d_q, d_c = contrastive_loss(model.backend, outs[0][0], outs[1][0], query_texts, cand_texts,
+                                              temperature, candidates, symmetric)
         for (_, backward, n), d_emb in reversed(list(zip(outs, (d_q, d_c)))):
             backward(d_emb, grads)
             tokens += n
     else:
         embs = [model.xp.concatenate([run(texts[s:s + chunk_size], max_len, role, s, False)[0]
                                       for s in range(0, len(texts), chunk_size)]) for texts, max_len, role in sides]
-        loss, d_q, d_c = contrastive_loss(model.backend, embs[0], embs[1], query_texts, cand_texts, temperature,
-                                          candidates, symmetric)
+        with model.backend.blas_serial():
+            loss, d_q, d_c = contrastive_loss(model.backend, embs[0], embs[1], query_texts, cand_texts,
+                                              temperature, candidates, symmetric)
         for (texts, max_len, role), d_emb in zip(sides, (d_q, d_c)):
             for s in range(0, len(texts), chunk_size):
                 _, backward, n = run(texts[s:s + chunk_size], max_len, role, s, True)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import minihbt
+from minihbt.optim import clip_grad_norm
 from minihbt.step import loss_and_grads
 from conftest import TINY
 from fixtures.spec import TRIPLETS
@@ -64,3 +65,38 @@ def test_length_groups_respect_the_token_budget():
     assert [list(g) for g in groups] == [[1, 3], [6, 4], [0, 2, 5]]
     assert [list(g) for g in length_groups(lengths, max_texts=3)] == [[1, 3, 6], [4, 0, 2], [5]]
     assert [list(g) for g in length_groups(lengths)] == [[1, 3, 6, 4, 0, 2, 5]]
+
+
+def _step_and_encode(model, threads, blas_threads):
+    """A training step's loss and gradients and an encode, on `threads` minihbt threads with
+    NumPy's BLAS on `blas_threads` outside minihbt's own limits."""
+    from threadpoolctl import threadpool_limits
+    model.backend.threads = threads
+    with threadpool_limits(limits=blas_threads, user_api="blas"):
+        loss, grads = loss_and_grads(model, *REAL, dropout=True, seed=3, group_tokens=96)
+        total = clip_grad_norm(grads, 1e9)
+        loss_c, grads_c = loss_and_grads(model, *REAL, dropout=True, seed=3, group_tokens=96, chunk_size=5)
+        emb = minihbt.encode(model, REAL[1] + REAL[0], batch_size=5)
+    return loss, grads, total, emb, loss_c, grads_c
+
+
+# 12 triplets of real-length texts: several length groups per side at a 96-token budget
+REAL = ([f"query: what happened in the year {1900 + 7 * i} in the city number {i}?" + " and why" * (i % 4)
+         for i in range(12)],
+        [f"passage: in {1900 + 7 * i} the city number {i} " + "grew and changed a great deal " * (1 + i % 5)
+         for i in range(12)],
+        [[f"passage: nothing happened in {1800 + i} " + "really " * (i % 6)] for i in range(12)])
+
+
+def test_a_step_has_the_same_bits_on_any_number_of_threads(me5_dir):
+    """The length groups run side by side on the thread pool, each on one thread with BLAS on one
+    thread, and their gradients are added in a fixed order: loss, every gradient, the gradient
+    norm and encode's embeddings are bit for bit those of a one-thread run."""
+    model = minihbt.load_model(me5_dir)
+    one = _step_and_encode(model, threads=1, blas_threads=1)
+    two = _step_and_encode(model, threads=2, blas_threads=2)
+    assert one[0] == two[0] and one[2] == two[2] and one[4] == two[4]
+    for name in model.params:
+        assert np.array_equal(one[1][name], two[1][name]), name
+        assert np.array_equal(one[5][name], two[5][name]), name                     # GradCache chunks of 5
+    assert np.array_equal(one[3], two[3])                                          # encode, groups of 5 texts

@@ -95,7 +95,7 @@ def test_grid_writes_one_record_per_run(grid):
     assert len(rec["loss_curve"]["loss"]) == STEPS and set(rec["loss_curve"]["kind"]) == {"xy"}
     assert rec["command"].endswith("--verify A/xy-seed1") and "--seed 1" in rec["train_command"]
     assert rec["evaluate_commands"]["centered"].endswith("--center-languages")
-    assert set(rec["minihbt"]) == {"version", "commit", "dirty"} and rec["machine"]["cpus"] >= 1
+    assert set(rec["minihbt"]) == {"version", "commit", "dirty", "same_bits_any_threads"} and rec["machine"]["cpus"] >= 1
     assert rec["seconds"]["train_steps"] == STEPS and rec["seconds"]["evaluate"] > 0
     plain, centered = rec["results"]["plain"], rec["results"]["centered"]
     assert plain["center_languages"] is False and centered["center_languages"] is True
@@ -283,8 +283,13 @@ def test_verify_reproduces_a_run_and_catches_a_change(grid, tmp_path, capsys):
     said = capsys.readouterr().out
     assert "NOT reproduced" in said and "plain.multi.map" in said
     threads = rec["machine"]["blas"]["threads"]
-    assert threads == blas_threads()
+    assert threads == blas_threads() and rec["minihbt"]["same_bits_any_threads"] is True
+    rec["results"]["plain"]["multi"]["map"] -= 1e-3
     rec["machine"]["blas"]["threads"] = threads + 1                 # made on more BLAS threads than this process has
+    path.write_text(json.dumps(rec))
+    assert study.main(flags(config, tmp_path) + ["--verify", "A/xy-seed0"]) == 0    # the thread count does not matter
+    assert "A/xy-seed0: reproduced" in capsys.readouterr().out
+    del rec["minihbt"]["same_bits_any_threads"]                     # a run made before it stopped mattering
     path.write_text(json.dumps(rec))
     with pytest.raises(SystemExit) as e:
         study.main(flags(config, tmp_path) + ["--verify", "A/xy-seed0"])
