@@ -57,8 +57,9 @@ def header_lines(study, results, command):
              "- intervals: `± h` is the half-width of the 95% Student-t interval of the mean over seeds (none "
              "for a single run); `[low, high]` is the 95% percentile interval of a paired bootstrap over the "
              f"parallel question ids ({study.report['bootstrap_resamples']} resamples, seed "
-             f"{study.report['bootstrap_seed']}), seeds pooled (per-query values averaged over seeds); **bold**: "
-             "the interval excludes 0", ""]
+             f"{study.report['bootstrap_seed']}), seeds pooled (per-query values averaged over seeds), and, in the "
+             "second differences table, the verdicts and the comparison with the paper, with each condition's "
+             "runs resampled too; **bold**: the interval excludes 0", ""]
     if results.missing:
         lines += [f"**Missing runs ({len(results.missing)}):** " + ", ".join(r.id for r in results.missing), ""]
     else:
