@@ -5,8 +5,9 @@ GradCache), evaluation and the demo all go through it. It tokenizes, sorts the t
 length and runs them in groups padded only to their own longest text, so no compute goes to
 padding beyond a group's; with `keep=True` it returns a backward closure that runs each
 group's backward from its own cache. On a multi-threaded CPU the groups run side by side,
-each on one thread (`Backend.map_ordered`), with the same bits as one thread. Padding never reaches a real token (attention masks it,
-pooling skips it, dropout keeps it), so the result is that of one padded batch.
+each on one thread (`Backend.map_ordered`), with the same bits as one thread. Padding never
+reaches a real token (attention masks it, pooling skips it, dropout keeps it), so the result
+is that of one padded batch.
 """
 import json
 import os

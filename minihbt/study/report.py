@@ -12,7 +12,7 @@ from . import figures, paper
 from .data import DirectionBootstrap, StudyResults, column, split_column
 from .perquery import METRICS, macro_value
 from .progress import human
-from .verdicts import fmt_difference, verdicts
+from .verdicts import fmt_difference, fmt_signed, verdicts
 
 TABLE_METRICS = ("mo_map", "mo_r1", "cr_map", "cr_r1", "mul_map", "mul_r10", "bias")
 SEED_METRICS = ("mo_map", "cr_map", "mul_map", "bias")
@@ -21,10 +21,6 @@ VARIANTS = ("plain", "centered")
 
 def fmt_value(metric, x):
     return f"{x:.1f}" if metric == "bias" else f"{x:.3f}".replace("0.", ".", 1)
-
-
-def fmt_signed(metric, x):
-    return f"{x:+.1f}" if metric == "bias" else f"{x:+.3f}".replace("0.", ".", 1)
 
 
 def fmt_summary(metric, mean, half, n):

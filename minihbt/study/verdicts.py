@@ -44,11 +44,14 @@ def fmt_difference(metric, d):
     tiny = 0.05 if metric == "bias" else 5e-4
     if any(values) and max(abs(v) for v in values) < tiny:
         f = lambda x: f"{x:+.1e}"                                        # noqa: E731
-    elif metric == "bias":
-        f = lambda x: f"{x:+.1f}"                                        # noqa: E731
     else:
-        f = lambda x: f"{x:+.3f}".replace("0.", ".")                     # noqa: E731
+        f = lambda x: fmt_signed(metric, x)                              # noqa: E731
     return f"{f(values[0])} [{f(values[1])}, {f(values[2])}]"
+
+
+def fmt_signed(metric, x):
+    """'+.031' (mAP, recall) or '-35.2' (bias)."""
+    return f"{x:+.1f}" if metric == "bias" else f"{x:+.3f}".replace("0.", ".", 1)
 
 
 def _describe(a, b, metric, subset, d, q):
