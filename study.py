@@ -17,6 +17,8 @@ wall times, loss curve, the command that reproduces it) and a .npz of per-query 
 (for the paired bootstrap). Run directories are runs/study/<name>/...; an interrupted run
 resumes exactly where its last checkpoint left it (Ctrl-C saves one), a finished run is
 skipped, and weights and optimizer state are deleted after evaluation unless --keep-models.
+Several processes may run one grid side by side (e.g. one per core, each on one BLAS thread):
+each locks the run it works on and skips the runs another one holds or has finished.
 """
 import argparse
 import math
@@ -99,13 +101,11 @@ def steps_left(study, run):
 
 
 def make_progress(study, runs, pending, every, stream=None):
-    import json
     from minihbt.study.progress import Progress
     finished = []
     for run in study.runs():
         if is_finished(study, run):
-            with open(study.result_path(run), encoding="utf-8") as f:
-                finished.append(json.load(f))
+            finished.append(read_result(study, run))
     todo = [(r, steps_left(study, r), r.direction) for r in pending]
     return Progress(study.name, len(runs), todo, finished, stream=stream, every=every)
 
@@ -169,28 +169,50 @@ def check_train_settings(study, runs):
 
 
 def run_grid(study, runs, pending, args):
+    """Run the pending runs in order. Each run is locked while this process works on it, so that
+    several study processes (e.g. one per core) share one grid: a run another process holds or
+    has finished is skipped."""
     import train
+    from minihbt.files import exclusive_lock
     from minihbt.study.runner import Context, Interrupted, RunError, execute, git_info
     ctx = Context(study, train.main, None, device=args.device, keep_models=args.keep_models,
                   flags=reproduce_flags(study, args), git=git_info(HERE))
     ctx.progress = make_progress(study, runs, pending, args.progress_every)
-    current = None
+    current, here, finished_elsewhere, busy = None, 0, 0, []
     stop_on_sigterm()
     try:
         with ctx.progress:
             for run in pending:
                 current = run
-                execute(ctx, run)
+                with exclusive_lock(study.lock_path(run)) as mine:
+                    if mine and not is_finished(study, run):
+                        execute(ctx, run)
+                        here += 1
+                        continue
+                if is_finished(study, run):
+                    ctx.progress.elsewhere(run, read_result(study, run))
+                    finished_elsewhere += 1
+                else:
+                    ctx.progress.elsewhere(run)
+                    busy.append(run.id)
     except RunError as e:
         sys.exit(f"study.py: {e}")
     except (Interrupted, KeyboardInterrupt) as e:
         print(f"study.py: interrupted during {current.id}{': ' + str(e) if str(e) else ''}; the same command "
               "resumes it", file=sys.stderr)
         sys.exit(getattr(e, "code", 130))
-    print(f"study.py: {len(pending)} run(s) done, {len(runs) - len(pending)} already finished; results in "
+    others = (f", {finished_elsewhere} finished by another study process" if finished_elsewhere else "") + (
+        f"; {len(busy)} still being run by another study process ({', '.join(busy)})" if busy else "")
+    print(f"study.py: {here} run(s) done, {len(runs) - len(pending)} already finished{others}; results in "
           f"{study.display(study.results_dir)}/; the report: python study.py "
           f"{shlex.join(reproduce_flags(study, args))} --report", file=sys.stderr)
     return 0
+
+
+def read_result(study, run):
+    import json
+    with open(study.result_path(run), encoding="utf-8") as f:
+        return json.load(f)
 
 
 def check_same_blas_threads(study, run, flag_value):

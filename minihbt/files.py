@@ -10,6 +10,11 @@ import json
 import os
 import shutil
 
+try:
+    import fcntl
+except ImportError:          # not POSIX (Windows): exclusive_lock cannot exclude other processes
+    fcntl = None
+
 
 @contextlib.contextmanager
 def atomic_path(path):
@@ -26,6 +31,28 @@ def atomic_path(path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path):
+    """Yield True while this process holds an exclusive lock on the file `path` (created if
+    missing, never removed), or False at once if another process holds it. The lock is
+    advisory (flock): it excludes only processes that ask for it, and it ends with the process,
+    so a killed holder leaves nothing stale behind. Where flock does not exist, always True."""
+    if fcntl is None:
+        yield True
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def write_text(path, text):

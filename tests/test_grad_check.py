@@ -12,7 +12,7 @@ import minihbt
 from minihbt import layers as L
 from minihbt.backend import Backend
 from minihbt.dropout import DropoutStreams
-from minihbt.loss import candidate_mask, contrastive_loss, info_nce_backward, info_nce_forward
+from minihbt.loss import candidate_mask, contrastive_loss, info_nce_forward
 from minihbt.step import loss_and_grads
 from conftest import TINY
 

@@ -7,7 +7,6 @@ with fused kernels on against the same op with them off (float32), a whole train
 fused against unfused, and the GPU modes (fused, TF32) against PyTorch within their stated
 tolerances. GPU tests are skipped with the reason where CuPy sees no GPU.
 """
-import math
 
 import numpy as np
 import pytest

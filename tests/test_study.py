@@ -18,6 +18,7 @@ import study
 import train
 from minihbt import demo
 from minihbt.backend import blas_info, blas_threads
+from minihbt.files import exclusive_lock
 from minihbt.study import load_study, paper
 from minihbt.study.runner import Interrupted
 from minihbt.study.data import DirectionBootstrap, StudyResults
@@ -415,3 +416,70 @@ def test_a_recipe_train_py_would_refuse_is_refused_before_any_run(world, tmp_pat
     err = capsys.readouterr().err
     assert e.value.code == 2 and "A/xy-seed0: train.py would refuse its settings: --xx-weighting" in err
     assert "Traceback" not in err and not (tmp_path / "results").exists()
+
+
+def test_a_run_another_process_holds_is_left_to_it(grid, tmp_path, capsys):
+    config, out, st = grid
+    mine = load_study(config, ROOT, results_root=str(tmp_path / "results"), runs_root=str(tmp_path / "runs"))
+    held = next(r for r in mine.runs() if r.id == "A/xx-seed0")
+    with exclusive_lock(mine.lock_path(held)) as got:                # another study process works on A/xx-seed0
+        assert got
+        assert study.main(flags(config, tmp_path) + ["--only", "A/xx-seed0", "--only", "A/base"]) == 0
+        err = capsys.readouterr().err
+        assert "A/xx-seed0: being run by another study process, skipped" in err
+        assert err.strip().splitlines()[-1].startswith(
+            "study.py: 1 run(s) done, 0 already finished; 1 still being run by another study process (A/xx-seed0)")
+        assert result(tmp_path, "A/base")["results"] == result(out, "A/base")["results"]
+        assert not os.path.exists(mine.result_path(held)) and not os.path.exists(mine.run_dir(held))
+        with exclusive_lock(mine.lock_path(held)) as again:           # held means held, in any process
+            assert not again
+    assert study.main(flags(config, tmp_path) + ["--only", "A/xx-seed0"]) == 0      # released: this one runs it
+    assert result(tmp_path, "A/xx-seed0")["results"] == result(out, "A/xx-seed0")["results"]
+
+
+def test_a_run_finished_by_another_process_meanwhile_is_not_run_again(grid, tmp_path, monkeypatch, capsys):
+    config, out, st = grid
+    made = study.make_progress
+
+    def then_another_process_finishes_it(*a, **k):                   # after this process planned A/xy-seed1
+        progress = made(*a, **k)
+        os.makedirs(tmp_path / "results" / "tiny" / "A")
+        for ext in (".json", ".npz"):
+            shutil.copy(out / "results" / "tiny" / "A" / f"xy-seed1{ext}", tmp_path / "results" / "tiny" / "A")
+        return progress
+
+    def boom(*a, **k):
+        raise AssertionError("trained again")
+    monkeypatch.setattr(study, "make_progress", then_another_process_finishes_it)
+    monkeypatch.setattr(train, "main", boom)
+    assert study.main(flags(config, tmp_path) + ["--only", "A/xy-seed1"]) == 0
+    err = capsys.readouterr().err
+    assert "A/xy-seed1: finished by another study process, skipped | 1/1 runs done, grid done" in err
+    assert "study.py: 0 run(s) done, 0 already finished, 1 finished by another study process;" in err
+
+
+def test_two_study_processes_share_one_grid(world, grid, tmp_path):
+    """Two processes started together on the same runs: every run is trained and evaluated
+    exactly once, whichever way they interleave, and gives the figures of a single process."""
+    config = make_config(world, tmp_path / "study.json")
+    cmd = [sys.executable, os.path.join(ROOT, "study.py")] + flags(config, tmp_path) + [
+        "--only", "A/xx-seed0", "--only", "A/xy-seed0", "--only", "A/hybrid-seed1"]
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    for run_id in ("A/xx-seed0", "A/xy-seed0", "A/hybrid-seed1"):
+        assert sum(e.count(f"{run_id}: done in") for e in errs) == 1, errs
+        assert result(tmp_path, run_id)["seconds"]["train_sessions"] == 1
+        assert result(tmp_path, run_id)["results"] == result(grid[1], run_id)["results"]
+
+
+def test_two_verifies_of_one_run_do_not_share_a_scratch_directory(grid):
+    config, out, st = grid
+    run = next(r for r in st.runs() if r.id == "A/xy-seed0")
+    scratch = os.path.join(st.runs_root, ".verify", "tiny", "A", "xy-seed0.lock")
+    with exclusive_lock(scratch) as got:
+        assert got
+        with pytest.raises(SystemExit) as e:
+            study.main(flags(config, out) + ["--verify", run.id])
+    assert e.value.code == "study.py: --verify A/xy-seed0: another process is verifying this run now; wait for it to end"

@@ -149,6 +149,10 @@ class Study:
     def run_dir(self, run):
         return os.path.join(self.runs_root, self.name, run.direction, run.stem)
 
+    def lock_path(self, run):
+        """The file a process locks while it works on `run` (several study processes share a grid)."""
+        return self.run_dir(run) + ".lock"
+
     def display(self, path):
         """A path as a command line should show it: relative to the repository when it lies in
         or beside it (../shared), else absolute."""

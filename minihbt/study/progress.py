@@ -111,6 +111,17 @@ class Progress:
         self.say(f"done in {human(self.clock() - self.run_start)}: Mo. {r['mono']['map']:.3f}, Cr. "
                  f"{r['cross']['map']:.3f}, Mul. {r['multi']['map']:.3f} mAP, bias {r['bias']['rank_distance']:.1f}")
 
+    def elsewhere(self, run, res=None):
+        """A run of this invocation's plan is being run by another study process (res None) or
+        was finished by one (res: its JSON): it leaves this invocation's plan."""
+        self.todo = [t for t in self.todo if t[0] != run]
+        if res is not None:
+            self.record(res)
+            self.done += 1
+        self.current, self.train_watch, self.eval_direction = None, None, None
+        what = "finished by another study process" if res is not None else "being run by another study process"
+        print(f"[{self.name}] {run.id}: {what}, skipped | {self.line().split(' | ', 1)[1]}", file=self.stream, flush=True)
+
     def say(self, phase):
         self.phase_name, self.phase_start = phase, self.clock()
         self.print_line()

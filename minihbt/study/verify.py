@@ -14,7 +14,8 @@ import shutil
 
 import numpy as np
 
-from .runner import execute
+from ..files import exclusive_lock
+from .runner import RunError, execute
 
 
 def numeric_leaves(obj, prefix=""):
@@ -55,12 +56,18 @@ def verify(ctx, run, tolerance=1e-6):
         saved = json.load(f)
     scratch_root = os.path.join(study.runs_root, ".verify")
     scratch = dataclasses.replace(study, runs_root=scratch_root, results_root=os.path.join(scratch_root, "results"))
-    if os.path.isdir(scratch.run_dir(run)):
-        shutil.rmtree(scratch.run_dir(run))                  # an earlier check's leftovers: ours to remove
-    again = execute(dataclasses.replace(ctx, study=scratch), run)
-    result = compare(saved, again, study.result_path(run, ".npz"), scratch.result_path(run, ".npz"))
+    with exclusive_lock(scratch.lock_path(run)) as mine:
+        if not mine:
+            raise RunError(f"--verify {run.id}: another process is verifying this run now; wait for it to end")
+        if os.path.isdir(scratch.run_dir(run)):
+            shutil.rmtree(scratch.run_dir(run))              # an earlier check's leftovers: ours to remove
+        again = execute(dataclasses.replace(ctx, study=scratch), run)
+        result = compare(saved, again, study.result_path(run, ".npz"), scratch.result_path(run, ".npz"))
+        if not ctx.keep_models:
+            shutil.rmtree(scratch.run_dir(run), ignore_errors=True)
+            for ext in (".json", ".npz"):
+                if os.path.exists(scratch.result_path(run, ext)):
+                    os.remove(scratch.result_path(run, ext))
     ok = (not result["missing"] and result["max_difference"] <= tolerance and result["ranks_identical"]
           and result["loss_max_difference"] <= tolerance)
-    if not ctx.keep_models:
-        shutil.rmtree(os.path.join(scratch_root, study.name), ignore_errors=True)
     return ok, result, saved
