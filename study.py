@@ -100,14 +100,19 @@ def steps_left(study, run):
     return study.train_settings(run)["steps"] - steps_in_run_dir(study.run_dir(run))
 
 
-def make_progress(study, runs, pending, every, stream=None):
+def make_progress(study, runs, pending, every, stream=None, processes=None):
     from minihbt.study.progress import Progress
     finished = []
     for run in study.runs():
         if is_finished(study, run):
             finished.append(read_result(study, run))
     todo = [(r, steps_left(study, r), r.direction) for r in pending]
-    return Progress(study.name, len(runs), todo, finished, stream=stream, every=every)
+    return Progress(study.name, len(runs), todo, finished, stream=stream, every=every, processes=processes)
+
+
+def grid_folder(study):
+    """Where the study processes working on this grid mark their presence (files.presence)."""
+    return os.path.join(study.runs_root, study.name)
 
 
 def run_state(study, run):
@@ -122,6 +127,7 @@ def run_state(study, run):
 
 
 def dry_run(study, runs, pending, args):
+    from minihbt.files import live_processes
     from minihbt.study import SettingError
     from minihbt.study.config import check_inputs
     from minihbt.study.progress import human
@@ -144,7 +150,10 @@ def dry_run(study, runs, pending, args):
         check_train_settings(study, pending)
     except SettingError as e:
         print(f"not ready: {e}")
-    left, missing = make_progress(study, runs, pending, 0).time_left()
+    live = live_processes(grid_folder(study))
+    if live:
+        print(f"{live} study process(es) working on this grid now")
+    left, missing = make_progress(study, runs, pending, 0, processes=lambda: max(1, live)).time_left()
     if not pending:
         print("nothing to do")
     elif missing:
@@ -173,33 +182,34 @@ def run_grid(study, runs, pending, args):
     several study processes (e.g. one per core) share one grid: a run another process holds or
     has finished is skipped."""
     import train
-    from minihbt.files import exclusive_lock
+    from minihbt.files import exclusive_lock, presence
     from minihbt.study.runner import Context, Interrupted, RunError, execute, git_info
     ctx = Context(study, train.main, None, device=args.device, keep_models=args.keep_models,
                   flags=reproduce_flags(study, args), git=git_info(HERE))
-    ctx.progress = make_progress(study, runs, pending, args.progress_every)
     current, here, finished_elsewhere, busy = None, 0, 0, []
     stop_on_sigterm()
     try:
-        with ctx.progress:
-            for run in pending:
-                current = run
-                with exclusive_lock(study.lock_path(run)) as mine:
-                    if mine and not is_finished(study, run):
-                        execute(ctx, run)
-                        here += 1
-                        continue
-                if is_finished(study, run):
-                    ctx.progress.elsewhere(run, read_result(study, run))
-                    finished_elsewhere += 1
-                else:
-                    ctx.progress.elsewhere(run)
-                    busy.append(run.id)
+        with presence(grid_folder(study)) as processes:
+            ctx.progress = make_progress(study, runs, pending, args.progress_every, processes=processes)
+            with ctx.progress:
+                for run in pending:
+                    current = run
+                    with exclusive_lock(study.lock_path(run)) as mine:
+                        if mine and not is_finished(study, run):
+                            execute(ctx, run)
+                            here += 1
+                            continue
+                    if is_finished(study, run):
+                        ctx.progress.elsewhere(run, read_result(study, run))
+                        finished_elsewhere += 1
+                    else:
+                        ctx.progress.elsewhere(run)
+                        busy.append(run.id)
     except RunError as e:
         sys.exit(f"study.py: {e}")
     except (Interrupted, KeyboardInterrupt) as e:
-        print(f"study.py: interrupted during {current.id}{': ' + str(e) if str(e) else ''}; the same command "
-              "resumes it", file=sys.stderr)
+        print(f"study.py: interrupted{' during ' + current.id if current else ''}{': ' + str(e) if str(e) else ''}; "
+              "the same command resumes it", file=sys.stderr)
         sys.exit(getattr(e, "code", 130))
     others = (f", {finished_elsewhere} finished by another study process" if finished_elsewhere else "") + (
         f"; {len(busy)} still being run by another study process ({', '.join(busy)})" if busy else "")

@@ -55,6 +55,38 @@ def exclusive_lock(path):
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+PRESENCE = ".process-"
+
+
+@contextlib.contextmanager
+def presence(folder):
+    """Mark this process as working in `folder` while the block runs (a locked file
+    `folder/.process-<pid>.lock`, removed at the end; one a killed process leaves is unlocked
+    and no longer counts). Yields a function returning how many processes are marked now,
+    this one included."""
+    os.makedirs(folder, exist_ok=True)
+    mine = os.path.join(folder, f"{PRESENCE}{os.getpid()}.lock")
+    try:
+        with exclusive_lock(mine):
+            yield lambda: 1 + live_processes(folder, exclude=mine)
+    finally:
+        if os.path.exists(mine):
+            os.remove(mine)
+
+
+def live_processes(folder, exclude=None):
+    """How many processes hold a presence mark in `folder` (see `presence`)."""
+    if fcntl is None or not os.path.isdir(folder):
+        return 0
+    count = 0
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if name.startswith(PRESENCE) and name.endswith(".lock") and path != exclude:
+            with exclusive_lock(path) as free:
+                count += not free
+    return count
+
+
 def write_text(path, text):
     """Write a str atomically (UTF-8)."""
     with atomic_path(path) as tmp:

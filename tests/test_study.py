@@ -18,7 +18,7 @@ import study
 import train
 from minihbt import demo
 from minihbt.backend import blas_info, blas_threads
-from minihbt.files import exclusive_lock
+from minihbt.files import exclusive_lock, live_processes, presence
 from minihbt.study import load_study, paper
 from minihbt.study.runner import Interrupted
 from minihbt.study.data import DirectionBootstrap, StudyResults
@@ -483,3 +483,29 @@ def test_two_verifies_of_one_run_do_not_share_a_scratch_directory(grid):
         with pytest.raises(SystemExit) as e:
             study.main(flags(config, out) + ["--verify", run.id])
     assert e.value.code == "study.py: --verify A/xy-seed0: another process is verifying this run now; wait for it to end"
+
+
+def test_presence_counts_the_live_processes_only(tmp_path):
+    folder = str(tmp_path / "grid")
+    assert live_processes(folder) == 0
+    with presence(folder) as processes:
+        assert processes() == 1 and live_processes(folder) == 1
+        other = os.path.join(folder, ".process-999999999.lock")       # another process's mark
+        with exclusive_lock(other):
+            assert processes() == 2 and live_processes(folder) == 2
+        assert processes() == 1                                       # it ended (or was killed): not counted
+    assert os.listdir(folder) == [".process-999999999.lock"] and live_processes(folder) == 0
+
+
+def test_progress_shares_the_time_left_among_processes():
+    a1, a2, a3 = (type("R", (), {"id": f"A/xx-seed{i}", "direction": "A"})() for i in range(3))
+    finished = [{"direction": "A", "seconds": {"train": 100.0, "train_steps": 100, "evaluate": 50.0}}]
+    now, n = [0.0], [1]
+    p = Progress("t", 3, [(a1, 100, "A"), (a2, 100, "A"), (a3, 100, "A")], finished, every=0,
+                 clock=lambda: now[0], processes=lambda: n[0])
+    p.current = a1
+    assert p.time_left() == (450.0, [])                # 3 runs x (100 steps x 1 s + 50 s evaluation)
+    n[0] = 2
+    assert p.time_left() == (225.0, []) and p.line().endswith("left: about 3 min 45 s (2 study processes on this grid)")
+    n[0] = 5
+    assert p.time_left() == (150.0, [])                # never less than this process's own run

@@ -45,8 +45,11 @@ class Progress:
     todo: [(run, steps_left, direction)] for the runs still to do, in order; finished:
     the JSON dicts of runs already done (their measured times seed the estimate)."""
 
-    def __init__(self, name, total, todo, finished, stream=None, every=60.0, clock=time.monotonic):
+    def __init__(self, name, total, todo, finished, stream=None, every=60.0, clock=time.monotonic, processes=None):
+        """processes: a function returning how many study processes work on this grid now
+        (this one included; see files.presence); the time left is shared among them."""
         self.name, self.total, self.every, self.clock = name, total, every, clock
+        self.processes = processes or (lambda: 1)
         self.stream = stream or sys.stderr
         self.todo = list(todo)
         self.done = total - len(self.todo)
@@ -147,9 +150,12 @@ class Progress:
         return seconds / steps if steps else None
 
     def time_left(self):
-        """(seconds, [what is not measured yet]) for the runs still to do."""
-        per_step, missing, total = self.seconds_per_step(), [], 0.0
+        """(seconds, [what is not measured yet]) for the runs still to do; with several study
+        processes on the grid, their share: the total over the processes, but at least what
+        this process's current run has left."""
+        per_step, missing, total, current = self.seconds_per_step(), [], 0.0, 0.0
         for run, steps_left, direction in self.todo:
+            before = total
             if run == self.current and self.train_watch:
                 done, _ = self.steps_now()
                 steps_left = self.train_watch[2] - done
@@ -164,6 +170,11 @@ class Progress:
             else:
                 spent = self.clock() - self.eval_start if run == self.current and self.eval_direction else 0.0
                 total += max(0.0, slot[0] / slot[1] - spent)
+            if run == self.current:
+                current = total - before
+        n = self.processes()
+        if n > 1:                        # the runs are shared out; this process's own run still has to end
+            total = max(current, total / n)
         return total, sorted(set(missing))
 
     def line(self):
@@ -184,6 +195,9 @@ class Progress:
             eta = f"left: at least {human(left)} (not yet measured: {', '.join(missing)})"
         else:
             eta = f"left: about {human(left)}"
+        n = self.processes()
+        if n > 1 and self.todo:
+            eta += f" ({n} study processes on this grid)"
         return f"[{self.name}] {where} | {self.done}/{self.total} runs done, {eta}"
 
     def print_line(self):
