@@ -92,9 +92,11 @@ class GracefulStop:
     A second signal stops at once."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    last_signum = None          # the signal the latest GracefulStop block received (None: none), read
+                                # after it by a caller (study.py) that must stop too
 
     def __enter__(self):
-        self.signum = None
+        self.signum = GracefulStop.last_signum = None
         self.previous = {sig: signal.signal(sig, self.handle) for sig in self.SIGNALS}
         return self
 
@@ -105,7 +107,7 @@ class GracefulStop:
     def handle(self, signum, frame):
         if self.signum is not None:
             raise KeyboardInterrupt if signum == signal.SIGINT else Stop(128 + signum, "terminated")
-        self.signum = signum
+        self.signum = GracefulStop.last_signum = signum
         name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         print(f"\n{name}: finishing this step, then saving a checkpoint (again to abort)", file=sys.stderr)
 

@@ -509,3 +509,31 @@ def test_progress_shares_the_time_left_among_processes():
     assert p.time_left() == (225.0, []) and p.line().endswith("left: about 3 min 45 s (2 study processes on this grid)")
     n[0] = 5
     assert p.time_left() == (150.0, [])                # never less than this process's own run
+
+
+def test_a_stop_during_the_last_training_step_stops_before_the_evaluation(grid, tmp_path, monkeypatch, capsys):
+    config, out, st = grid
+    step = train.train_step
+
+    def sigterm_in_the_last_step(model, optimizer, s, batch, i):
+        if i == STEPS - 1:
+            os.kill(os.getpid(), signal.SIGTERM)                      # lands inside train.py's GracefulStop
+        return step(model, optimizer, s, batch, i)
+
+    def boom(*a, **k):
+        raise AssertionError("evaluated after a stop")
+    monkeypatch.setattr(train, "train_step", sigterm_in_the_last_step)
+    monkeypatch.setattr("minihbt.study.runner.evaluate_run", boom)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as e:
+            study.main(flags(config, tmp_path) + ["--only", "A/xx-seed1"])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    err = capsys.readouterr().err
+    assert e.value.code == 143 and "A/xx-seed1: trained; stopped before its evaluation" in err
+    assert (tmp_path / "runs" / "tiny" / "A" / "xx-seed1" / "final").is_dir()
+    monkeypatch.undo()
+    monkeypatch.setattr(train, "main", boom)                          # the same command only evaluates now
+    assert study.main(flags(config, tmp_path) + ["--only", "A/xx-seed1"]) == 0
+    assert result(tmp_path, "A/xx-seed1")["results"] == result(out, "A/xx-seed1")["results"]

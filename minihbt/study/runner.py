@@ -24,6 +24,7 @@ import numpy as np
 from .. import CheckpointError, ConfigError, DeviceError, __version__, encode, load_model
 from ..backend import blas_info
 from ..checkpoint import STATE_FILE, latest_checkpoint
+from ..cli import GracefulStop
 from ..data import DataError, load_lareqa
 from ..evaluation import DEFINITIONS, center_languages, evaluate
 from ..files import atomic_path, sha256_file, source_digest, stat_digest, write_json
@@ -152,6 +153,7 @@ def train(ctx, run):
     log = os.path.join(out, "log.jsonl")
     ctx.progress.training(log, start, steps)
     t0 = time.perf_counter()
+    GracefulStop.last_signum = None
     try:
         final = ctx.train_main(argv + ["--device", ctx.device])
     except SystemExit as e:
@@ -171,6 +173,8 @@ def train(ctx, run):
         for name in os.listdir(out):
             if name.startswith("checkpoint-"):
                 shutil.rmtree(os.path.join(out, name))
+    if GracefulStop.last_signum:    # asked during the last step: train.py finished it and saved final/
+        raise Interrupted(f"{run.id}: trained; stopped before its evaluation", code=128 + GracefulStop.last_signum)
     return final
 
 
