@@ -180,43 +180,57 @@ def check_train_settings(study, runs):
 def run_grid(study, runs, pending, args):
     """Run the pending runs in order. Each run is locked while this process works on it, so that
     several study processes (e.g. one per core) share one grid: a run another process holds or
-    has finished is skipped."""
+    has finished is skipped, and the held ones are tried once more at the end (their holder
+    may have been stopped)."""
     import train
-    from minihbt.files import exclusive_lock, presence
-    from minihbt.study.runner import Context, Interrupted, RunError, execute, git_info
+    from minihbt.files import LOCKING, presence
+    from minihbt.study.runner import Context, Interrupted, RunError, git_info
     ctx = Context(study, train.main, None, device=args.device, keep_models=args.keep_models,
                   flags=reproduce_flags(study, args), git=git_info(HERE))
-    current, here, finished_elsewhere, busy = None, 0, 0, []
+    if not LOCKING:
+        print("study.py: note: no file locking (flock) on this platform: run one study process per grid", file=sys.stderr)
+    outcome, current = {}, None
     stop_on_sigterm()
     try:
         with presence(grid_folder(study)) as processes:
             ctx.progress = make_progress(study, runs, pending, args.progress_every, processes=processes)
             with ctx.progress:
-                for run in pending:
-                    current = run
-                    with exclusive_lock(study.lock_path(run)) as mine:
-                        if mine and not is_finished(study, run):
-                            execute(ctx, run)
-                            here += 1
-                            continue
-                    if is_finished(study, run):
-                        ctx.progress.elsewhere(run, read_result(study, run))
-                        finished_elsewhere += 1
-                    else:
-                        ctx.progress.elsewhere(run)
-                        busy.append(run.id)
+                for second_try in (False, True):
+                    for run in [r for r in pending if not second_try or outcome[r.id] == "held"]:
+                        current = run
+                        outcome[run.id] = work_on(ctx, study, run)
+                current = None
     except RunError as e:
         sys.exit(f"study.py: {e}")
     except (Interrupted, KeyboardInterrupt) as e:
         print(f"study.py: interrupted{' during ' + current.id if current else ''}{': ' + str(e) if str(e) else ''}; "
               "the same command resumes it", file=sys.stderr)
         sys.exit(getattr(e, "code", 130))
-    others = (f", {finished_elsewhere} finished by another study process" if finished_elsewhere else "") + (
-        f"; {len(busy)} still being run by another study process ({', '.join(busy)})" if busy else "")
-    print(f"study.py: {here} run(s) done, {len(runs) - len(pending)} already finished{others}; results in "
-          f"{study.display(study.results_dir)}/; the report: python study.py "
+    said = list(outcome.values())
+    held = [r for r, o in outcome.items() if o == "held"]
+    others = (f", {said.count('finished')} finished by another study process" if "finished" in said else "") + (
+        f"; {len(held)} still being run by another study process ({', '.join(held)}): the report has them "
+        "once it ends" if held else "")
+    print(f"study.py: {said.count('here')} run(s) done, {len(runs) - len(pending)} already finished{others}; results "
+          f"in {study.display(study.results_dir)}/; the report: python study.py "
           f"{shlex.join(reproduce_flags(study, args))} --report", file=sys.stderr)
     return 0
+
+
+def work_on(ctx, study, run):
+    """Run `run` here unless another study process holds it or has finished it; returns "here",
+    "finished" (by another process) or "held" (by another process now)."""
+    from minihbt.files import exclusive_lock
+    from minihbt.study.runner import execute
+    with exclusive_lock(study.lock_path(run)) as mine:
+        if mine and not is_finished(study, run):
+            execute(ctx, run)
+            return "here"
+    if is_finished(study, run):
+        ctx.progress.elsewhere(run, read_result(study, run))
+        return "finished"
+    ctx.progress.elsewhere(run)
+    return "held"
 
 
 def read_result(study, run):

@@ -89,11 +89,12 @@ def one_line(error):
 class GracefulStop:
     """While active, the first Ctrl-C or SIGTERM (what batch schedulers send before killing
     a job) only sets `signum`: the loop finishes its step, saves and exits with 128 + signum.
-    A second signal stops at once."""
+    A second signal stops at once. On the last step the loop ends normally (its final save is
+    the one a stop would make); `GracefulStop.last_signum` then tells a caller that runs more
+    work after it (the study runner) that a stop was asked for."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
-    last_signum = None          # the signal the latest GracefulStop block received (None: none), read
-                                # after it by a caller (study.py) that must stop too
+    last_signum = None          # the signal the latest GracefulStop block received (None: none)
 
     def __enter__(self):
         self.signum = GracefulStop.last_signum = None

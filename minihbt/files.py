@@ -8,7 +8,9 @@ import contextlib
 import hashlib
 import json
 import os
+import secrets
 import shutil
+import socket
 
 try:
     import fcntl
@@ -33,26 +35,31 @@ def atomic_path(path):
             os.remove(tmp)
 
 
+LOCKING = fcntl is not None     # whether exclusive_lock excludes other processes on this platform
+
+
 @contextlib.contextmanager
-def exclusive_lock(path):
+def exclusive_lock(path, wait=False):
     """Yield True while this process holds an exclusive lock on the file `path` (created if
-    missing, never removed), or False at once if another process holds it. The lock is
-    advisory (flock): it excludes only processes that ask for it, and it ends with the process,
-    so a killed holder leaves nothing stale behind. Where flock does not exist, always True."""
-    if fcntl is None:
+    missing, never removed), or False at once if another process holds it (with `wait`, wait
+    for it instead). The lock is advisory (flock): it excludes only processes that ask for it,
+    and it ends with the process, so a killed holder leaves nothing stale behind. Where flock
+    does not exist (LOCKING False: not POSIX), always True: nothing is excluded."""
+    if not LOCKING:
         yield True
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
         try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            held = True
         except BlockingIOError:
-            yield False
-            return
+            held = False
         try:
-            yield True
+            yield held
         finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            if held:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 PRESENCE = ".process-"
@@ -60,14 +67,14 @@ PRESENCE = ".process-"
 
 @contextlib.contextmanager
 def presence(folder):
-    """Mark this process as working in `folder` while the block runs (a locked file
-    `folder/.process-<pid>.lock`, removed at the end; one a killed process leaves is unlocked
-    and no longer counts). Yields a function returning how many processes are marked now,
-    this one included."""
+    """Mark this process as working in `folder` while the block runs: a file
+    `folder/.process-<host>-<pid>-<random>.lock` it holds locked and removes at the end (one a
+    killed process leaves is unlocked and no longer counts). Yields a function returning how
+    many processes are marked now, this one included."""
     os.makedirs(folder, exist_ok=True)
-    mine = os.path.join(folder, f"{PRESENCE}{os.getpid()}.lock")
+    mine = os.path.join(folder, f"{PRESENCE}{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}.lock")
     try:
-        with exclusive_lock(mine):
+        with exclusive_lock(mine, wait=True):        # a probe (live_processes) holds it only for an instant
             yield lambda: 1 + live_processes(folder, exclude=mine)
     finally:
         if os.path.exists(mine):
@@ -75,15 +82,26 @@ def presence(folder):
 
 
 def live_processes(folder, exclude=None):
-    """How many processes hold a presence mark in `folder` (see `presence`)."""
-    if fcntl is None or not os.path.isdir(folder):
+    """How many processes hold a presence mark in `folder` (see `presence`); 0 where flock does
+    not exist. A probe opens each mark read-only (never creating one) and takes a shared lock,
+    which only a live owner's exclusive lock refuses."""
+    if not LOCKING or not os.path.isdir(folder):
         return 0
     count = 0
     for name in os.listdir(folder):
         path = os.path.join(folder, name)
-        if name.startswith(PRESENCE) and name.endswith(".lock") and path != exclude:
-            with exclusive_lock(path) as free:
-                count += not free
+        if not (name.startswith(PRESENCE) and name.endswith(".lock")) or path == exclude:
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:                    # its owner just ended
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            count += 1
+        finally:
+            os.close(fd)                             # closing releases the probe's lock
     return count
 
 

@@ -422,19 +422,46 @@ def test_a_run_another_process_holds_is_left_to_it(grid, tmp_path, capsys):
     config, out, st = grid
     mine = load_study(config, ROOT, results_root=str(tmp_path / "results"), runs_root=str(tmp_path / "runs"))
     held = next(r for r in mine.runs() if r.id == "A/xx-seed0")
-    with exclusive_lock(mine.lock_path(held)) as got:                # another study process works on A/xx-seed0
+    other = str(tmp_path / "runs" / "tiny" / ".process-otherhost-1-0.lock")   # the other process's presence
+    with exclusive_lock(mine.lock_path(held)) as got, exclusive_lock(other):     # it works on A/xx-seed0
         assert got
         assert study.main(flags(config, tmp_path) + ["--only", "A/xx-seed0", "--only", "A/base"]) == 0
         err = capsys.readouterr().err
-        assert "A/xx-seed0: being run by another study process, skipped" in err
+        assert "(2 study processes on this grid)" in err                            # the ETA is shared
+        skipped = [l for l in err.splitlines() if "A/xx-seed0: being run by another study process, skipped" in l]
+        assert len(skipped) == 2                                                     # tried again at the end
+        assert skipped[-1].endswith("1/2 runs done, nothing left for this process; 1 being run by another study process")
         assert err.strip().splitlines()[-1].startswith(
             "study.py: 1 run(s) done, 0 already finished; 1 still being run by another study process (A/xx-seed0)")
         assert result(tmp_path, "A/base")["results"] == result(out, "A/base")["results"]
         assert not os.path.exists(mine.result_path(held)) and not os.path.exists(mine.run_dir(held))
         with exclusive_lock(mine.lock_path(held)) as again:           # held means held, in any process
             assert not again
+        plan = subprocess.run([sys.executable, os.path.join(ROOT, "study.py")] + flags(config, tmp_path) + ["--dry-run"],
+                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT}, check=True).stdout
+        assert "1 study process(es) working on this grid now" in plan
     assert study.main(flags(config, tmp_path) + ["--only", "A/xx-seed0"]) == 0      # released: this one runs it
     assert result(tmp_path, "A/xx-seed0")["results"] == result(out, "A/xx-seed0")["results"]
+
+
+def test_a_run_whose_holder_stops_is_taken_over_at_the_end(grid, tmp_path, monkeypatch, capsys):
+    config, out, st = grid
+    mine = load_study(config, ROOT, results_root=str(tmp_path / "results"), runs_root=str(tmp_path / "runs"))
+    held = next(r for r in mine.runs() if r.id == "A/xy-seed0")
+    holder = exclusive_lock(mine.lock_path(held))
+    assert holder.__enter__()
+    skip = Progress.elsewhere
+
+    def and_then_the_holder_stops(self, run, res=None):
+        skip(self, run, res)
+        holder.__exit__(None, None, None)                             # e.g. Ctrl-C in the other shell
+    monkeypatch.setattr(Progress, "elsewhere", and_then_the_holder_stops)
+    assert study.main(flags(config, tmp_path) + ["--only", "A/xy-seed0", "--only", "A/xx-seed1"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("A/xy-seed0: being run by another study process, skipped") == 1
+    assert err.strip().splitlines()[-1].startswith("study.py: 2 run(s) done, 0 already finished; results in")
+    for run_id in ("A/xy-seed0", "A/xx-seed1"):
+        assert result(tmp_path, run_id)["results"] == result(out, run_id)["results"]
 
 
 def test_a_run_finished_by_another_process_meanwhile_is_not_run_again(grid, tmp_path, monkeypatch, capsys):
@@ -468,6 +495,8 @@ def test_two_study_processes_share_one_grid(world, grid, tmp_path):
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
     errs = [p.communicate(timeout=300)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errs
+    done_here = [int(e.strip().splitlines()[-1].split()[1]) for e in errs]      # "study.py: N run(s) done, ..."
+    assert sum(done_here) == 3, errs
     for run_id in ("A/xx-seed0", "A/xy-seed0", "A/hybrid-seed1"):
         assert sum(e.count(f"{run_id}: done in") for e in errs) == 1, errs
         assert result(tmp_path, run_id)["seconds"]["train_sessions"] == 1
@@ -509,6 +538,12 @@ def test_progress_shares_the_time_left_among_processes():
     assert p.time_left() == (225.0, []) and p.line().endswith("left: about 3 min 45 s (2 study processes on this grid)")
     n[0] = 5
     assert p.time_left() == (150.0, [])                # never less than this process's own run
+    p.current = None
+    p.elsewhere(a1)                                    # another process holds a1: still in the time left
+    p.elsewhere(a2, {"direction": "A", "seconds": {"train": 100.0, "train_steps": 100, "evaluate": 50.0}})
+    assert p.done == 1 and p.time_left() == (60.0, [])  # (a1 + a3) / 5 processes
+    p.elsewhere(a3)
+    assert p.line().endswith("1/3 runs done, nothing left for this process; 2 being run by another study process")
 
 
 def test_a_stop_during_the_last_training_step_stops_before_the_evaluation(grid, tmp_path, monkeypatch, capsys):

@@ -52,6 +52,7 @@ class Progress:
         self.processes = processes or (lambda: 1)
         self.stream = stream or sys.stderr
         self.todo = list(todo)
+        self.held = []                                 # (run, steps, direction) another study process holds
         self.done = total - len(self.todo)
         self.step_time = [0.0, 0]                      # measured seconds, steps: finished runs
         self.eval_time = {}                            # direction -> [seconds, count]: finished runs
@@ -78,6 +79,8 @@ class Progress:
 
     # ----------------------------------------------------------------- events
     def begin(self, run):
+        self.todo += [t for t in self.held if t[0] == run]             # its holder ended: this process takes it
+        self.held = [t for t in self.held if t[0] != run]
         self.current, self.run_start = run, self.clock()
         self.index = self.total - len(self.todo) + 1
         self.say("starting")
@@ -115,12 +118,17 @@ class Progress:
                  f"{r['cross']['map']:.3f}, Mul. {r['multi']['map']:.3f} mAP, bias {r['bias']['rank_distance']:.1f}")
 
     def elsewhere(self, run, res=None):
-        """A run of this invocation's plan is being run by another study process (res None) or
-        was finished by one (res: its JSON): it leaves this invocation's plan."""
+        """A run of this invocation's plan is being run by another study process (res None: it
+        stays in the time left, shared among the processes) or was finished by one (res: its
+        JSON): either way this process does not run it."""
+        entry = [t for t in self.todo + self.held if t[0] == run]
         self.todo = [t for t in self.todo if t[0] != run]
+        self.held = [t for t in self.held if t[0] != run]
         if res is not None:
             self.record(res)
             self.done += 1
+        else:
+            self.held += entry
         self.current, self.train_watch, self.eval_direction = None, None, None
         what = "finished by another study process" if res is not None else "being run by another study process"
         print(f"[{self.name}] {run.id}: {what}, skipped | {self.line().split(' | ', 1)[1]}", file=self.stream, flush=True)
@@ -154,7 +162,7 @@ class Progress:
         processes on the grid, their share: the total over the processes, but at least what
         this process's current run has left."""
         per_step, missing, total, current = self.seconds_per_step(), [], 0.0, 0.0
-        for run, steps_left, direction in self.todo:
+        for run, steps_left, direction in self.todo + self.held:
             before = total
             if run == self.current and self.train_watch:
                 done, _ = self.steps_now()
@@ -187,7 +195,9 @@ class Progress:
             elif self.eval_direction:
                 where += f" (evaluating for {human(self.clock() - self.eval_start)})"
         left, missing = self.time_left()
-        if not self.todo:
+        if not self.todo and self.held:
+            eta = f"nothing left for this process; {len(self.held)} being run by another study process"
+        elif not self.todo:
             eta = "grid done"
         elif missing and not left:
             eta = f"time left: not known until measured ({', '.join(missing)})"
@@ -222,8 +232,11 @@ class Progress:
 
 def steps_in_run_dir(run_dir):
     """Steps already trained in a run directory (its latest checkpoint), 0 if none."""
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
+    try:
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            return 0
+        with open(os.path.join(ckpt, STATE_FILE), encoding="utf-8") as f:
+            return json.load(f)["step"]
+    except (OSError, ValueError):        # another study process removed it just now (its run is trained)
         return 0
-    with open(os.path.join(ckpt, STATE_FILE), encoding="utf-8") as f:
-        return json.load(f)["step"]
