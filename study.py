@@ -107,7 +107,8 @@ def make_progress(study, runs, pending, every, stream=None, processes=None):
         if is_finished(study, run):
             finished.append(read_result(study, run))
     todo = [(r, steps_left(study, r), r.direction) for r in pending]
-    return Progress(study.name, len(runs), todo, finished, stream=stream, every=every, processes=processes)
+    return Progress(study.name, len(runs), todo, finished, stream=stream, every=every, processes=processes,
+                    finished_elsewhere=lambda run: read_result(study, run) if is_finished(study, run) else None)
 
 
 def grid_folder(study):

@@ -572,3 +572,23 @@ def test_a_stop_during_the_last_training_step_stops_before_the_evaluation(grid, 
     monkeypatch.setattr(train, "main", boom)                          # the same command only evaluates now
     assert study.main(flags(config, tmp_path) + ["--only", "A/xx-seed1"]) == 0
     assert result(tmp_path, "A/xx-seed1")["results"] == result(out, "A/xx-seed1")["results"]
+
+
+def test_progress_notices_runs_other_processes_finish():
+    a1, a2, a3 = (type("R", (), {"id": f"A/xx-seed{i}", "direction": "A"})() for i in range(3))
+    res = {"direction": "A", "seconds": {"train": 100.0, "train_steps": 100, "evaluate": 50.0},
+           "results": {"plain": {"mono": {"map": .5}, "cross": {"map": .4}, "multi": {"map": .3},
+                                 "bias": {"rank_distance": 10.0}}}}
+    finished = set()
+    p = Progress("t", 3, [(a1, 100, "A"), (a2, 100, "A"), (a3, 100, "A")], [res], every=0, clock=lambda: 0.0,
+                 finished_elsewhere=lambda run: res if run.id in finished else None)
+    p.begin(a1)
+    assert p.line().startswith("[t] run 1/3 A/xx-seed0: starting | 0/3 runs done")
+    finished.add(a2.id)                                # another process finishes a2 while this one runs a1
+    p.training("/nonexistent/log.jsonl", 0, 100)
+    assert p.done == 1 and [t[0] for t in p.todo] == [a1, a3]
+    p.finished(res)
+    p.elsewhere(a2, res)                               # reached later: counted once
+    assert p.done == 2
+    p.begin(a3)
+    assert p.line().startswith("[t] run 3/3 A/xx-seed2: starting | 2/3 runs done")

@@ -45,11 +45,15 @@ class Progress:
     todo: [(run, steps_left, direction)] for the runs still to do, in order; finished:
     the JSON dicts of runs already done (their measured times seed the estimate)."""
 
-    def __init__(self, name, total, todo, finished, stream=None, every=60.0, clock=time.monotonic, processes=None):
+    def __init__(self, name, total, todo, finished, stream=None, every=60.0, clock=time.monotonic, processes=None,
+                 finished_elsewhere=None):
         """processes: a function returning how many study processes work on this grid now
-        (this one included; see files.presence); the time left is shared among them."""
+        (this one included; see files.presence); the time left is shared among them.
+        finished_elsewhere: a function run -> its JSON once it is finished, else None (the runs
+        other processes finish leave this plan when noticed)."""
         self.name, self.total, self.every, self.clock = name, total, every, clock
         self.processes = processes or (lambda: 1)
+        self.finished_elsewhere = finished_elsewhere
         self.stream = stream or sys.stderr
         self.todo = list(todo)
         self.held = []                                 # (run, steps, direction) another study process holds
@@ -82,7 +86,8 @@ class Progress:
         self.todo += [t for t in self.held if t[0] == run]             # its holder ended: this process takes it
         self.held = [t for t in self.held if t[0] != run]
         self.current, self.run_start = run, self.clock()
-        self.index = self.total - len(self.todo) + 1
+        self.notice_others()
+        self.index = self.done + len(self.held) + 1                     # runs done or under way, this one included
         self.say("starting")
 
     def training(self, log_path, start_step, total_steps):
@@ -121,19 +126,34 @@ class Progress:
         """A run of this invocation's plan is being run by another study process (res None: it
         stays in the time left, shared among the processes) or was finished by one (res: its
         JSON): either way this process does not run it."""
-        entry = [t for t in self.todo + self.held if t[0] == run]
-        self.todo = [t for t in self.todo if t[0] != run]
-        self.held = [t for t in self.held if t[0] != run]
-        if res is not None:
-            self.record(res)
-            self.done += 1
-        else:
-            self.held += entry
+        self._leave(run, res)
         self.current, self.train_watch, self.eval_direction = None, None, None
         what = "finished by another study process" if res is not None else "being run by another study process"
         print(f"[{self.name}] {run.id}: {what}, skipped | {self.line().split(' | ', 1)[1]}", file=self.stream, flush=True)
 
+    def _leave(self, run, res):
+        entry = [t for t in self.todo + self.held if t[0] == run]
+        self.todo = [t for t in self.todo if t[0] != run]
+        self.held = [t for t in self.held if t[0] != run]
+        if res is None:
+            self.held += entry
+        elif entry:                                    # counted once, however it was noticed
+            self.record(res)
+            self.done += 1
+
+    def notice_others(self):
+        """Count the runs of this plan that other study processes finished meanwhile (their JSON
+        from `finished_elsewhere(run)`, None while unfinished). Called at this process's own
+        events, in its main thread."""
+        if self.finished_elsewhere is None:
+            return
+        for run, _, _ in self.todo + self.held:
+            res = self.finished_elsewhere(run) if run != self.current else None
+            if res is not None:
+                self._leave(run, res)
+
     def say(self, phase):
+        self.notice_others()
         self.phase_name, self.phase_start = phase, self.clock()
         self.print_line()
 
