@@ -117,8 +117,11 @@ def grid_folder(study):
 
 
 def run_state(study, run):
+    from minihbt.files import is_locked
     if is_finished(study, run):
         return "finished"
+    if is_locked(study.lock_path(run)):
+        return "running now"
     if study.conditions[run.condition] is not None:
         steps = study.train_settings(run)["steps"]
         done = steps - steps_left(study, run)

@@ -87,22 +87,27 @@ def live_processes(folder, exclude=None):
     which only a live owner's exclusive lock refuses."""
     if not LOCKING or not os.path.isdir(folder):
         return 0
-    count = 0
-    for name in os.listdir(folder):
-        path = os.path.join(folder, name)
-        if not (name.startswith(PRESENCE) and name.endswith(".lock")) or path == exclude:
-            continue
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:                    # its owner just ended
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            count += 1
-        finally:
-            os.close(fd)                             # closing releases the probe's lock
-    return count
+    names = [n for n in os.listdir(folder) if n.startswith(PRESENCE) and n.endswith(".lock")]
+    return sum(is_locked(os.path.join(folder, n)) for n in names if os.path.join(folder, n) != exclude)
+
+
+def is_locked(path):
+    """Whether another process holds an exclusive lock on `path` now (False where flock does not
+    exist or the file does not). The probe opens it read-only, never creating it, and takes a
+    shared lock for an instant, which only an exclusive holder refuses."""
+    if not LOCKING:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:                        # never locked, or its owner just removed it
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)                                 # closing releases the probe's lock
 
 
 def write_text(path, text):

@@ -440,6 +440,7 @@ def test_a_run_another_process_holds_is_left_to_it(grid, tmp_path, capsys):
         plan = subprocess.run([sys.executable, os.path.join(ROOT, "study.py")] + flags(config, tmp_path) + ["--dry-run"],
                               capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT}, check=True).stdout
         assert "1 study process(es) working on this grid now" in plan
+        assert [l.split()[1:3] for l in plan.splitlines() if "A/xx-seed0 " in l] == [["running", "now"]]
     assert study.main(flags(config, tmp_path) + ["--only", "A/xx-seed0"]) == 0      # released: this one runs it
     assert result(tmp_path, "A/xx-seed0")["results"] == result(out, "A/xx-seed0")["results"]
 
