@@ -290,7 +290,7 @@ def train_step(model, optimizer, s, batch, step):
         chunk_size=s.grad_cache_chunk or None, return_numpy=False, stats=stats)
     if not math.isfinite(loss):
         return {"step": step + 1, "loss": loss}
-    norm = clip_grad_norm(grads, s.max_grad_norm) if s.max_grad_norm else float("nan")
+    norm = clip_grad_norm(grads, s.max_grad_norm, model.backend) if s.max_grad_norm else float("nan")
     lr = scheduled_lr(step, s.lr, s.warmup, s.schedule, s.decay_steps or s.steps)
     optimizer.step(model.params, grads, lr=lr)
     seconds = time.perf_counter() - t0

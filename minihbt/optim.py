@@ -48,23 +48,51 @@ def scheduled_lr(step, lr, warmup=0, schedule="constant", total=None):
     return lr * min(1.0, step / warmup) if warmup else lr
 
 
-def clip_grad_norm(grads, max_norm):
+def clip_grad_norm(grads, max_norm, backend=None):
     """Scale all gradients in place so that their global L2 norm is at most max_norm.
-    Returns the norm before clipping (a float)."""
-    total = math.sqrt(float(sum(_sum_of_squares(g) for g in grads.values())))   # one device->host transfer
+    Returns the norm before clipping (a float).
+
+    sum(g^2) is accumulated in float64 over float32 chunks of SUM_CHUNK elements: accurate, no
+    full-size temporary, and each chunk's sum a float64 scalar on g's device (0-d on CuPy), so
+    that adding them costs no transfer. Not a BLAS dot: NumPy's pairwise sum gives the same bits
+    on any number of BLAS threads. With a CPU `backend`, the chunks (of the sum and of the
+    scaling) run across its thread pool, and their sums are added in one fixed order (per
+    tensor, then over tensors): the same bits on any number of threads."""
+    parts = [(g, s) for g in grads.values() for s in range(0, g.size, SUM_CHUNK)]
+    sums = [None] * len(parts)
+
+    def chunk_sum(i):
+        g, s = parts[i]
+        sums[i] = _squares(g.reshape(-1)[s:s + SUM_CHUNK].astype(np.float64)).sum()
+    _run(backend, chunk_sum, range(len(parts)))
+    per_tensor, i = [], 0
+    for g in grads.values():                                # Python's sum per tensor, then over tensors
+        n = len(range(0, g.size, SUM_CHUNK))
+        per_tensor.append(sum(sums[i:i + n]))
+        i += n
+    total = math.sqrt(float(sum(per_tensor)))                # one device->host transfer
     coef = max_norm / (total + 1e-6)
     if coef < 1.0:
-        for g in grads.values():
-            g *= g.dtype.type(coef)
+        def scale(i):
+            g, s = parts[i]
+            if g.flags.c_contiguous:                        # a view: scaled in place chunk by chunk
+                flat = g.reshape(-1)
+                flat[s:s + SUM_CHUNK] *= g.dtype.type(coef)
+            elif s == 0:                                    # reshape would copy: the whole tensor at once
+                g *= g.dtype.type(coef)
+        _run(backend, scale, range(len(parts)))
     return total
 
 
-def _sum_of_squares(g, chunk=1 << 20):
-    """sum(g^2) accumulated in float64 over float32 chunks: accurate, no full-size temporary.
-    A float64 scalar on g's device (0-d on CuPy), so summing many costs no transfer. Not a BLAS
-    dot: NumPy's pairwise sum gives the same bits on any number of BLAS threads."""
-    flat = g.reshape(-1)
-    return sum(_squares(flat[s:s + chunk].astype(np.float64)).sum() for s in range(0, flat.size, chunk))
+SUM_CHUNK = 1 << 20
+
+
+def _run(backend, fn, items):
+    if backend is None:
+        for it in items:
+            fn(it)
+    else:
+        backend.map_tasks(fn, items)
 
 
 def _squares(x):

@@ -53,3 +53,29 @@ def test_an_error_in_a_piece_reaches_the_caller_with_blas_restored():
     with pytest.raises(ValueError, match="piece 3"):
         be.map_ordered(work, range(10), done.append)
     assert done == [4.0] * 3 and blas_threads_now() == before
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_clip_grad_norm_has_the_same_bits_on_the_thread_pool(threads):
+    """The global norm from chunk sums computed across the pool equals, bit for bit, the sums
+    one thread adds in order (float64 per 1 << 20 float32 chunk, per tensor, then over
+    tensors); the scaling is the same multiplication, contiguous or not."""
+    from minihbt import optim
+    rng = np.random.default_rng(3)
+    shapes = {"big": (3 * optim.SUM_CHUNK + 12345,), "w": (384, 1536), "b": (7,), "empty": (0,)}
+    grads = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+    grads["strided"] = rng.standard_normal((1536, 384)).astype(np.float32).T       # not C-contiguous
+    want = 0
+    for g in grads.values():
+        flat, per = g.reshape(-1), 0
+        for s in range(0, flat.size, optim.SUM_CHUNK):
+            c = flat[s:s + optim.SUM_CHUNK].astype(np.float64)
+            per = per + (c * c).sum()
+        want = want + per
+    want = float(np.sqrt(want))
+    scaled = {k: g * np.float32(0.5 / (want + 1e-6)) for k, g in grads.items()}
+    norm = optim.clip_grad_norm(grads, 0.5, Backend("cpu", "float32", threads=threads))
+    assert norm == want
+    assert all(np.array_equal(grads[k], scaled[k]) for k in grads)
+    assert optim.clip_grad_norm({k: g.copy() for k, g in grads.items()}, 1e9) == optim.clip_grad_norm(
+        {k: g.copy() for k, g in grads.items()}, 1e9, Backend("cpu", "float32", threads=threads))
