@@ -220,18 +220,26 @@ def _tf32_on():
 
 def blas_threads():
     """Threads NumPy's BLAS runs matrix products on (the same setting sizes our thread pool)."""
-    counts = [i["num_threads"] for i in threadpool_info() if i.get("user_api") == "blas"]
-    if counts:
-        return max(1, counts[0])
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return _threads(_blas_pool())
 
 
 def blas_info():
     """{"library", "version", "architecture", "threads"} of NumPy's BLAS: float32 results
     depend on them at rounding level (a run reproduces bit for bit only under the same)."""
-    info = next((i for i in threadpool_info() if i.get("user_api") == "blas"), {})
+    info = _blas_pool()
     return {"library": info.get("internal_api"), "version": info.get("version"),
-            "architecture": info.get("architecture"), "threads": blas_threads()}
+            "architecture": info.get("architecture"), "threads": _threads(info)}
+
+
+def _blas_pool():
+    """threadpoolctl's record of the first BLAS library loaded ({} if none)."""
+    return next((i for i in threadpool_info() if i.get("user_api") == "blas"), {})
+
+
+def _threads(info):
+    if "num_threads" in info:
+        return max(1, info["num_threads"])
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def to_numpy(x):
