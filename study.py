@@ -246,11 +246,9 @@ def read_result(study, run):
 def check_same_blas_threads(study, run, flag_value):
     """A run made before minihbt's results stopped depending on the thread count reproduces bit
     for bit only on as many BLAS threads as it was made with."""
-    import json
     from minihbt.backend import blas_threads
     from minihbt.study import SettingError
-    with open(study.result_path(run), encoding="utf-8") as f:
-        record = json.load(f)
+    record = read_result(study, run)
     if (record.get("minihbt") or {}).get("same_bits_any_threads"):
         return                                        # made by code whose results do not depend on it
     made = (record.get("machine") or {}).get("blas") or {}

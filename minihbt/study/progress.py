@@ -9,13 +9,11 @@ measured yet is said, never guessed: the line then gives a lower bound and names
 missing. Lines go to stderr at every phase change and every `every` seconds in between
 (plain lines, so a log file of a long background run reads well).
 """
-import json
-import os
 import sys
 import threading
 import time
 
-from ..checkpoint import STATE_FILE, latest_checkpoint
+from ..checkpoint import latest_checkpoint, read_trainer_state
 
 SESSION_STEPS = 10          # steps this invocation must have timed before its own rate replaces the records'
 
@@ -252,11 +250,16 @@ class Progress:
 
 def steps_in_run_dir(run_dir):
     """Steps already trained in a run directory (its latest checkpoint), 0 if none."""
+    state = latest_trainer_state(run_dir)
+    return state["step"] if state else 0
+
+
+def latest_trainer_state(run_dir):
+    """The trainer state ({"step", "settings", ...}) of a run directory's latest checkpoint, or
+    None: no checkpoint, or one that another study process removed while this one read it
+    (its run is trained)."""
     try:
         ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
-            return 0
-        with open(os.path.join(ckpt, STATE_FILE), encoding="utf-8") as f:
-            return json.load(f)["step"]
-    except (OSError, ValueError):        # another study process removed it just now (its run is trained)
-        return 0
+        return read_trainer_state(ckpt) if ckpt else None
+    except (OSError, ValueError):
+        return None

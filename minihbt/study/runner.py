@@ -31,7 +31,7 @@ from ..files import atomic_path, sha256_file, source_digest, stat_digest, write_
 from ..weights import checkpoint_files
 from .config import SettingError, languages_in
 from .perquery import save_ranks
-from .progress import count_steps
+from .progress import count_steps, latest_trainer_state
 
 STUDY_STATE = "study_state.json"          # training wall time of a run, summed over sessions
 EMBEDDINGS = "embeddings.npz"
@@ -110,8 +110,9 @@ def check_existing(study, runs):
                 if saved.get(key) != want[key]:
                     raise SettingError(f"{study.display(path)}: made with another {key} ({json.dumps(saved.get(key))}"
                                        f", configured: {json.dumps(want[key])}); move it away or rename the study")
-        saved = _checkpoint_settings(study.run_dir(run)) if study.conditions[run.condition] is not None else None
-        if saved and not os.path.exists(path):
+        state = latest_trainer_state(study.run_dir(run)) if study.conditions[run.condition] is not None else None
+        if state and not os.path.exists(path):
+            saved = state["settings"]
             want = {**study.train_settings(run), "seed": run.seed}
             differ = [k for k, v in want.items() if saved.get(k) != v and k not in RESUME_MAY_CHANGE]
             if os.path.abspath(saved.get("model") or "") != study.model:
@@ -119,19 +120,6 @@ def check_existing(study, runs):
             if differ:
                 raise SettingError(f"{study.display(study.run_dir(run))}: an unfinished run with another {differ[0]} "
                                    f"({json.dumps(saved.get(differ[0]))}); remove the directory or rename the study")
-
-
-def _checkpoint_settings(run_dir):
-    """The train.py settings saved in a run directory's latest checkpoint, or None (no checkpoint,
-    or one that another study process removed while this one read it)."""
-    try:
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
-            return None
-        with open(os.path.join(ckpt, STATE_FILE), encoding="utf-8") as f:
-            return json.load(f)["settings"]
-    except (OSError, ValueError):
-        return None
 
 
 def _train_state(run_dir):
