@@ -9,7 +9,6 @@ work (the length groups of a batch) run side by side on that pool, each on one t
 BLAS on one thread (`be.map_ordered`): their results are those of a one-thread run, the same
 bits whatever the number of threads.
 """
-import collections
 import contextlib
 import math
 import os
@@ -124,34 +123,35 @@ class Backend:
         with self._blas.limit(limits=1):
             yield
 
-    def map_ordered(self, fn, items, then):
+    def map_ordered(self, fn, items, then, order=None):
         """then(fn(item)) for each item, in order; `then` runs in the calling thread.
 
         With several items on a multi-threaded CPU, fn runs on the thread pool, the items side
-        by side, each on one thread (its element-wise passes serial); at most `threads` results
-        wait for `then`, which bounds the memory in flight. Otherwise (one item, one thread, or
-        CuPy) the items run one after another in the calling thread. Either way BLAS is held to
-        one thread on the CPU, so every result, and whatever `then` accumulates, is bit for bit
-        what a one-thread run computes, for any number of threads (a single item's products then
-        use one core: the price of that guarantee)."""
+        by side, each on one thread (its element-wise passes serial), started in `order` (a
+        permutation of the items' indices; default: as they come), e.g. the longest first so
+        that no thread idles at the end while another finishes a long one; a result that
+        finishes before those of earlier items waits for `then`, which takes them in item order
+        as soon as each is there. Otherwise (one item, one thread, or CuPy) the items run one after
+        another in the calling thread, in item order. Either way BLAS is held to one thread on
+        the CPU, so every result, and whatever `then` accumulates, is bit for bit what a
+        one-thread run computes, for any number of threads (a single item's products then use
+        one core: the price of that guarantee)."""
         items = list(items)
         with self.blas_serial():
             if not self.parallel(len(items)):
                 for it in items:
                     then(fn(it))
                 return
-            pool, run, pending = self._executor(), self._one_thread(fn), collections.deque()
+            pool, run, pending = self._executor(), self._one_thread(fn), {}
             try:
-                for it in items:
-                    pending.append(pool.submit(run, it))
-                    if len(pending) > self.threads:
-                        then(pending.popleft().result())
-                while pending:
-                    then(pending.popleft().result())
+                for k in (range(len(items)) if order is None else order):
+                    pending[k] = pool.submit(run, items[k])
+                for k in range(len(items)):
+                    then(pending.pop(k).result())
             finally:                        # an error or Ctrl-C: no piece left running once BLAS is restored
-                for f in pending:
+                for f in pending.values():
                     f.cancel()
-                futures.wait(pending)
+                futures.wait(pending.values())
 
     def parallel(self, n_items):
         """Whether map_ordered runs `n_items` items side by side (else one after another)."""

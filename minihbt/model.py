@@ -1,13 +1,13 @@
 """A loaded encoder (config, parameters, tokenizer, backend) and the one way texts become embeddings.
 
-`embed_texts` is the only embedding path: `encode` (inference), `loss_and_grads` (training,
-GradCache), evaluation and the demo all go through it. It tokenizes, sorts the texts by
-length and runs them in groups padded only to their own longest text, so no compute goes to
-padding beyond a group's; with `keep=True` it returns a backward closure that runs each
-group's backward from its own cache. On a multi-threaded CPU the groups run side by side,
-each on one thread (`Backend.map_ordered`), with the same bits as one thread. Padding never
-reaches a real token (attention masks it, pooling skips it, dropout keeps it), so the result
-is that of one padded batch.
+`embed_sides` (and `embed_texts`, its one-side form) is the only embedding path: `encode`
+(inference), `loss_and_grads` (training, GradCache), evaluation and the demo all go through
+it. It tokenizes, sorts the texts by length and runs them in groups padded only to their own
+longest text, so no compute goes to padding beyond a group's; with `keep=True` it returns a
+backward closure that runs each group's backward from its own cache. On a multi-threaded CPU
+the groups (of a step's queries and passages together) run side by side, each on one thread
+(`Backend.map_ordered`), with the same bits as one thread. Padding never reaches a real token
+(attention masks it, pooling skips it, dropout keeps it), so the result is that of one padded batch.
 """
 import json
 import os
@@ -173,47 +173,81 @@ def embed_texts(model, texts, max_length, pairs=None, seeds=None, keep=False, ma
     length_groups. progress: a description for a progress bar counting real tokens (its ETA
     holds although groups shrink), or None.
     """
+    return embed_sides(model, [Side(texts, max_length, pairs, seeds)], keep, max_tokens, max_texts, progress)
+
+
+class Side:
+    """One list of texts for embed_sides, with its own truncation, second segments and dropout seeds."""
+
+    def __init__(self, texts, max_length, pairs=None, seeds=None):
+        self.texts, self.max_length, self.pairs, self.seeds = texts, max_length, pairs, seeds
+
+
+def embed_sides(model, sides, keep=False, max_tokens=None, max_texts=None, progress=None):
+    """embed_texts for several lists of texts at once (a step's queries and its passages).
+
+    Each side is tokenized and cut into length groups of its own; all the groups then run in one
+    pass over the thread pool, the costliest first, so that one side's small groups fill the time
+    the other's large ones leave a thread idle. Rows of the embeddings (and of backward's d_emb)
+    are the sides' texts, one side after another. A group's result does not depend on what runs
+    beside it, and backward adds the groups' gradients in the order of embedding the sides one at
+    a time and backpropagating the last side first: the same bits as separate embed_texts calls.
+    """
     be = model.backend
-    ids, type_ids = model.tokenizer.encode(texts, max_length=min(max_length, model.max_length), pairs=pairs)
+    ids, type_ids, seeds, groups = [], [], [], []
+    for side in sides:
+        side_ids, side_types = model.tokenizer.encode(side.texts, max_length=min(side.max_length, model.max_length),
+                                                      pairs=side.pairs)
+        groups += [(len(ids) + rows, side.seeds is not None)
+                   for rows in length_groups([len(x) for x in side_ids], max_tokens, max_texts)]
+        ids, type_ids = ids + side_ids, type_ids + side_types
+        seeds += side.seeds if side.seeds is not None else [None] * len(side_ids)
     lengths = [len(x) for x in ids]
     bar = tqdm(total=sum(lengths), desc=progress, unit="tok", unit_scale=True) if progress else None
-    emb = be.xp.empty((len(texts), model.config.hidden_size), dtype=model.dtype)
-    backwards = []
+    emb = be.xp.empty((len(ids), model.config.hidden_size), dtype=model.dtype)
+    caches = []
 
-    def forward(rows):
+    def forward(group):
+        rows, dropout = group
         input_ids, mask, token_types = model.tokenizer.pad([ids[i] for i in rows], [type_ids[i] for i in rows])
-        streams = None if seeds is None else DropoutStreams([seeds[i] for i in rows], [lengths[i] for i in rows])
-        caches = [] if keep else None
-        hidden = model.forward(input_ids, mask, token_types, caches=caches, streams=streams)      # [g, T, H]
+        streams = DropoutStreams([seeds[i] for i in rows], [lengths[i] for i in rows]) if dropout else None
+        layer_caches = [] if keep else None
+        hidden = model.forward(input_ids, mask, token_types, caches=layer_caches, streams=streams)    # [g, T, H]
         pooled, pool_cache = encoder.pool_forward(be, model.params, model.pooling, hidden, be.asarray(mask))
         e, norm_cache = layers.l2_normalize_forward(be, pooled)                                     # [g, H]
-        return rows, e, (rows, caches, pool_cache, norm_cache), int(mask.sum())
+        cache = (rows, layer_caches, pool_cache, norm_cache, mask.size) if keep else None
+        return rows, e, cache, int(mask.sum())
 
     def store(result):
         rows, e, cache, n = result
         emb[rows] = e
         if keep:
-            backwards.append(cache)
+            caches.append(cache)
         if bar is not None:
             bar.update(n)
-    be.map_ordered(forward, length_groups(lengths, max_tokens, max_texts), store)
+    be.map_ordered(forward, groups, store, order=_costliest_first([len(rows) * lengths[rows[0]] for rows, _ in groups]))
     if bar is not None:
         bar.close()
 
     def backward(d_emb, grads):
-        backward_groups(model, backwards, d_emb, grads)
+        backward_groups(model, caches, d_emb, grads)
     return emb, (backward if keep else None), sum(lengths)
 
 
+def _costliest_first(padded_tokens):
+    """Indices of length groups by padded tokens (a group's cost), largest first (stable)."""
+    return sorted(range(len(padded_tokens)), key=lambda k: -padded_tokens[k])
+
+
 def backward_groups(model, caches, d_emb, grads):
-    """Each group's backward from its own cache (side by side on the CPU's threads, newest first;
-    `caches` is emptied); their gradients are added into `grads` in that order, as a one-thread
-    loop would add them."""
+    """Each group's backward from its own cache (side by side on the CPU's threads, the costliest
+    started first; `caches` is emptied); their gradients are added into `grads` newest group
+    first, as a one-thread loop would add them."""
     be = model.backend
     side_by_side = be.parallel(len(caches))
 
     def group_backward(cache):
-        rows, layer_caches, pool_cache, norm_cache = cache
+        rows, layer_caches, pool_cache, norm_cache, _ = cache
         # side by side: this group's own gradients, and its embedding-table scatters deferred;
         # one after another: straight into `grads` (the same sums in the same order)
         own, tables = ({}, []) if side_by_side else (grads, None)
@@ -229,7 +263,8 @@ def backward_groups(model, caches, d_emb, grads):
             encoder.accumulate(grads, name, g)
         for name, table_ids, d_rows in tables:
             encoder.scatter_rows(be, grads, name, model.params[name].shape, table_ids, d_rows)
-    be.map_ordered(group_backward, reversed(caches), add)
+    newest_first = caches[::-1]
+    be.map_ordered(group_backward, newest_first, add, order=_costliest_first([c[4] for c in newest_first]))
     caches.clear()
 
 

@@ -1,11 +1,11 @@
 """One training step's loss and gradients: encoder forward, InfoNCE, encoder backward.
 
-Plain: both sides (queries; positives then negatives) are embedded keeping their
-activations, the loss gives the gradient of every embedding, and each side's backward runs
-from its caches. GradCache (`chunk_size`): embed the texts `chunk_size` at a time without
+Plain: both sides (queries; positives then negatives) are embedded in one pass keeping their
+activations (model.embed_sides: the two sides' length groups share the thread pool), the loss
+gives the gradient of every embedding, and every group's backward runs from its cache. GradCache (`chunk_size`): embed the texts `chunk_size` at a time without
 keeping activations, compute the loss and the embedding gradients, then re-run each chunk
 (same dropout masks) and backpropagate its slice: the same gradients, memory bounded by the
-chunk, for one extra forward pass. Either way, model.embed_texts runs the texts in
+chunk, for one extra forward pass. Either way the texts run in
 length-sorted groups padded only to their own longest text.
 
 Dropout: text i of role r (0 queries, 1 passages) gets the streams of seed [seed, r, i], so
@@ -15,7 +15,7 @@ import numpy as np
 
 from .backend import to_numpy
 from .loss import contrastive_loss
-from .model import GROUP_TOKENS, check_texts, embed_texts, resolve_prefix
+from .model import GROUP_TOKENS, Side, check_texts, embed_sides, embed_texts, resolve_prefix
 
 QUERY, PASSAGE = 0, 1
 
@@ -32,6 +32,11 @@ def _check_batch(queries, positives, negatives, chunk_size):
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
     return queries, positives, negatives
+
+
+def _seeds(seed, role, start, n, dropout):
+    """Dropout seeds of texts start .. start + n - 1 of a side (None: dropout off)."""
+    return [[seed, role, start + i] for i in range(n)] if dropout else None
 
 
 def loss_and_grads(model, queries, positives, negatives=None, temperature=0.05, candidates="inbatch",
@@ -58,18 +63,18 @@ def loss_and_grads(model, queries, positives, negatives=None, temperature=0.05, 
     sides = [(query_texts, max_query_length, QUERY), (cand_texts, max_passage_length, PASSAGE)]
 
     def run(texts, max_len, role, start, keep):
-        seeds = [[seed, role, start + i] for i in range(len(texts))] if dropout else None
+        seeds = _seeds(seed, role, start, len(texts), dropout)
         return embed_texts(model, texts, max_len, seeds=seeds, keep=keep, max_tokens=group_tokens)
 
     grads, tokens = {}, 0
-    if chunk_size is None:
-        outs = [run(texts, max_len, role, 0, True) for texts, max_len, role in sides]
+    if chunk_size is None:                                    # both sides' length groups in one pass
+        emb, backward, tokens = embed_sides(model, [Side(texts, max_len, seeds=_seeds(seed, role, 0, len(texts), dropout))
+                                                    for texts, max_len, role in sides], keep=True, max_tokens=group_tokens)
+        n_q = len(query_texts)
         with model.backend.blas_serial():                     # the same bits on any number of threads
-            loss, d_q, d_c = contrastive_loss(model.backend, outs[0][0], outs[1][0], query_texts, cand_texts,
+            loss, d_q, d_c = contrastive_loss(model.backend, emb[:n_q], emb[n_q:], query_texts, cand_texts,
                                               temperature, candidates, symmetric)
-        for (_, backward, n), d_emb in reversed(list(zip(outs, (d_q, d_c)))):
-            backward(d_emb, grads)
-            tokens += n
+        backward(model.xp.concatenate([d_q, d_c]), grads)
     else:
         embs = [model.xp.concatenate([run(texts[s:s + chunk_size], max_len, role, s, False)[0]
                                       for s in range(0, len(texts), chunk_size)]) for texts, max_len, role in sides]

@@ -79,3 +79,30 @@ def test_clip_grad_norm_has_the_same_bits_on_the_thread_pool(threads):
     assert all(np.array_equal(grads[k], scaled[k]) for k in grads)
     assert optim.clip_grad_norm({k: g.copy() for k, g in grads.items()}, 1e9) == optim.clip_grad_norm(
         {k: g.copy() for k, g in grads.items()}, 1e9, Backend("cpu", "float32", threads=threads))
+
+
+def test_map_ordered_starts_items_in_the_order_given_and_hands_them_over_in_item_order():
+    """`order` decides which items the pool starts first (e.g. the costliest); `then` still sees
+    every result in item order, although later items finish first."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+    submitted = []
+
+    class RecordingPool(ThreadPoolExecutor):
+        def submit(self, fn, item):
+            submitted.append(item)
+            return super().submit(fn, item)
+    be = Backend("cpu", threads=2)
+    be._pool, be._pool_size = RecordingPool(max_workers=2), 2
+    seen = []
+
+    def work(i):
+        time.sleep(0.002 * i)                                           # later items take longer
+        return i * 10
+    be.map_ordered(work, range(8), seen.append, order=[7, 6, 5, 4, 3, 2, 1, 0])
+    assert submitted == [7, 6, 5, 4, 3, 2, 1, 0]
+    assert seen == [i * 10 for i in range(8)]
+    one, one_seen = Backend("cpu", threads=1), []                      # one thread: item order, in this thread
+    one.map_ordered(lambda i: (i, threading.current_thread().name), range(4), one_seen.append, order=[3, 2, 1, 0])
+    assert [i for i, _ in one_seen] == [0, 1, 2, 3]
+    assert {name for _, name in one_seen} == {threading.current_thread().name}

@@ -100,3 +100,34 @@ def test_a_step_has_the_same_bits_on_any_number_of_threads(me5_dir):
         assert np.array_equal(one[1][name], two[1][name]), name
         assert np.array_equal(one[5][name], two[5][name]), name                     # GradCache chunks of 5
     assert np.array_equal(one[3], two[3])                                          # encode, groups of 5 texts
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_both_sides_in_one_pass_have_the_bits_of_the_sides_one_at_a_time(me5_dir, threads):
+    """embed_sides runs the queries' and the passages' length groups in one pass, the costliest
+    first; its embeddings and every gradient equal, bit for bit, those of embedding each side
+    on its own and backpropagating the passages first, then the queries (the step before)."""
+    from minihbt.model import Side, embed_sides, embed_texts
+    model = minihbt.load_model(me5_dir)
+    model.backend.threads = threads
+    queries, passages = REAL[0], REAL[1] + [n[0] for n in REAL[2]]
+    seeds = lambda role, texts: [[5, role, i] for i in range(len(texts))]
+    rng = np.random.default_rng(0)
+    d_q = rng.standard_normal((len(queries), 384)).astype(np.float32)
+    d_p = rng.standard_normal((len(passages), 384)).astype(np.float32)
+
+    emb, backward, n = embed_sides(model, [Side(queries, 32, seeds=seeds(0, queries)),
+                                           Side(passages, 48, seeds=seeds(1, passages))], keep=True, max_tokens=96)
+    together = {}
+    backward(np.concatenate([d_q, d_p]), together)
+
+    q_emb, q_back, n_q = embed_texts(model, queries, 32, seeds=seeds(0, queries), keep=True, max_tokens=96)
+    p_emb, p_back, n_p = embed_texts(model, passages, 48, seeds=seeds(1, passages), keep=True, max_tokens=96)
+    apart = {}
+    p_back(d_p, apart)
+    q_back(d_q, apart)
+    assert n == n_q + n_p
+    assert np.array_equal(emb, np.concatenate([q_emb, p_emb]))
+    assert sorted(together) == sorted(apart)
+    for name in apart:
+        assert np.array_equal(together[name], apart[name]), name
