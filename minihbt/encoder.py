@@ -81,8 +81,9 @@ def embeddings_backward(be, params, d_h, cache, grads, tables=None):
             scatter_rows(be, grads, name, params[name].shape, ids, d_e)
 
 
-def block_forward(be, params, prefix, config, h, mask_bias, layer, p_hidden, p_attn, streams):
-    """One post-LN transformer block. h [B, T, H], mask_bias [B, 1, 1, T] -> (h_out [B, T, H], BlockCache)."""
+def block_forward(be, params, prefix, config, h, mask_bias, layer, p_hidden, p_attn, streams, keep=True):
+    """One post-LN transformer block. h [B, T, H], mask_bias [B, 1, 1, T] -> (h_out [B, T, H], BlockCache).
+    keep=False (inference, the cache is discarded): GELU runs in place, keeping nothing for backward."""
     eps = config.layer_norm_eps
 
     def linear(x, name):
@@ -99,7 +100,7 @@ def block_forward(be, params, prefix, config, h, mask_bias, layer, p_hidden, p_a
     h1, ln1_cache = layers.add_layernorm_forward(be, a, h, params[prefix + "attention.output.LayerNorm.weight"],
                                             params[prefix + "attention.output.LayerNorm.bias"], eps)   # LN(a + h)
     f, fi_cache = layers.linear_forward(be, h1, params[prefix + "intermediate.dense.weight"], None)  # [B, T, F], bias next
-    g, gelu_cache = layers.bias_gelu_forward(be, f, params[prefix + "intermediate.dense.bias"])      # gelu(f + b) [B, T, F]
+    g, gelu_cache = layers.bias_gelu_forward(be, f, params[prefix + "intermediate.dense.bias"], keep)  # gelu(f + b) [B, T, F]
     o, fo_cache = linear(g, "output.dense")                                               # [B, T, H]
     o, od_cache = layers.dropout_forward(be, o, p_hidden, streams, layer_site(layer, FFN_OUTPUT))
     h_out, ln2_cache = layers.add_layernorm_forward(be, o, h1, params[prefix + "output.LayerNorm.weight"],

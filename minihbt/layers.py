@@ -104,11 +104,17 @@ def layernorm_backward(be, d_y, cache):
     return d_x.reshape(d_y.shape), d_gamma, d_beta
 
 
-def _gelu_into(be, x, cdf, out):
-    """cdf = Phi(x) = 0.5 (1 + erf(x / sqrt 2)), out = x * cdf, on same-shaped (flat) slices."""
-    cdf[...] = be.erf(x * x.dtype.type(INV_SQRT2), threaded=False)
+def _phi(be, x):
+    """Phi(x) = 0.5 (1 + erf(x / sqrt 2)) of a (flat) slice, a new array."""
+    cdf = be.erf(x * x.dtype.type(INV_SQRT2), threaded=False)
     cdf += 1.0
     cdf *= 0.5
+    return cdf
+
+
+def _gelu_into(be, x, cdf, out):
+    """cdf = Phi(x), out = x * cdf, on same-shaped (flat) slices."""
+    cdf[...] = _phi(be, x)
     be.xp.multiply(x, cdf, out=out)
 
 
@@ -121,13 +127,19 @@ def gelu_forward(be, x):
     return out, (x, cdf)
 
 
-def bias_gelu_forward(be, y, bias):
-    """GELU(y + bias), y [..., F] owned (overwritten with x = y + bias), bias [F]."""
+def bias_gelu_forward(be, y, bias, keep=True):
+    """GELU(y + bias), y [..., F] owned (overwritten with x = y + bias), bias [F]. keep=False
+    (inference): GELU is written over y chunk by chunk, Phi(x) only kept per chunk, and the
+    cache is None (the same values, two [..., F] arrays fewer)."""
     if be.fused:
         out, cdf = kernels.bias_gelu(y, bias)
-        return out, (y, cdf)
+        return out, ((y, cdf) if keep else None)
     y += bias
-    return gelu_forward(be, y)
+    if keep:
+        return gelu_forward(be, y)
+    yf = be.xp.ascontiguousarray(y).reshape(-1)                   # y is owned and contiguous: a view
+    be.map_chunks(lambda s, e: be.xp.multiply(yf[s:e], _phi(be, yf[s:e]), out=yf[s:e]), yf.size)
+    return yf.reshape(y.shape), None
 
 
 def _gelu_grad_into(be, x, cdf, d_y, d_x):

@@ -86,7 +86,7 @@ class Model:
         mask_bias = layers.mask_bias_from(be, attention_mask, self.dtype)                           # [B, 1, 1, T]
         for i in range(c.num_hidden_layers):
             h, cache = encoder.block_forward(be, self.params, f"encoder.layer.{i}.", c, h, mask_bias, i, p_hidden, p_attn,
-                                       streams)
+                                       streams, keep=caches is not None)
             if caches is not None:
                 caches.append(cache)
         return h

@@ -244,3 +244,24 @@ def test_threaded_elementwise_passes_take_non_contiguous_inputs(rng):
     np.testing.assert_array_equal(d, L.gelu_backward(be, np.ascontiguousarray(x), L.gelu_forward(be, x.copy())[1]))
     keep = rng.random((40, 30)).T > 0.3
     np.testing.assert_array_equal(L.dropout_backward(be, x, (keep, 2.0)), x * keep * 2.0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_inference_gelu_in_place_has_the_bits_of_the_kept_one(rng, dtype, threads):
+    """bias_gelu_forward(keep=False), GELU written over its input chunk by chunk for inference,
+    gives the bits of the training form (which keeps Phi(x) for backward), and no cache; the
+    encoder's forward without caches gives the hidden states of the forward with them."""
+    b = Backend("cpu", dtype, threads=threads)
+    y = rng.standard_normal((3, 70_000)).astype(dtype)            # several chunks per row
+    bias = rng.standard_normal(70_000).astype(dtype)
+    kept, cache = L.bias_gelu_forward(b, y.copy(), bias)
+    owned = y.copy()
+    out, none = L.bias_gelu_forward(b, owned, bias, keep=False)
+    assert none is None and cache is not None
+    assert np.array_equal(out, kept) and np.shares_memory(out, owned)
+    model = minihbt.load_model(TINY["xlmr"], dtype=dtype)
+    model.backend.threads = threads
+    ids = np.array([[0, 5, 9, 13, 2, 1], [0, 7, 2, 1, 1, 1]])
+    mask = (ids != 1).astype(np.int64)
+    assert np.array_equal(model.forward(ids, mask), model.forward(ids, mask, caches=[]))
