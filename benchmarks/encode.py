@@ -1,7 +1,7 @@
 """Encoding throughput on CPU: minihbt vs sentence-transformers, same model, texts and threads.
 
     python benchmarks/encode.py [--model DIR] [--texts 2000] [--batch-size 64] [--threads N]
-                                [--matmul-size 4096]
+                                [--matmul-size 4096] [--baseline REV[,REV...]]
 
 Encodes the first N XQuAD-R sentences (all 11 languages, round-robin) as passages with
 multilingual-e5-small (built from ../shared when --model is not given) and prints texts/s
@@ -28,6 +28,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))           # this checkout's minihbt first
 import matmul_rate                                  # noqa: E402  (benchmarks/ is the script's directory)
+from train_step import baseline_checkout            # noqa: E402
 SHARED = os.path.abspath(os.path.join(HERE, "..", "..", "shared"))
 LANGS = "ar de el en es hi ru th tr vi zh".split()
 
@@ -94,7 +95,11 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for both (default: all cores)")
     ap.add_argument("--matmul-size", type=int, default=4096, help="side of the reference float32 matmul "
                                                                    "(default 4096; 0: skip)")
+    ap.add_argument("--baseline", metavar="REV[,REV...]", help="also time minihbt at these git revisions (each "
+                    "checked out in a temporary worktree) in the same run, and say whether their embeddings are "
+                    "bit for bit this checkout's")
     ap.add_argument("--child", choices=["minihbt", "st"], help=argparse.SUPPRESS)
+    ap.add_argument("--minihbt-src", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     for bad, message in ((args.texts < 1, "--texts takes an integer >= 1"),
@@ -107,6 +112,8 @@ def main():
             fail(message)
     if args.child:  # one measurement in a fresh process, thread count fixed by the parent's env
         import numpy as np
+        if args.minihbt_src:                                # a --baseline revision's minihbt instead of this one
+            sys.path.insert(0, args.minihbt_src)
         secs, emb = run_one(args.child, args.model, xquad_sentences(args.texts, args.data), args.batch_size,
                             args.threads)
         np.save(args.out, np.asarray(emb, dtype=np.float32))
@@ -125,18 +132,26 @@ def main():
     res, rates = {}, []
     if args.matmul_size:
         rates.append(matmul_rate.measure_in_child(args.matmul_size, 3, env))
-    for which in ("minihbt", "st"):
-        out = subprocess.run([sys.executable, __file__, "--child", which, "--model", model, "--data", args.data,
-                              "--texts", str(args.texts), "--batch-size", str(args.batch_size),
-                              "--threads", str(args.threads), "--out", os.path.join(tmp, which + ".npy")],
-                             env=env, capture_output=True, text=True)
-        if out.returncode != 0:
-            print(out.stderr[-3000:], file=sys.stderr)
-            sys.exit(f"encode.py: the {which} run failed (its error is above)")
-        res[which] = json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
+    with baseline_checkout(args, tmp):
+        sides = [("minihbt", "minihbt", None), ("st", "st", None)] + [
+            (key, "minihbt", path) for key, path in args.baseline_dirs.items()]
+        for key, which, src in sides:
+            res[key] = run_child(args, model, key, which, src, tmp, env)
     if args.matmul_size:
         rates.append(matmul_rate.measure_in_child(args.matmul_size, 3, env))
     report(args, res, rates, forward_flops(model, xquad_sentences(args.texts, args.data)), tmp, cores)
+
+
+def run_child(args, model, key, which, src, tmp, env):
+    """Seconds for one side, timed in its own process (its embeddings saved as <key>.npy in tmp)."""
+    cmd = [sys.executable, __file__, "--child", which, "--model", model, "--data", args.data, "--texts", str(args.texts),
+           "--batch-size", str(args.batch_size), "--threads", str(args.threads),
+           "--out", os.path.join(tmp, key.replace(" ", "-") + ".npy")] + (["--minihbt-src", src] if src else [])
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        print(out.stderr[-3000:], file=sys.stderr)
+        sys.exit(f"encode.py: the {key} run failed (its error is above)")
+    return json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
 
 
 def report(args, res, rates, flop, tmp, cores):
@@ -155,6 +170,10 @@ def report(args, res, rates, flop, tmp, cores):
         share = f", {rate / ref:.1%} of the matmul rate" if ref else ""
         print(f"{name} {n / res[key]:8.1f} texts/s  ({res[key]:.2f} s; {rate / 1e9:.1f} GFLOP/s{share})")
     print(f"ratio minihbt / sentence-transformers: {res['st'] / res['minihbt']:.2f}x")
+    for key in (k for k in res if k.startswith("baseline ")):
+        same = np.array_equal(a, np.load(os.path.join(tmp, key.replace(" ", "-") + ".npy")))
+        print(f"minihbt at {key[9:]:<12} {n / res[key]:8.1f} texts/s  ({res[key]:.2f} s); this checkout / it: "
+              f"{res[key] / res['minihbt']:.2f}x; embeddings {'bit for bit the same' if same else 'DIFFER'}")
     print(f"agreement: min cosine {float((a * b).sum(1).min()):.6f}, max abs diff {float(np.abs(a - b).max()):.2e}")
 
 

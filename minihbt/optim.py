@@ -11,7 +11,9 @@ not a sensible prior.
 
 Schedule: linear warm-up from 0 to lr over `warmup` steps, then linear decay to 0 at
 `total` steps (transformers' get_linear_schedule_with_warmup; the first step has lr 0).
-Clipping: the global L2 norm over all gradients, scaled by max_norm / (norm + 1e-6) when
+Vocabulary-sized tables (at least TABLE_ROWS rows) take a row-wise path with the same bits:
+weight decay on every row, the rest of the update only on rows that have had a gradient (see
+AdamW._table_step). Clipping: the global L2 norm over all gradients, scaled by max_norm / (norm + 1e-6) when
 above max_norm (torch.nn.utils.clip_grad_norm_).
 """
 import math
@@ -20,6 +22,8 @@ import numpy as np
 
 from . import kernels
 from .backend import Backend, to_numpy
+
+TABLE_ROWS = 10_000         # tensors with at least this many rows (vocabulary tables) get AdamW's row-wise path
 
 
 def no_decay(name):
@@ -115,6 +119,7 @@ class AdamW:
         self.t = 0
         self.m = {k: xp.zeros_like(p) for k, p in params.items()}
         self.v = {k: xp.zeros_like(p) for k, p in params.items()}
+        self.live = {}          # table name -> bool [rows]: rows whose m or v may be nonzero (see _table_step)
 
     def step(self, params, grads, lr=None):
         """One in-place update of the tensors this optimiser was built over (names as in
@@ -138,8 +143,33 @@ class AdamW:
                 continue
             if not p.flags.c_contiguous:
                 raise ValueError(f"parameter {name} is not C-contiguous: AdamW updates it in place through a flat view")
+            if not be.is_cuda and p.ndim == 2 and p.shape[0] >= TABLE_ROWS and self.eps > 0:
+                self._table_step(name, p, g, m, v, consts)
+                continue
             pf, gf, mf, vf = p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1)
             be.map_chunks(lambda s, e: _adamw_update(pf[s:e], gf[s:e], mf[s:e], vf[s:e], *consts), p.size)
+
+    def _table_step(self, name, p, g, m, v, consts):
+        """AdamW on a large table (a vocabulary's embeddings), most of whose rows no batch has used yet.
+        A row whose m, v and gradient are all 0 gets exactly p * (1 - lr wd) from the full update
+        (m and v stay 0, and the step is 0 / eps = 0 for eps > 0), so such rows get only that multiplication;
+        the others ("live": some gradient so far) are gathered and get the rest of the update. The
+        same bits as the full update, reading the table's m and v only where they can be nonzero."""
+        be = self.backend
+        live = self.live.get(name)
+        if live is None:                                            # first step, or after load_state_dict
+            live = self.live[name] = _nonzero_rows(be, m) | _nonzero_rows(be, v)
+        live |= _nonzero_rows(be, g)
+        pf = p.reshape(-1)
+        be.map_chunks(lambda s, e: _scale(pf[s:e], consts[0]), p.size)
+        rows = np.flatnonzero(live)
+
+        def piece(s, e):
+            r = rows[s:e]
+            pr, mr, vr = p[r], m[r], v[r]
+            _adam_update(pr, g[r], mr, vr, *consts[1:])
+            p[r], m[r], v[r] = pr, mr, vr
+        be.map_rows(piece, len(rows), p.shape[1])
 
     def state_dict(self):
         return {"t": self.t, "lr": self.lr, "betas": list(self.betas), "eps": self.eps,
@@ -148,14 +178,31 @@ class AdamW:
 
     def load_state_dict(self, state):
         self.t = int(state["t"])
+        self.live = {}
         for k in self.m:
             self.m[k][...] = self.backend.asarray(state["m"][k])
             self.v[k][...] = self.backend.asarray(state["v"][k])
 
 
-def _adamw_update(p, g, m, v, decay, one_minus_b1, b2, one_minus_b2, inv_bc2_sqrt, eps, step_size):
+def _nonzero_rows(be, a):
+    """bool [rows]: which rows of a 2-D array hold a nonzero (-0.0 counts as 0), across the thread pool."""
+    out = np.empty(a.shape[0], dtype=bool)
+    be.map_rows(lambda s, e: np.any(a[s:e], axis=1, out=out[s:e]), a.shape[0], a.shape[1])
+    return out
+
+
+def _scale(x, c):
+    x *= c
+
+
+def _adamw_update(p, g, m, v, decay, *rest):
     """In-place AdamW on one (chunk of a) tensor; see the module docstring."""
     p *= decay
+    _adam_update(p, g, m, v, *rest)
+
+
+def _adam_update(p, g, m, v, one_minus_b1, b2, one_minus_b2, inv_bc2_sqrt, eps, step_size):
+    """AdamW after its weight decay: the moments and the step, in place."""
     tmp = g - m
     tmp *= one_minus_b1
     m += tmp                                     # m = m + (1 - b1)(g - m)
