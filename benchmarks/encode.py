@@ -110,6 +110,10 @@ def main():
                          (not os.path.isdir(args.data), "--data: not a directory")):
         if bad:
             fail(message)
+    for rev in (r for r in (args.baseline or "").split(",") if r and not args.child):
+        if subprocess.run(["git", "-C", os.path.dirname(HERE), "rev-parse", "--verify", "--quiet", rev + "^{commit}"],
+                          capture_output=True).returncode != 0:
+            fail(f"--baseline {rev}: not a commit of this checkout (give REV[,REV...], e.g. a commit hash)")
     if args.child:  # one measurement in a fresh process, thread count fixed by the parent's env
         import numpy as np
         if args.minihbt_src:                                # a --baseline revision's minihbt instead of this one
