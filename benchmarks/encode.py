@@ -150,12 +150,17 @@ def run_child(args, model, key, which, src, tmp, env):
     """Seconds for one side, timed in its own process (its embeddings saved as <key>.npy in tmp)."""
     cmd = [sys.executable, __file__, "--child", which, "--model", model, "--data", args.data, "--texts", str(args.texts),
            "--batch-size", str(args.batch_size), "--threads", str(args.threads),
-           "--out", os.path.join(tmp, key.replace(" ", "-") + ".npy")] + (["--minihbt-src", src] if src else [])
+           "--out", os.path.join(tmp, _file_name(key))] + (["--minihbt-src", src] if src else [])
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         print(out.stderr[-3000:], file=sys.stderr)
         sys.exit(f"encode.py: the {key} run failed (its error is above)")
     return json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
+
+
+def _file_name(key):
+    """The embeddings file of a side: its key with anything but letters, digits, '.', '_' as '-'."""
+    return "".join(c if c.isalnum() or c in "._" else "-" for c in key) + ".npy"
 
 
 def report(args, res, rates, flop, tmp, cores):
@@ -175,7 +180,7 @@ def report(args, res, rates, flop, tmp, cores):
         print(f"{name} {n / res[key]:8.1f} texts/s  ({res[key]:.2f} s; {rate / 1e9:.1f} GFLOP/s{share})")
     print(f"ratio minihbt / sentence-transformers: {res['st'] / res['minihbt']:.2f}x")
     for key in (k for k in res if k.startswith("baseline ")):
-        same = np.array_equal(a, np.load(os.path.join(tmp, key.replace(" ", "-") + ".npy")))
+        same = np.array_equal(a, np.load(os.path.join(tmp, _file_name(key))))
         print(f"minihbt at {key[9:]:<12} {n / res[key]:8.1f} texts/s  ({res[key]:.2f} s); this checkout / it: "
               f"{res[key] / res['minihbt']:.2f}x; embeddings {'bit for bit the same' if same else 'DIFFER'}")
     print(f"agreement: min cosine {float((a * b).sum(1).min()):.6f}, max abs diff {float(np.abs(a - b).max()):.2e}")

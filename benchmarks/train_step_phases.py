@@ -30,8 +30,13 @@ def main():
     ap.add_argument("--case", choices=["xquad", "mlqa-hybrid"], default="xquad", help="the batch (default xquad)")
     ap.add_argument("--steps", type=int, default=6, help="steps to run (default 6)")
     args = ap.parse_args()
-    if args.steps < 1 or not os.path.isdir(args.model):
-        sys.exit("train_step_phases.py: --steps takes an integer >= 1 and --model a model directory")
+    data = os.path.join(SHARED, "data", "xquad-r" if args.case == "xquad" else "mlqa-r")
+    for bad, message in ((args.steps < 1, "--steps takes an integer >= 1"),
+                         (not os.path.isdir(args.model), f"--model {args.model}: not a directory"),
+                         (not os.path.isdir(data), f"the {args.case} case needs {data} (../shared beside the checkout)")):
+        if bad:
+            print(f"train_step_phases.py: {message}", file=sys.stderr)
+            sys.exit(2)
     import minihbt
     from minihbt import model as model_module, step as step_module
     from minihbt.optim import AdamW, clip_grad_norm

@@ -9,6 +9,7 @@ work (the length groups of a batch) run side by side on that pool, each on one t
 BLAS on one thread (`be.map_ordered`): their results are those of a one-thread run, the same
 bits whatever the number of threads.
 """
+import collections
 import contextlib
 import math
 import os
@@ -127,15 +128,16 @@ class Backend:
         """then(fn(item)) for each item, in order; `then` runs in the calling thread.
 
         With several items on a multi-threaded CPU, fn runs on the thread pool, the items side
-        by side, each on one thread (its element-wise passes serial), started in `order` (a
-        permutation of the items' indices; default: as they come), e.g. the longest first so
-        that no thread idles at the end while another finishes a long one; a result that
-        finishes before those of earlier items waits for `then`, which takes them in item order
-        as soon as each is there. Otherwise (one item, one thread, or CuPy) the items run one after
-        another in the calling thread, in item order. Either way BLAS is held to one thread on
-        the CPU, so every result, and whatever `then` accumulates, is bit for bit what a
-        one-thread run computes, for any number of threads (a single item's products then use
-        one core: the price of that guarantee)."""
+        by side, each on one thread (its element-wise passes serial). By default they start in
+        item order and at most `threads` results wait for `then`, which bounds the memory in
+        flight; with `order` (a permutation of the items' indices, e.g. the costliest first, so
+        that no thread idles at the end while another finishes a long one) all start at once in
+        that order, and a result that finishes before an earlier item's waits for `then` (for
+        results that are kept anyway, like a forward pass's caches). Otherwise (one item, one
+        thread, or CuPy) the items run one after another in the calling thread, in item order.
+        Either way BLAS is held to one thread on the CPU, so every result, and whatever `then`
+        accumulates, is bit for bit what a one-thread run computes, for any number of threads (a
+        single item's products then use one core: the price of that guarantee)."""
         items = list(items)
         with self.blas_serial():
             if not self.parallel(len(items)):
@@ -143,11 +145,16 @@ class Backend:
                     then(fn(it))
                 return
             pool, run, pending = self._executor(), self._one_thread(fn), {}
+            ahead = collections.deque(range(len(items)) if order is None else order)
+            window = self.threads + 1 if order is None else len(items)
             try:
-                for k in (range(len(items)) if order is None else order):
-                    pending[k] = pool.submit(run, items[k])
                 for k in range(len(items)):
-                    then(pending.pop(k).result())
+                    while ahead and len(pending) < window:
+                        j = ahead.popleft()
+                        pending[j] = pool.submit(run, items[j])
+                    result = pending[k].result()
+                    del pending[k]                  # done: an interrupt while waiting leaves it to the wait below
+                    then(result)
             finally:                        # an error or Ctrl-C: no piece left running once BLAS is restored
                 for f in pending.values():
                     f.cancel()

@@ -143,7 +143,7 @@ class AdamW:
                 continue
             if not p.flags.c_contiguous:
                 raise ValueError(f"parameter {name} is not C-contiguous: AdamW updates it in place through a flat view")
-            if not be.is_cuda and p.ndim == 2 and p.shape[0] >= TABLE_ROWS and self.eps > 0:
+            if not be.is_cuda and p.ndim == 2 and p.shape[0] >= TABLE_ROWS and consts[5] > 0:   # eps in p's dtype
                 self._table_step(name, p, g, m, v, consts)
                 continue
             pf, gf, mf, vf = p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1)

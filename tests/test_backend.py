@@ -106,3 +106,47 @@ def test_map_ordered_starts_items_in_the_order_given_and_hands_them_over_in_item
     one.map_ordered(lambda i: (i, threading.current_thread().name), range(4), one_seen.append, order=[3, 2, 1, 0])
     assert [i for i, _ in one_seen] == [0, 1, 2, 3]
     assert {name for _, name in one_seen} == {threading.current_thread().name}
+
+
+def test_map_ordered_in_item_order_keeps_at_most_threads_results_waiting():
+    """Without `order`, a slow first item holds back the start of the others: no more than
+    threads + 1 items are started before `then` has the first result (bounded memory)."""
+    import time
+    be = Backend("cpu", threads=2)
+    started, at_first_then = [], []
+
+    def work(i):
+        started.append(i)
+        time.sleep(0.2 if i == 0 else 0.001)
+        return i
+
+    def then(i):
+        if i == 0:
+            at_first_then.append(len(started))
+    be.map_ordered(work, range(12), then)
+    assert sorted(started) == list(range(12)) and at_first_then[0] <= 3
+
+
+def test_an_interrupt_while_waiting_leaves_no_piece_running_or_to_start():
+    """Ctrl-C while map_ordered waits for an item that `order` starts last: when the interrupt
+    reaches the caller every piece that started has finished, and none starts afterwards."""
+    import os
+    import signal
+    import time
+    be = Backend("cpu", threads=2)
+    events = []
+
+    def work(i):
+        events.append(("start", i))
+        time.sleep(0.3)
+        events.append(("end", i))
+        return i
+    timer = threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        be.map_ordered(work, range(4), lambda r: None, order=[3, 2, 1, 0])
+    at_return = list(events)
+    time.sleep(0.8)
+    started = {i for e, i in at_return if e == "start"}
+    assert started and started == {i for e, i in at_return if e == "end"}
+    assert events == at_return                                          # nothing started or ran on after

@@ -270,24 +270,31 @@ def test_inference_gelu_in_place_has_the_bits_of_the_kept_one(rng, dtype, thread
 @pytest.mark.parametrize("threads", [1, 2])
 def test_adamw_on_a_large_table_has_the_bits_of_the_full_update(rng, threads):
     """A vocabulary-sized table takes AdamW's row-wise path (weight decay on every row, the rest of
-    the update only on rows with a gradient so far); its parameters and moments equal, bit for
-    bit, those of the full element-wise update of the same numbers as one flat tensor, across
-    steps with new rows, gradients of -0.0, and a reload of the optimizer's state."""
+    the update only on rows with a gradient so far, in several pieces); its parameters and moments
+    equal, bit for bit, those of the full element-wise update of the same numbers as one flat
+    tensor, across steps with new rows, gradients of -0.0, and loading another optimizer's state
+    (whose live rows the table optimizer has not seen)."""
     from minihbt.optim import TABLE_ROWS, AdamW
     b = Backend("cpu", "float32", threads=threads)
-    V, H = TABLE_ROWS + 3, 8
+    V, H = TABLE_ROWS + 3, 64
     p0 = rng.standard_normal((V, H)).astype(np.float32)
-    table, flat = {"t": p0.copy()}, {"t": p0.reshape(-1).copy()}
-    opt_t, opt_f = (AdamW(x, lr=0.01, weight_decay=0.1, backend=b) for x in (table, flat))
-    for step in range(5):
+    table, flat, other = {"t": p0.copy()}, {"t": p0.reshape(-1).copy()}, {"t": p0.copy()}
+    opt_t, opt_f, opt_o = (AdamW(x, lr=0.01, weight_decay=0.1, backend=b) for x in (table, flat, other))
+
+    def grad():
         g = np.zeros((V, H), np.float32)
-        rows = rng.choice(V, 40, replace=False)
-        g[rows] = rng.standard_normal((40, H))
+        rows = rng.choice(V, 1500, replace=False)
+        g[rows] = rng.standard_normal((1500, H))
         g[rows[:3]] = -0.0
-        if step == 3:                                              # resume: live rows found again from m and v
-            state = opt_t.state_dict()
-            opt_t = AdamW(table, lr=0.01, weight_decay=0.1, backend=b)
+        return g
+    for step in range(5):
+        if step == 3:                                  # both take the state of an optimizer with other rows
+            opt_o.step(other, {"t": grad()})
+            state = opt_o.state_dict()
             opt_t.load_state_dict(state)
+            opt_f.load_state_dict({**state, "m": {"t": state["m"]["t"].reshape(-1)},
+                                   "v": {"t": state["v"]["t"].reshape(-1)}})
+        g = grad()
         opt_t.step(table, {"t": g})
         opt_f.step(flat, {"t": g.reshape(-1)})
     assert "t" in opt_t.live and 0 < opt_t.live["t"].sum() < V           # the row-wise path ran
