@@ -132,8 +132,8 @@ class Backend:
         item order and at most `threads` results wait for `then`, which bounds the memory in
         flight; with `order` (a permutation of the items' indices, e.g. the costliest first, so
         that no thread idles at the end while another finishes a long one) all start at once in
-        that order, and a result that finishes before an earlier item's waits for `then` (the
-        caller weighs that memory, see model.backward_groups). Otherwise (one item, one
+        that order, and a result that finishes before an earlier item's waits for `then` (for
+        results that are kept anyway, like a forward pass's caches). Otherwise (one item, one
         thread, or CuPy) the items run one after another in the calling thread, in item order.
         Either way BLAS is held to one thread on the CPU, so every result, and whatever `then`
         accumulates, is bit for bit what a one-thread run computes, for any number of threads (a

@@ -215,7 +215,7 @@ def embed_sides(model, sides, keep=False, max_tokens=None, max_texts=None, progr
         hidden = model.forward(input_ids, mask, token_types, caches=layer_caches, streams=streams)    # [g, T, H]
         pooled, pool_cache = encoder.pool_forward(be, model.params, model.pooling, hidden, be.asarray(mask))
         e, norm_cache = layers.l2_normalize_forward(be, pooled)                                     # [g, H]
-        cache = (rows, layer_caches, pool_cache, norm_cache, mask.size) if keep else None
+        cache = (rows, layer_caches, pool_cache, norm_cache) if keep else None
         return rows, e, cache, int(mask.sum())
 
     def store(result):
@@ -240,17 +240,15 @@ def _costliest_first(padded_tokens):
 
 
 def backward_groups(model, caches, d_emb, grads):
-    """Each group's backward from its own cache (side by side on the CPU's threads, the costliest
-    started first; `caches` is emptied); their gradients are added into `grads` newest group
-    first, as a one-thread loop would add them. The newest groups are the small ones and finish
-    late, so the other groups' gradients wait for them in memory; each finished group has freed
-    its activations, which at the default GROUP_TOKENS are larger than its gradients (with many
-    small groups the peak grows)."""
+    """Each group's backward from its own cache (side by side on the CPU's threads, newest group
+    first; `caches` is emptied); their gradients are added into `grads` in that order, as a
+    one-thread loop would add them. (Started costliest first, the small newest groups would
+    finish last and every other group's gradients would wait in memory for them.)"""
     be = model.backend
     side_by_side = be.parallel(len(caches))
 
     def group_backward(cache):
-        rows, layer_caches, pool_cache, norm_cache, _ = cache
+        rows, layer_caches, pool_cache, norm_cache = cache
         # side by side: this group's own gradients, and its embedding-table scatters deferred;
         # one after another: straight into `grads` (the same sums in the same order)
         own, tables = ({}, []) if side_by_side else (grads, None)
@@ -266,8 +264,7 @@ def backward_groups(model, caches, d_emb, grads):
             encoder.accumulate(grads, name, g)
         for name, table_ids, d_rows in tables:
             encoder.scatter_rows(be, grads, name, model.params[name].shape, table_ids, d_rows)
-    newest_first = caches[::-1]
-    be.map_ordered(group_backward, newest_first, add, order=_costliest_first([c[4] for c in newest_first]))
+    be.map_ordered(group_backward, caches[::-1], add)
     caches.clear()
 
 
