@@ -139,6 +139,8 @@ class Backend:
         accumulates, is bit for bit what a one-thread run computes, for any number of threads (a
         single item's products then use one core: the price of that guarantee)."""
         items = list(items)
+        if order is not None and sorted(order) != list(range(len(items))):
+            raise ValueError(f"order must be a permutation of range({len(items)}), got {order!r}")
         with self.blas_serial():
             if not self.parallel(len(items)):
                 for it in items:

@@ -106,6 +106,8 @@ def test_map_ordered_starts_items_in_the_order_given_and_hands_them_over_in_item
     one.map_ordered(lambda i: (i, threading.current_thread().name), range(4), one_seen.append, order=[3, 2, 1, 0])
     assert [i for i, _ in one_seen] == [0, 1, 2, 3]
     assert {name for _, name in one_seen} == {threading.current_thread().name}
+    with pytest.raises(ValueError, match="permutation"):
+        be.map_ordered(work, range(3), seen.append, order=[0, 0, 1])
 
 
 def test_map_ordered_in_item_order_keeps_at_most_threads_results_waiting():
