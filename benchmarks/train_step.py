@@ -48,7 +48,8 @@ Both sides: mean pooling, InfoNCE over in-batch candidates at temperature 0.05, 
 (--no-dropout: off on both, so that their losses agree and show that they compute the same step),
 gradient clipping at 1.0, AdamW over all parameters that get a gradient (the unused pooler
 excluded on both); see train_step_sides.py. After one warm-up step the mean of --steps steps
-is reported. Needs torch + transformers for the peer (and CuPy for minihbt on cuda).
+is reported (--warmup-child: an untimed child runs one step of the first side before any side
+is timed). Needs torch + transformers for the peer (and CuPy for minihbt on cuda).
 """
 import argparse
 import contextlib
@@ -111,6 +112,8 @@ def parse_args(argv):
     a("--group-tokens", type=int, help="minihbt: padded tokens per length group (default: the library's; "
                                          "0: each side as one padded batch)")
     a("--no-dropout", action="store_true", help="both sides without dropout: their losses must then agree")
+    a("--warmup-child", action="store_true", help="first run one step of the first side in an untimed child "
+                                                   "(a test of whether the side timed first pays for its place)")
     a("--profile", action="store_true", help="profile one minihbt step of each case instead of the comparison")
     a("--json", help="also write the figures to this JSON file")
     a("--overwrite", action="store_true", help="let --json replace an existing file")
@@ -276,8 +279,13 @@ def compare(args, model_dir, cases, env, setup):
     """Time both sides of every case (and precision), bracketed by the matmul reference; returns the record."""
     reference = args.matmul_size and args.device == "cpu"
     sides_run = SIDES + tuple((key, f"minihbt at {key[len('baseline '):]}") for key in args.baseline_dirs)
-    progress = Progress(len(cases) * len(args.precisions) * len(sides_run) + (2 if reference else 0))
+    warmup = args.warmup_child
+    progress = Progress(len(cases) * len(args.precisions) * len(sides_run) + (2 if reference else 0) + warmup)
     matmul = {}
+    if warmup:
+        progress.phase(f"untimed warm-up child ({sides_run[0][1]}, 1 step)")
+        run_child(sides_run[0][0], cases[0][0], argparse.Namespace(**dict(vars(args), steps=1)), model_dir,
+                  args.precisions[0], env)
     if reference:
         progress.phase(f"matmul reference {args.matmul_size}^3")
         matmul["before"] = matmul_rate.measure_in_child(args.matmul_size, args.matmul_repeats, env)
