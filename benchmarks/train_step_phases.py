@@ -21,6 +21,7 @@ import types
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))           # this checkout's minihbt first
 SHARED = os.path.abspath(os.path.join(HERE, "..", "..", "shared"))
+from train_step import PASSAGE_LEN                  # noqa: E402  (the cases' limits, as train_step.py)
 from train_step_inputs import build_batch           # noqa: E402
 
 
@@ -43,7 +44,7 @@ def main():
 
     inputs = types.SimpleNamespace(data=os.path.join(SHARED, "data", "xquad-r"), mlqa_batch=0, query_len=32,
                                    mlqa_data=os.path.join(SHARED, "data", "mlqa-r"),
-                                   passage_len={"xquad": 64, "mlqa-hybrid": 96})
+                                   passage_len=PASSAGE_LEN)
     batch = build_batch(args.case, 32, inputs)
     model = minihbt.load_model(args.model)
     opt = AdamW({k: model.params[k] for k in model.trainable_names()}, lr=3e-5, weight_decay=0.01,

@@ -198,8 +198,7 @@ def embed_sides(model, sides, keep=False, max_tokens=None, max_texts=None, progr
     for side in sides:
         side_ids, side_types = model.tokenizer.encode(side.texts, max_length=min(side.max_length, model.max_length),
                                                       pairs=side.pairs)
-        groups += [(len(ids) + rows, side.seeds is not None)
-                   for rows in length_groups([len(x) for x in side_ids], max_tokens, max_texts)]
+        groups += [len(ids) + rows for rows in length_groups([len(x) for x in side_ids], max_tokens, max_texts)]
         ids, type_ids = ids + side_ids, type_ids + side_types
         seeds += side.seeds if side.seeds is not None else [None] * len(side_ids)
     lengths = [len(x) for x in ids]
@@ -207,9 +206,9 @@ def embed_sides(model, sides, keep=False, max_tokens=None, max_texts=None, progr
     emb = be.xp.empty((len(ids), model.config.hidden_size), dtype=model.dtype)
     caches = []
 
-    def forward(group):
-        rows, dropout = group
+    def forward(rows):
         input_ids, mask, token_types = model.tokenizer.pad([ids[i] for i in rows], [type_ids[i] for i in rows])
+        dropout = seeds[rows[0]] is not None                       # a group is of one side: all or none
         streams = DropoutStreams([seeds[i] for i in rows], [lengths[i] for i in rows]) if dropout else None
         layer_caches = [] if keep else None
         hidden = model.forward(input_ids, mask, token_types, caches=layer_caches, streams=streams)    # [g, T, H]
@@ -225,7 +224,7 @@ def embed_sides(model, sides, keep=False, max_tokens=None, max_texts=None, progr
             caches.append(cache)
         if bar is not None:
             bar.update(n)
-    be.map_ordered(forward, groups, store, order=_costliest_first([len(rows) * lengths[rows[0]] for rows, _ in groups]))
+    be.map_ordered(forward, groups, store, order=_costliest_first([len(rows) * lengths[rows[0]] for rows in groups]))
     if bar is not None:
         bar.close()
 

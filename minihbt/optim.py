@@ -13,7 +13,8 @@ Schedule: linear warm-up from 0 to lr over `warmup` steps, then linear decay to 
 `total` steps (transformers' get_linear_schedule_with_warmup; the first step has lr 0).
 Vocabulary-sized tables (at least TABLE_ROWS rows) take a row-wise path with the same bits:
 weight decay on every row, the rest of the update only on rows that have had a gradient (see
-AdamW._table_step). Clipping: the global L2 norm over all gradients, scaled by max_norm / (norm + 1e-6) when
+AdamW._table_step).
+Clipping: the global L2 norm over all gradients, scaled by max_norm / (norm + 1e-6) when
 above max_norm (torch.nn.utils.clip_grad_norm_).
 """
 import math
@@ -152,8 +153,8 @@ class AdamW:
     def _table_step(self, name, p, g, m, v, consts):
         """AdamW on a large table (a vocabulary's embeddings), most of whose rows no batch has used yet.
         A row whose m, v and gradient are all 0 gets exactly p * (1 - lr wd) from the full update
-        (m and v stay 0, and the step is 0 / eps = 0 for eps > 0), so such rows get only that multiplication;
-        the others ("live": some gradient so far) are gathered and get the rest of the update. The
+        (m and v stay 0, and the step is 0 / eps = 0 for eps > 0), so such rows get only that
+        multiplication; the others ("live": some gradient so far) are gathered and get the rest of the update. The
         same bits as the full update, reading the table's m and v only where they can be nonzero."""
         be = self.backend
         live = self.live.get(name)

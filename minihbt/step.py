@@ -2,11 +2,12 @@
 
 Plain: both sides (queries; positives then negatives) are embedded in one pass keeping their
 activations (model.embed_sides: the two sides' length groups share the thread pool), the loss
-gives the gradient of every embedding, and every group's backward runs from its cache. GradCache (`chunk_size`): embed the texts `chunk_size` at a time without
-keeping activations, compute the loss and the embedding gradients, then re-run each chunk
-(same dropout masks) and backpropagate its slice: the same gradients, memory bounded by the
-chunk, for one extra forward pass. Either way the texts run in
-length-sorted groups padded only to their own longest text.
+gives the gradient of every embedding, and every group's backward runs from its cache.
+GradCache (`chunk_size`): embed the texts `chunk_size` at a time without keeping activations,
+compute the loss and the embedding gradients, then re-run each chunk (same dropout masks) and
+backpropagate its slice: the same gradients, memory bounded by the chunk, for one extra
+forward pass. Either way the texts run in length-sorted groups padded only to their own
+longest text.
 
 Dropout: text i of role r (0 queries, 1 passages) gets the streams of seed [seed, r, i], so
 its masks do not depend on chunking or grouping (dropout.py).
@@ -68,8 +69,8 @@ def loss_and_grads(model, queries, positives, negatives=None, temperature=0.05, 
 
     grads, tokens = {}, 0
     if chunk_size is None:                                    # both sides' length groups in one pass
-        emb, backward, tokens = embed_sides(model, [Side(texts, max_len, seeds=_seeds(seed, role, 0, len(texts), dropout))
-                                                    for texts, max_len, role in sides], keep=True, max_tokens=group_tokens)
+        both = [Side(texts, max_len, seeds=_seeds(seed, role, 0, len(texts), dropout)) for texts, max_len, role in sides]
+        emb, backward, tokens = embed_sides(model, both, keep=True, max_tokens=group_tokens)
         n_q = len(query_texts)
         with model.backend.blas_serial():                     # the same bits on any number of threads
             loss, d_q, d_c = contrastive_loss(model.backend, emb[:n_q], emb[n_q:], query_texts, cand_texts,
