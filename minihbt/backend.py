@@ -124,31 +124,34 @@ class Backend:
         with self._blas.limit(limits=1):
             yield
 
-    def map_ordered(self, fn, items, then, order=None):
+    def map_ordered(self, fn, items, then, order=None, window=None):
         """then(fn(item)) for each item, in order; `then` runs in the calling thread.
 
         With several items on a multi-threaded CPU, fn runs on the thread pool, the items side
-        by side, each on one thread (its element-wise passes serial). By default they start in
-        item order and at most `threads` results wait for `then`, which bounds the memory in
-        flight; with `order` (a permutation of the items' indices, e.g. the costliest first, so
-        that no thread idles at the end while another finishes a long one) all start at once in
-        that order, and a result that finishes before an earlier item's waits for `then` (for
-        results that are kept anyway, like a forward pass's caches). Otherwise (one item, one
+        by side, each on one thread (its element-wise passes serial). They start in `order` (a
+        permutation of the items' indices, e.g. the costliest first, so that no thread idles at
+        the end while another finishes a long one; default: item order), and at most `window`
+        of them are started and not yet handed to `then`: a result that finishes before an
+        earlier item's waits for it, so the window bounds the memory in flight. The window
+        defaults to threads + 1 in item order and to all the items with an `order` (for results
+        that are kept anyway, like a forward pass's caches); an order that would have to start
+        an item beyond the window before `then` can take it is refused. Otherwise (one item, one
         thread, or CuPy) the items run one after another in the calling thread, in item order.
         Either way BLAS is held to one thread on the CPU, so every result, and whatever `then`
         accumulates, is bit for bit what a one-thread run computes, for any number of threads (a
         single item's products then use one core: the price of that guarantee)."""
         items = list(items)
-        if order is not None and sorted(order) != list(range(len(items))):
-            raise ValueError(f"order must be a permutation of range({len(items)}), got {order!r}")
+        if window is None:
+            window = self.threads + 1 if order is None else max(1, len(items))
+        order = list(range(len(items))) if order is None else list(order)
+        _check_order(order, len(items), window)
         with self.blas_serial():
             if not self.parallel(len(items)):
                 for it in items:
                     then(fn(it))
                 return
             pool, run, pending = self._executor(), self._one_thread(fn), {}
-            ahead = collections.deque(range(len(items)) if order is None else order)
-            window = self.threads + 1 if order is None else len(items)
+            ahead = collections.deque(order)
             try:
                 for k in range(len(items)):
                     while ahead and len(pending) < window:
@@ -219,6 +222,22 @@ class Backend:
         if x.dtype != np.float32:
             return _erf_exact(x)
         return self.elementwise(_erf_f32, x) if threaded else _erf_f32(x)
+
+
+def _check_order(order, n, window):
+    """A ValueError unless `order` is a permutation of range(n) whose every item starts within
+    `window` items started and not yet handed over (map_ordered's loop, run without work)."""
+    if sorted(order) != list(range(n)):
+        raise ValueError(f"order must be a permutation of range({n}), got {order!r}")
+    if not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be an integer >= 1, got {window!r}")
+    ahead, started = collections.deque(order), set()
+    for k in range(n):
+        while ahead and len(started) < window:
+            started.add(ahead.popleft())
+        if k not in started:
+            raise ValueError(f"order {order!r} would start item {k} beyond a window of {window}")
+        started.remove(k)
 
 
 def _tf32_on():

@@ -224,12 +224,13 @@ def embed_sides(model, sides, keep=False, max_tokens=None, max_texts=None, progr
             caches.append(cache)
         if bar is not None:
             bar.update(n)
-    be.map_ordered(forward, groups, store, order=_costliest_first([len(rows) * lengths[rows[0]] for rows in groups]))
+    costs = [len(rows) * lengths[rows[0]] for rows in groups]
+    be.map_ordered(forward, groups, store, order=_costliest_first(costs))
     if bar is not None:
         bar.close()
 
     def backward(d_emb, grads):
-        backward_groups(model, caches, d_emb, grads)
+        backward_groups(model, caches, d_emb, grads, costs)
     return emb, (backward if keep else None), sum(lengths)
 
 
@@ -238,13 +239,25 @@ def _costliest_first(padded_tokens):
     return sorted(range(len(padded_tokens)), key=lambda k: -padded_tokens[k])
 
 
-def backward_groups(model, caches, d_emb, grads):
-    """Each group's backward from its own cache (side by side on the CPU's threads, newest group
-    first; `caches` is emptied); their gradients are added into `grads` in that order, as a
-    one-thread loop would add them. (Started costliest first, the small newest groups would
-    finish last and every other group's gradients would wait in memory for them.)"""
+def _costliest_last_window(costs, window):
+    """Item order, but the last `window` items costliest first (stable): map_ordered's order
+    for items that must be handed over in item order with at most `window` in flight."""
+    tail = max(0, len(costs) - window)
+    return list(range(tail)) + sorted(range(tail, len(costs)), key=lambda k: -costs[k])
+
+
+def backward_groups(model, caches, d_emb, grads, costs=None):
+    """Each group's backward from its own cache (side by side on the CPU's threads; `caches` is
+    emptied); their gradients are added into `grads` newest group first, as a one-thread loop
+    would add them. The groups start in that order too, at most threads + 1 of them ahead of
+    the sums, except that the last threads + 1 start costliest first (`costs`, one per cache:
+    its padded tokens), so that the step does not end on one thread finishing a large group.
+    (Started costliest first throughout, the small newest groups would finish last and every
+    other group's gradients would wait in memory for them.)"""
     be = model.backend
     side_by_side = be.parallel(len(caches))
+    window = be.threads + 1
+    order = _costliest_last_window(list(costs or [0] * len(caches))[::-1], window)
 
     def group_backward(cache):
         rows, layer_caches, pool_cache, norm_cache = cache
@@ -263,7 +276,7 @@ def backward_groups(model, caches, d_emb, grads):
             encoder.accumulate(grads, name, g)
         for name, table_ids, d_rows in tables:
             encoder.scatter_rows(be, grads, name, model.params[name].shape, table_ids, d_rows)
-    be.map_ordered(group_backward, caches[::-1], add)
+    be.map_ordered(group_backward, caches[::-1], add, order=order, window=window)
     caches.clear()
 
 

@@ -129,6 +129,52 @@ def test_map_ordered_in_item_order_keeps_at_most_threads_results_waiting():
     assert sorted(started) == list(range(12)) and at_first_then[0] <= 3
 
 
+def test_map_ordered_with_a_window_starts_in_order_and_keeps_at_most_window_in_flight():
+    """An order and a window together: items start in that order, never more than `window`
+    started and not yet handed to `then`; an order that cannot keep to its window is refused
+    before anything runs, and so is a window that is not a positive integer."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+    from minihbt.model import _costliest_last_window
+    submitted, in_flight, most = [], set(), []
+    lock = threading.Lock()
+
+    class RecordingPool(ThreadPoolExecutor):
+        def submit(self, fn, item):
+            with lock:
+                submitted.append(item)
+                in_flight.add(item)
+                most.append(len(in_flight))
+            return super().submit(fn, item)
+    be = Backend("cpu", threads=2)
+    be._pool, be._pool_size = RecordingPool(max_workers=2), 2
+    seen = []
+
+    def then(i):
+        with lock:
+            in_flight.discard(i)
+        seen.append(i)
+    costs = [1, 5, 5, 5, 5, 5, 1, 5]                   # the XQuAD step's backward: a small group third from last
+    order = _costliest_last_window(costs, 3)
+    assert order == [0, 1, 2, 3, 4, 5, 7, 6]
+    be.map_ordered(lambda i: time.sleep(0.001 * costs[i]) or i, range(8), then, order=order, window=3)
+    assert submitted == order and seen == list(range(8)) and max(most) <= 3
+    assert _costliest_last_window([3, 1, 2], 5) == [0, 2, 1]          # fewer items than the window: all sorted
+    assert _costliest_last_window([2, 2, 2, 2], 2) == [0, 1, 2, 3]    # ties keep item order
+    ran = []
+    with pytest.raises(ValueError, match="beyond a window of 3"):
+        be.map_ordered(ran.append, range(5), then, order=[0, 4, 3, 2, 1], window=3)
+    for bad in (0, 1.5, "3"):
+        with pytest.raises(ValueError, match="window must be an integer >= 1"):
+            be.map_ordered(ran.append, range(3), then, order=[0, 1, 2], window=bad)
+    assert ran == []
+    for threads in (1, 2):                           # any window that fits runs every item, results in item order
+        got = []
+        Backend("cpu", threads=threads).map_ordered(lambda i: i * i, range(6), got.append, order=[1, 0, 3, 2, 5, 4],
+                                                    window=2)
+        assert got == [i * i for i in range(6)]
+
+
 def test_an_interrupt_while_waiting_leaves_no_piece_running_or_to_start():
     """Ctrl-C while map_ordered waits for an item that `order` starts last: when the interrupt
     reaches the caller every piece that started has finished, and none starts afterwards."""
