@@ -290,9 +290,10 @@ def train_step(model, optimizer, s, batch, step):
         chunk_size=s.grad_cache_chunk or None, return_numpy=False, stats=stats)
     if not math.isfinite(loss):
         return {"step": step + 1, "loss": loss}
-    norm = clip_grad_norm(grads, s.max_grad_norm, model.backend) if s.max_grad_norm else float("nan")
+    rows = stats["table_rows"]                        # the word table's gradient is 0 elsewhere: read only these
+    norm = clip_grad_norm(grads, s.max_grad_norm, model.backend, rows=rows) if s.max_grad_norm else float("nan")
     lr = scheduled_lr(step, s.lr, s.warmup, s.schedule, s.decay_steps or s.steps)
-    optimizer.step(model.params, grads, lr=lr)
+    optimizer.step(model.params, grads, lr=lr, rows=rows)
     seconds = time.perf_counter() - t0
     return {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": norm, "kind": batch.kind, "lang": batch.lang,
             "source": batch.source, "tokens": stats["tokens"], "seconds": round(seconds, 4)}

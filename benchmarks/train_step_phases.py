@@ -61,21 +61,23 @@ def main():
         emb, backward, n = embed_sides(*a, **k)
         mark("forward")
 
-        def timed_backward(d_emb, grads):
+        def timed_backward(d_emb, grads, rows=None):
             mark("loss")
-            backward(d_emb, grads)
+            backward(d_emb, grads, rows)
             mark("backward")
         return emb, timed_backward, n
     step_module.embed_sides = timed_embed_sides
     print(f"case {args.case}, {model.backend.threads} threads; per phase: wall seconds, cores busy")
     for i in range(args.steps):
         marks.clear()
+        stats = {}
         _, grads = minihbt.loss_and_grads(model, batch["queries"], batch["positives"], batch["negatives"],
                                           temperature=0.05, dropout=True, seed=i, max_query_length=32,
-                                          max_passage_length=batch["max_passage_length"], return_numpy=False)
-        clip_grad_norm(grads, 1.0, model.backend)
+                                          max_passage_length=batch["max_passage_length"], return_numpy=False,
+                                          stats=stats)
+        clip_grad_norm(grads, 1.0, model.backend, rows=stats["table_rows"])
         mark("clip")
-        opt.step(model.params, grads)
+        opt.step(model.params, grads, rows=stats["table_rows"])
         mark("adamw")
         total = marks[-1][1] - marks[0][1]
         parts = [f"{name} {t1 - t0:.2f} s x{(c1 - c0) / max(t1 - t0, 1e-9):.2f}"

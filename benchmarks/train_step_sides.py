@@ -30,7 +30,7 @@ def run_minihbt(model_dir, batch, args):
     if hasattr(minihbt, "Backend"):
         model = minihbt.load_model(model_dir, device=args.device, tf32=args.precision == "tf32")
         opt = AdamW(trainable(model), lr=3e-5, weight_decay=0.01, backend=model.backend)
-        clip = lambda grads: clip_grad_norm(grads, 1.0)
+        clip = lambda grads, **rows: clip_grad_norm(grads, 1.0, **rows)
     else:                          # a --baseline revision from before the Backend (xp passed instead)
         from minihbt.backend import set_tf32
         model = minihbt.load_model(model_dir, device=args.device)
@@ -47,8 +47,9 @@ def run_minihbt(model_dir, batch, args):
             model, batch["queries"], batch["positives"], batch["negatives"], temperature=0.05,
             dropout=not args.no_dropout, seed=next(seeds), max_query_length=batch["max_query_length"],
             max_passage_length=batch["max_passage_length"], return_numpy=False, stats=stats, **group)
-        clip(grads)
-        opt.step(model.params, grads)
+        rows = stats.get("table_rows")                # None at revisions from before it
+        clip(grads) if rows is None else clip(grads, rows=rows)
+        opt.step(model.params, grads) if rows is None else opt.step(model.params, grads, rows=rows)
         if xp is not np:
             xp.cuda.runtime.deviceSynchronize()
         return float(loss), stats.get("tokens")

@@ -12,6 +12,7 @@ bits whatever the number of threads.
 import collections
 import contextlib
 import math
+import mmap
 import os
 import threading
 from concurrent import futures
@@ -238,6 +239,25 @@ def _check_order(order, n, window):
         if k not in started:
             raise ValueError(f"order {order!r} would start item {k} beyond a window of {window}")
         started.remove(k)
+
+
+TABLE_ROWS = 10_000         # a 2-D tensor of at least this many rows is a vocabulary table (sparse gradients)
+
+
+def lazy_zeros(shape, dtype):
+    """np.zeros(shape, dtype) in an anonymous private mapping of ordinary 4 KiB pages, which
+    cost nothing until written: for a vocabulary table's gradient, of which a batch writes a
+    few thousand rows. (NumPy asks the kernel for transparent huge pages on large arrays: every
+    2 MiB page a row lands in is then zeroed whole, after the kernel may have compacted memory to
+    find it.) np.zeros where mmap has no such mapping (Windows)."""
+    dtype = np.dtype(dtype)
+    size = math.prod(shape) * dtype.itemsize
+    if not size or not hasattr(mmap, "MAP_PRIVATE"):
+        return np.zeros(shape, dtype)
+    pages = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        pages.madvise(mmap.MADV_NOHUGEPAGE)            # where huge pages are the default for every mapping
+    return np.frombuffer(pages, dtype=dtype).reshape(shape)
 
 
 def _tf32_on():

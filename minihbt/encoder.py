@@ -40,6 +40,9 @@ class EmbeddingsCache(NamedTuple):
     dropout: object
 
 
+WORD_TABLE = "embeddings.word_embeddings.weight"      # the vocabulary table: its gradient is 0 but on the batch's ids
+
+
 def accumulate(grads, name, g):
     """grads[name] += g, creating the entry on first use."""
     if name in grads:
@@ -50,7 +53,7 @@ def accumulate(grads, name, g):
 
 def embeddings_forward(be, params, config, input_ids, position_ids, token_type_ids, p_drop, streams):
     """Token, position and type embeddings summed, LayerNorm, dropout -> [B, T, H]."""
-    h, _ = layers.embedding_forward(be, params["embeddings.word_embeddings.weight"], input_ids)    # [B, T, H]
+    h, _ = layers.embedding_forward(be, params[WORD_TABLE], input_ids)                          # [B, T, H]
     h += params["embeddings.position_embeddings.weight"][position_ids]
     h += params["embeddings.token_type_embeddings.weight"][token_type_ids]
     h, ln = layers.layernorm_forward(be, h, params["embeddings.LayerNorm.weight"], params["embeddings.LayerNorm.bias"],

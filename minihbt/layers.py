@@ -10,6 +10,7 @@ Shapes: B batch, T tokens, H hidden, F FFN width, N heads, D = H / N.
 import math
 
 from . import kernels
+from .backend import TABLE_ROWS, lazy_zeros
 
 INV_SQRT2 = 1.0 / math.sqrt(2.0)
 INV_SQRT2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -25,7 +26,9 @@ def embedding_backward(be, d_out, cache, d_table=None):
     ids[b, t] == v: a scatter-add into the rows that were used (the rest stay 0).
     Pass `d_table` to add into an existing gradient instead of allocating [V, H] zeros."""
     ids, shape = cache
-    if d_table is None:
+    if d_table is None and not be.is_cuda and shape[0] >= TABLE_ROWS:
+        d_table = lazy_zeros(shape, d_out.dtype)                          # [V, H]: memory only where written
+    elif d_table is None:
         d_table = be.xp.zeros(shape, dtype=d_out.dtype)                    # [V, H]
     be.xp.add.at(d_table, ids.reshape(-1), d_out.reshape(-1, shape[1]))
     return d_table

@@ -229,8 +229,14 @@ def embed_sides(model, sides, keep=False, max_tokens=None, max_texts=None, progr
     if bar is not None:
         bar.close()
 
-    def backward(d_emb, grads):
+    def backward(d_emb, grads, rows=None):
+        """Add every parameter's gradient into `grads`; with a dict `rows`, also add to
+        rows[WORD_TABLE] the rows of the word table that these texts can have made nonzero
+        (their token ids and the padding id): the rest of that gradient is exactly 0."""
         backward_groups(model, caches, d_emb, grads, costs)
+        if rows is not None:
+            used = np.concatenate([np.asarray(x, dtype=np.int64) for x in ids] + [[model.tokenizer.pad_token_id]])
+            rows[encoder.WORD_TABLE] = np.union1d(rows.get(encoder.WORD_TABLE, np.empty(0, np.int64)), used)
     return emb, (backward if keep else None), sum(lengths)
 
 

@@ -22,9 +22,8 @@ import math
 import numpy as np
 
 from . import kernels
-from .backend import Backend, to_numpy
+from .backend import TABLE_ROWS, Backend, to_numpy
 
-TABLE_ROWS = 10_000         # tensors with at least this many rows (vocabulary tables) get AdamW's row-wise path
 
 
 def no_decay(name):
@@ -53,7 +52,7 @@ def scheduled_lr(step, lr, warmup=0, schedule="constant", total=None):
     return lr * min(1.0, step / warmup) if warmup else lr
 
 
-def clip_grad_norm(grads, max_norm, backend=None):
+def clip_grad_norm(grads, max_norm, backend=None, rows=None):
     """Scale all gradients in place so that their global L2 norm is at most max_norm.
     Returns the norm before clipping (a float).
 
@@ -62,20 +61,27 @@ def clip_grad_norm(grads, max_norm, backend=None):
     that adding them costs no transfer. Not a BLAS dot: NumPy's pairwise sum gives the same bits
     on any number of BLAS threads. With a CPU `backend`, the chunks (of the sum and of the
     scaling) run across its thread pool, and their sums are added in one fixed order (per
-    tensor, then over tensors): the same bits on any number of threads."""
-    parts = [(g, s) for g in grads.values() for s in range(0, g.size, SUM_CHUNK)]
+    tensor, then over tensors): the same bits on any number of threads.
+
+    rows: {name: row indices} for 2-D NumPy gradients that are exactly 0 outside those rows (a
+    vocabulary table's: loss_and_grads' stats["table_rows"]). Those are read and scaled only on
+    these rows, with the same result bit for bit (see _table_chunk_sums); ignored on CuPy."""
+    tables = _row_tables(grads, rows, backend)
+    dense = [(name, g) for name, g in grads.items() if name not in tables]
+    parts = [(g, s) for _, g in dense for s in range(0, g.size, SUM_CHUNK)]
     sums = [None] * len(parts)
 
     def chunk_sum(i):
         g, s = parts[i]
         sums[i] = _squares(g.reshape(-1)[s:s + SUM_CHUNK].astype(np.float64)).sum()
     _run(backend, chunk_sum, range(len(parts)))
-    per_tensor, i = [], 0
-    for g in grads.values():                                # Python's sum per tensor, then over tensors
+    chunk_sums, i = {}, 0
+    for name, g in dense:
         n = len(range(0, g.size, SUM_CHUNK))
-        per_tensor.append(sum(sums[i:i + n]))
-        i += n
-    total = math.sqrt(float(sum(per_tensor)))                # one device->host transfer
+        chunk_sums[name], i = sums[i:i + n], i + n
+    for name, r in tables.items():
+        chunk_sums[name] = _table_chunk_sums(grads[name], r)
+    total = math.sqrt(float(sum(sum(chunk_sums[name]) for name in grads)))   # per tensor, then over tensors
     coef = max_norm / (total + 1e-6)
     if coef < 1.0:
         def scale(i):
@@ -86,6 +92,9 @@ def clip_grad_norm(grads, max_norm, backend=None):
             elif s == 0:                                    # reshape would copy: the whole tensor at once
                 g *= g.dtype.type(coef)
         _run(backend, scale, range(len(parts)))
+        for name, r in tables.items():                      # 0 * coef = 0: the other rows stay as they are
+            g = grads[name]
+            g[r] *= g.dtype.type(coef)
     return total
 
 
@@ -105,6 +114,73 @@ def _squares(x):
     return x
 
 
+LEAF = 128                  # NumPy's pairwise sum adds blocks of up to 128 elements with 8 accumulators
+
+
+def _row_tables(grads, rows, backend):
+    """{name: sorted unique row indices} of the gradients in `rows` that clip_grad_norm reads row-wise."""
+    if not rows or (backend is not None and backend.is_cuda):
+        return {}
+    out = {}
+    for name, r in rows.items():
+        g = grads.get(name)
+        if isinstance(g, np.ndarray) and g.ndim == 2 and g.flags.c_contiguous:
+            out[name] = table_rows(r, g.shape[0], name)
+    return out if _pairwise_emulated() else {}
+
+
+def table_rows(r, n_rows, name):
+    """Row indices given for a table of n_rows rows, sorted and unique; a ValueError if not in range."""
+    r = np.unique(np.asarray(r).reshape(-1))
+    if r.size and (r.dtype.kind not in "iu" or r[0] < 0 or r[-1] >= n_rows):
+        raise ValueError(f"rows of {name}: integers in [0, {n_rows}) expected")
+    return r.astype(np.int64)
+
+
+def _table_chunk_sums(g, rows, chunk=SUM_CHUNK):
+    """For a 2-D float32 g that is 0 outside `rows`: the float64 sum of squares of each of its
+    `chunk`-element chunks, bit for bit what clip_grad_norm's dense pass computes, reading only
+    the 128-element blocks that hold a listed row. NumPy sums a chunk of 2^k elements pairwise:
+    halves down to blocks of 128, each added by 8 strided accumulators then combined as
+    ((r0+r1)+(r2+r3))+((r4+r5)+(r6+r7)); a block of zeros sums to exactly 0, and x + 0 = x, so
+    the tree over all blocks, most of them 0, is that sum. A last, shorter chunk is summed as is."""
+    flat, width = g.reshape(-1), g.shape[1]
+    full, per = flat.size // chunk, chunk // LEAF
+    first, last = rows * width // LEAF, (rows * width + width - 1) // LEAF
+    span = np.arange(int((last - first).max()) + 1 if rows.size else 0)
+    blocks = np.unique(np.minimum(first[:, None] + span, last[:, None]))
+    blocks = blocks[blocks < full * per]
+    tree = np.zeros((full, per))
+    x = flat[:full * chunk].reshape(-1, LEAF)[blocks].astype(np.float64)
+    x = _squares(x).reshape(len(blocks), LEAF // 8, 8)
+    r = x[:, 0].copy()
+    for i in range(1, LEAF // 8):                  # each accumulator adds its 16 elements in order
+        r += x[:, i]
+    tree.reshape(-1)[blocks] = ((r[:, 0] + r[:, 1]) + (r[:, 2] + r[:, 3])) + ((r[:, 4] + r[:, 5]) + (r[:, 6] + r[:, 7]))
+    while tree.shape[1] > 1:                       # the pairwise halves, bottom up
+        tree = tree[:, 0::2] + tree[:, 1::2]
+    sums = list(tree[:, 0])
+    if flat.size > full * chunk:
+        sums.append(_squares(flat[full * chunk:].astype(np.float64)).sum())
+    return sums
+
+
+_EMULATED = []
+
+
+def _pairwise_emulated():
+    """Whether _table_chunk_sums reproduces this NumPy's sum (checked once, on a sparse table of
+    8 chunks of 2^11 elements); if not, clip_grad_norm reads every gradient whole."""
+    if not _EMULATED:
+        rng = np.random.default_rng(0)
+        g = np.zeros((300, 60), np.float32)
+        rows = np.array([0, 7, 8, 150, 299])
+        g[rows] = rng.standard_normal((5, 60)) * np.exp(3 * rng.standard_normal((5, 60)))
+        dense = [_squares(g.reshape(-1)[s:s + 2048].astype(np.float64)).sum() for s in range(0, g.size, 2048)]
+        _EMULATED.append(all(a == b for a, b in zip(dense, _table_chunk_sums(g, rows, 2048))))
+    return _EMULATED[0]
+
+
 class AdamW:
     """AdamW over the tensors of `params` (name -> array); `backend` defaults to the CPU."""
 
@@ -122,9 +198,11 @@ class AdamW:
         self.v = {k: xp.zeros_like(p) for k, p in params.items()}
         self.live = {}          # table name -> bool [rows]: rows whose m or v may be nonzero (see _table_step)
 
-    def step(self, params, grads, lr=None):
+    def step(self, params, grads, lr=None, rows=None):
         """One in-place update of the tensors this optimiser was built over (names as in
-        `params` and `grads`; extra entries are left alone)."""
+        `params` and `grads`; extra entries are left alone). rows: as for clip_grad_norm
+        ({name: rows outside which the gradient is exactly 0}): a vocabulary table's gradient
+        is then not scanned for its nonzero rows; the same bits."""
         be = self.backend
         lr = self.lr if lr is None else lr
         self.t += 1
@@ -145,12 +223,12 @@ class AdamW:
             if not p.flags.c_contiguous:
                 raise ValueError(f"parameter {name} is not C-contiguous: AdamW updates it in place through a flat view")
             if not be.is_cuda and p.ndim == 2 and p.shape[0] >= TABLE_ROWS and consts[5] > 0:   # eps in p's dtype
-                self._table_step(name, p, g, m, v, consts)
+                self._table_step(name, p, g, m, v, consts, (rows or {}).get(name))
                 continue
             pf, gf, mf, vf = p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1)
             be.map_chunks(lambda s, e: _adamw_update(pf[s:e], gf[s:e], mf[s:e], vf[s:e], *consts), p.size)
 
-    def _table_step(self, name, p, g, m, v, consts):
+    def _table_step(self, name, p, g, m, v, consts, g_rows=None):
         """AdamW on a large table (a vocabulary's embeddings), most of whose rows no batch has used yet.
         A row whose m, v and gradient are all 0 gets exactly p * (1 - lr wd) from the full update
         (m and v stay 0, and the step is 0 / eps = 0 for eps > 0), so such rows get only that
@@ -160,7 +238,10 @@ class AdamW:
         live = self.live.get(name)
         if live is None:                                            # first step, or after load_state_dict
             live = self.live[name] = _nonzero_rows(be, m) | _nonzero_rows(be, v)
-        live |= _nonzero_rows(be, g)
+        if g_rows is None:
+            live |= _nonzero_rows(be, g)
+        else:                                                       # a listed row that is 0 gets the same bits either way
+            live[table_rows(g_rows, p.shape[0], name)] = True
         pf = p.reshape(-1)
         be.map_chunks(lambda s, e: _scale(pf[s:e], consts[0]), p.size)
         rows = np.flatnonzero(live)

@@ -53,7 +53,9 @@ def loss_and_grads(model, queries, positives, negatives=None, temperature=0.05, 
     length-sorted group (None: each side, or chunk, as one padded batch).
     Returns (loss: float, grads: dict name -> array with the names and shapes of
     `model.params`; numpy arrays unless return_numpy=False). `stats`, if a dict, receives
-    the number of real tokens processed.
+    the number of real tokens processed ("tokens") and {word table name: the rows of its
+    gradient that may be nonzero} ("table_rows", every other row is exactly 0: pass it as
+    `rows` to clip_grad_norm and AdamW.step, which then skip the rest of the table).
     """
     queries, positives, negatives = _check_batch(queries, positives, negatives, chunk_size)
     if dropout and seed is None:
@@ -67,7 +69,7 @@ def loss_and_grads(model, queries, positives, negatives=None, temperature=0.05, 
         seeds = _seeds(seed, role, start, len(texts), dropout)
         return embed_texts(model, texts, max_len, seeds=seeds, keep=keep, max_tokens=group_tokens)
 
-    grads, tokens = {}, 0
+    grads, tokens, rows = {}, 0, {}
     if chunk_size is None:                                    # both sides' length groups in one pass
         both = [Side(texts, max_len, seeds=_seeds(seed, role, 0, len(texts), dropout)) for texts, max_len, role in sides]
         emb, backward, tokens = embed_sides(model, both, keep=True, max_tokens=group_tokens)
@@ -75,7 +77,7 @@ def loss_and_grads(model, queries, positives, negatives=None, temperature=0.05, 
         with model.backend.blas_serial():                     # the same bits on any number of threads
             loss, d_q, d_c = contrastive_loss(model.backend, emb[:n_q], emb[n_q:], query_texts, cand_texts,
                                               temperature, candidates, symmetric)
-        backward(model.xp.concatenate([d_q, d_c]), grads)
+        backward(model.xp.concatenate([d_q, d_c]), grads, rows)
     else:
         embs = [model.xp.concatenate([run(texts[s:s + chunk_size], max_len, role, s, False)[0]
                                       for s in range(0, len(texts), chunk_size)]) for texts, max_len, role in sides]
@@ -85,12 +87,12 @@ def loss_and_grads(model, queries, positives, negatives=None, temperature=0.05, 
         for (texts, max_len, role), d_emb in zip(sides, (d_q, d_c)):
             for s in range(0, len(texts), chunk_size):
                 _, backward, n = run(texts[s:s + chunk_size], max_len, role, s, True)
-                backward(d_emb[s:s + chunk_size], grads)
+                backward(d_emb[s:s + chunk_size], grads, rows)
                 tokens += n
     for name, p in model.params.items():          # parameters the loss does not reach (e.g. an unused pooler)
         if name not in grads:
             grads[name] = model.xp.zeros_like(p)
     grads = {name: (to_numpy(grads[name]) if return_numpy else grads[name]) for name in model.params}
     if stats is not None:
-        stats["tokens"] = tokens
+        stats["tokens"], stats["table_rows"] = tokens, rows
     return loss, grads

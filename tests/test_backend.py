@@ -81,6 +81,40 @@ def test_clip_grad_norm_has_the_same_bits_on_the_thread_pool(threads):
         {k: g.copy() for k, g in grads.items()}, 1e9, Backend("cpu", "float32", threads=threads))
 
 
+@pytest.mark.parametrize("shape", [(9000, 384), (4099, 300), (3000, 7), (200, 64)])
+def test_clip_grad_norm_on_table_rows_has_the_bits_of_the_dense_pass(shape):
+    """A table gradient that is 0 outside the rows named in `rows` is summed from the 128-element
+    blocks those rows touch, on NumPy's pairwise tree: the norm and the clipped tensors equal,
+    bit for bit, those of reading every element (whole chunks of 1 << 20 and a shorter last one,
+    rows not a multiple of 128 wide, rows listed that are 0, no rows at all); rows out of range
+    or not integers are refused."""
+    from minihbt import optim
+    assert optim._pairwise_emulated(), "NumPy's float64 sum is no longer the pairwise tree emulated"
+    rng = np.random.default_rng(sum(shape))
+    for n_rows in (0, 1, 40, shape[0] // 3):
+        table = np.zeros(shape, np.float32)
+        rows = rng.choice(shape[0], n_rows, replace=False)
+        table[rows] = rng.standard_normal((n_rows, shape[1])) * np.exp(3 * rng.standard_normal((n_rows, shape[1])))
+        listed = np.concatenate([rows, rng.choice(shape[0], 5)])                  # and a few rows that are 0
+        dense = {"w": rng.standard_normal((30, 20)).astype(np.float32), "t": table.copy()}
+        sparse = {k: g.copy() for k, g in dense.items()}
+        norm = optim.clip_grad_norm(dense, 0.5, Backend("cpu", threads=2))
+        assert optim.clip_grad_norm(sparse, 0.5, Backend("cpu", threads=2), rows={"t": listed}) == norm
+        assert all(np.array_equal(dense[k], sparse[k]) for k in dense)
+    for bad in ([-1], [shape[0]], [0.5]):
+        with pytest.raises(ValueError, match="rows of t: integers in"):
+            optim.clip_grad_norm({"t": np.zeros(shape, np.float32)}, 1.0, rows={"t": np.array(bad)})
+
+
+def test_lazy_zeros_are_zeros_that_can_be_written():
+    from minihbt.backend import lazy_zeros
+    for shape, dtype in (((10001, 3), np.float32), ((0, 4), np.float64), ((5,), np.int64)):
+        z = lazy_zeros(shape, dtype)
+        assert z.shape == shape and z.dtype == dtype and not z.any() and z.flags.writeable and z.flags.c_contiguous
+        z[...] = 1
+        assert z.sum() == z.size
+
+
 def test_map_ordered_starts_items_in_the_order_given_and_hands_them_over_in_item_order():
     """`order` decides which items the pool starts first (e.g. the costliest); `then` still sees
     every result in item order, although later items finish first."""

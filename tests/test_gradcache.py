@@ -131,3 +131,53 @@ def test_both_sides_in_one_pass_have_the_bits_of_the_sides_one_at_a_time(me5_dir
     assert sorted(together) == sorted(apart)
     for name in apart:
         assert np.array_equal(together[name], apart[name]), name
+
+
+@pytest.mark.parametrize("kind", ["xlmr", "bert"])
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_table_rows_name_every_nonzero_row_of_the_word_table_gradient(kind, chunk):
+    """stats["table_rows"]: the word table's gradient is exactly 0 outside the rows it names, and
+    those are the batch's token ids and the padding id (grouped step and GradCache chunks)."""
+    from minihbt.encoder import WORD_TABLE
+    model = minihbt.load_model(TINY[kind])
+    stats = {}
+    _, grads = loss_and_grads(model, *ARGS, dropout=True, seed=4, chunk_size=chunk, group_tokens=16, stats=stats)
+    rows = stats["table_rows"][WORD_TABLE]
+    g = grads[WORD_TABLE]
+    outside = np.ones(g.shape[0], bool)
+    outside[rows] = False
+    assert np.all(g[outside] == 0) and np.any(g[rows] != 0)
+    texts = ["query: " + q for q in ARGS[0]] + ["passage: " + p for p in ARGS[1] + [n for ns in ARGS[2] for n in ns]]
+    ids, _ = model.tokenizer.encode(texts, max_length=512)
+    assert set(rows.tolist()) == {i for x in ids for i in x} | {model.tokenizer.pad_token_id}
+
+
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_a_step_with_table_rows_has_the_bits_of_the_dense_step(me5_dir, chunk):
+    """Clipping and AdamW told the word table's rows (stats["table_rows"]) read and update only
+    those; the norm, every clipped gradient, the parameters and the moments after two steps
+    are bit for bit those of the same steps reading the whole table."""
+    from minihbt.encoder import WORD_TABLE
+    from minihbt.optim import AdamW
+    model = minihbt.load_model(me5_dir)
+    start, runs = {k: v.copy() for k, v in model.params.items()}, []
+    for use_rows in (False, True):
+        params = {k: v.copy() for k, v in start.items()}
+        opt, out = AdamW(params, lr=1e-3, weight_decay=0.01), []
+        for step in range(2):
+            model.params.update(params)
+            stats = {}
+            _, grads = loss_and_grads(model, *REAL, dropout=True, seed=step, group_tokens=96, chunk_size=chunk,
+                                      stats=stats)
+            assert stats["table_rows"][WORD_TABLE].size < 2000                      # a few of 250,037 rows
+            rows = stats["table_rows"] if use_rows else None
+            out.append((clip_grad_norm(grads, 0.5, model.backend, rows=rows), grads))
+            opt.step(params, grads, rows=rows)
+        runs.append((out, params, opt))
+    (dense, p_dense, o_dense), (sparse, p_sparse, o_sparse) = runs
+    for (n_d, g_d), (n_s, g_s) in zip(dense, sparse):
+        assert n_d == n_s and n_d > 0.5                                              # clipping scaled them
+        assert all(np.array_equal(g_d[k], g_s[k]) for k in g_d)
+    for k in p_dense:
+        assert np.array_equal(p_dense[k], p_sparse[k]), k
+        assert np.array_equal(o_dense.m[k], o_sparse.m[k]) and np.array_equal(o_dense.v[k], o_sparse.v[k]), k
