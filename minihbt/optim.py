@@ -16,6 +16,9 @@ weight decay on every row, the rest of the update only on rows that have had a g
 AdamW._table_step).
 Clipping: the global L2 norm over all gradients, scaled by max_norm / (norm + 1e-6) when
 above max_norm (torch.nn.utils.clip_grad_norm_).
+A training step's word-table gradient is 0 but on the batch's few thousand rows (of 250,037
+in XLM-R's vocabulary); told those rows (`rows=`, from loss_and_grads' stats["table_rows"]),
+clipping and AdamW read only them, with the same bits as reading the whole table.
 """
 import math
 
