@@ -48,8 +48,12 @@ def run_minihbt(model_dir, batch, args):
             dropout=not args.no_dropout, seed=next(seeds), max_query_length=batch["max_query_length"],
             max_passage_length=batch["max_passage_length"], return_numpy=False, stats=stats, **group)
         rows = stats.get("table_rows")                # None at revisions from before it
-        clip(grads) if rows is None else clip(grads, rows=rows)
-        opt.step(model.params, grads) if rows is None else opt.step(model.params, grads, rows=rows)
+        if rows is None:
+            clip(grads)
+            opt.step(model.params, grads)
+        else:
+            clip(grads, rows=rows)
+            opt.step(model.params, grads, rows=rows)
         if xp is not np:
             xp.cuda.runtime.deviceSynchronize()
         return float(loss), stats.get("tokens")

@@ -230,7 +230,7 @@ def _check_order(order, n, window):
     `window` items started and not yet handed over (map_ordered's loop, run without work)."""
     if sorted(order) != list(range(n)):
         raise ValueError(f"order must be a permutation of range({n}), got {order!r}")
-    if not isinstance(window, int) or window < 1:
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
         raise ValueError(f"window must be an integer >= 1, got {window!r}")
     ahead, started = collections.deque(order), set()
     for k in range(n):

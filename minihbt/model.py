@@ -230,9 +230,11 @@ def embed_sides(model, sides, keep=False, max_tokens=None, max_texts=None, progr
         bar.close()
 
     def backward(d_emb, grads, rows=None):
-        """Add every parameter's gradient into `grads`; with a dict `rows`, also add to
-        rows[WORD_TABLE] the rows of the word table that these texts can have made nonzero
-        (their token ids and the padding id): the rest of that gradient is exactly 0."""
+        """Add every parameter's gradient into `grads` (once: it consumes the activations); with
+        a dict `rows`, also add to rows[WORD_TABLE] the rows of the word table that these texts
+        can have made nonzero (their token ids and the padding id): the rest of it is exactly 0."""
+        if not caches and groups:
+            raise RuntimeError("backward was already called: it runs once, on the activations it frees")
         backward_groups(model, caches, d_emb, grads, costs)
         if rows is not None:
             used = np.concatenate([np.asarray(x, dtype=np.int64) for x in ids] + [[model.tokenizer.pad_token_id]])
@@ -263,7 +265,7 @@ def backward_groups(model, caches, d_emb, grads, costs=None):
     be = model.backend
     side_by_side = be.parallel(len(caches))
     window = be.threads + 1
-    order = _costliest_last_window(list(costs or [0] * len(caches))[::-1], window)
+    order = _costliest_last_window(list(costs if costs is not None else [0] * len(caches))[::-1], window)
 
     def group_backward(cache):
         rows, layer_caches, pool_cache, norm_cache = cache

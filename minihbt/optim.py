@@ -69,9 +69,11 @@ def clip_grad_norm(grads, max_norm, backend=None, rows=None):
     rows: {name: row indices} for 2-D NumPy gradients that are exactly 0 outside those rows (a
     vocabulary table's: loss_and_grads' stats["table_rows"]). Those are read and scaled only on
     these rows, with the same result bit for bit (see _table_chunk_sums); ignored on CuPy."""
+    if not max_norm >= 0:
+        raise ValueError(f"max_norm must be a number >= 0, got {max_norm!r}")
     tables = _row_tables(grads, rows, backend)
-    dense = [(name, g) for name, g in grads.items() if name not in tables]
-    parts = [(g, s) for _, g in dense for s in range(0, g.size, SUM_CHUNK)]
+    by_rows = tables if _pairwise_emulated() else {}        # else summed whole (scaled row-wise all the same)
+    parts = [(g, s) for name, g in grads.items() if name not in by_rows for s in range(0, g.size, SUM_CHUNK)]
     sums = [None] * len(parts)
 
     def chunk_sum(i):
@@ -79,14 +81,17 @@ def clip_grad_norm(grads, max_norm, backend=None, rows=None):
         sums[i] = _squares(g.reshape(-1)[s:s + SUM_CHUNK].astype(np.float64)).sum()
     _run(backend, chunk_sum, range(len(parts)))
     chunk_sums, i = {}, 0
-    for name, g in dense:
-        n = len(range(0, g.size, SUM_CHUNK))
-        chunk_sums[name], i = sums[i:i + n], i + n
-    for name, r in tables.items():
-        chunk_sums[name] = _table_chunk_sums(grads[name], r)
+    for name, g in grads.items():
+        if name in by_rows:
+            chunk_sums[name] = _table_chunk_sums(g, by_rows[name])
+        else:
+            n = len(range(0, g.size, SUM_CHUNK))
+            chunk_sums[name], i = sums[i:i + n], i + n
     total = math.sqrt(float(sum(sum(chunk_sums[name]) for name in grads)))   # per tensor, then over tensors
     coef = max_norm / (total + 1e-6)
     if coef < 1.0:
+        parts = [(g, s) for name, g in grads.items() if name not in tables for s in range(0, g.size, SUM_CHUNK)]
+
         def scale(i):
             g, s = parts[i]
             if g.flags.c_contiguous:                        # a view: scaled in place chunk by chunk
@@ -129,7 +134,7 @@ def _row_tables(grads, rows, backend):
         g = grads.get(name)
         if isinstance(g, np.ndarray) and g.ndim == 2 and g.flags.c_contiguous:
             out[name] = table_rows(r, g.shape[0], name)
-    return out if _pairwise_emulated() else {}
+    return out
 
 
 def table_rows(r, n_rows, name):
@@ -141,7 +146,7 @@ def table_rows(r, n_rows, name):
 
 
 def _table_chunk_sums(g, rows, chunk=SUM_CHUNK):
-    """For a 2-D float32 g that is 0 outside `rows`: the float64 sum of squares of each of its
+    """For a 2-D float g that is 0 outside `rows`: the float64 sum of squares of each of its
     `chunk`-element chunks, bit for bit what clip_grad_norm's dense pass computes, reading only
     the 128-element blocks that hold a listed row. NumPy sums a chunk of 2^k elements pairwise:
     halves down to blocks of 128, each added by 8 strided accumulators then combined as
@@ -173,14 +178,14 @@ _EMULATED = []
 
 def _pairwise_emulated():
     """Whether _table_chunk_sums reproduces this NumPy's sum (checked once, on a sparse table of
-    8 chunks of 2^11 elements); if not, clip_grad_norm reads every gradient whole."""
+    one whole SUM_CHUNK and a shorter chunk); if not, clip_grad_norm sums every gradient whole."""
     if not _EMULATED:
         rng = np.random.default_rng(0)
-        g = np.zeros((300, 60), np.float32)
-        rows = np.array([0, 7, 8, 150, 299])
-        g[rows] = rng.standard_normal((5, 60)) * np.exp(3 * rng.standard_normal((5, 60)))
-        dense = [_squares(g.reshape(-1)[s:s + 2048].astype(np.float64)).sum() for s in range(0, g.size, 2048)]
-        _EMULATED.append(all(a == b for a, b in zip(dense, _table_chunk_sums(g, rows, 2048))))
+        g = np.zeros((SUM_CHUNK // 360 + 50, 360), np.float32)
+        rows = np.array([0, 7, 8, 1500, SUM_CHUNK // 360, g.shape[0] - 1])      # one across the chunks' border
+        g[rows] = rng.standard_normal((len(rows), 360)) * np.exp(3 * rng.standard_normal((len(rows), 360)))
+        dense = [_squares(g.reshape(-1)[s:s + SUM_CHUNK].astype(np.float64)).sum() for s in range(0, g.size, SUM_CHUNK)]
+        _EMULATED.append(dense == _table_chunk_sums(g, rows))
     return _EMULATED[0]
 
 

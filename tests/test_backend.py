@@ -106,6 +106,30 @@ def test_clip_grad_norm_on_table_rows_has_the_bits_of_the_dense_pass(shape):
             optim.clip_grad_norm({"t": np.zeros(shape, np.float32)}, 1.0, rows={"t": np.array(bad)})
 
 
+def test_clip_grad_norm_on_table_rows_float64_strided_and_without_the_emulation(monkeypatch):
+    """The same bits as the dense pass for a float64 table, for a table that is not C-contiguous
+    (read whole), and where the pairwise emulation does not hold (summed whole, scaled on its
+    rows); a negative or NaN max_norm is refused."""
+    from minihbt import optim
+    rng = np.random.default_rng(7)
+    rows = rng.choice(3000, 50, replace=False)
+
+    def table(dtype):
+        t = np.zeros((3000, 384), dtype)
+        t[rows] = rng.standard_normal((50, 384))
+        return t
+    for emulated in (True, False):
+        monkeypatch.setattr(optim, "_EMULATED", [emulated])
+        for t in (table(np.float64), np.asfortranarray(table(np.float32))):
+            dense, sparse = {"t": t.copy(order="K")}, {"t": t.copy(order="K")}
+            norm = optim.clip_grad_norm(dense, 0.1, Backend("cpu", threads=2))
+            assert optim.clip_grad_norm(sparse, 0.1, Backend("cpu", threads=2), rows={"t": rows}) == norm
+            assert np.array_equal(dense["t"], sparse["t"]) and not np.array_equal(dense["t"], t)
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="max_norm must be a number >= 0"):
+            optim.clip_grad_norm({"t": np.ones(3, np.float32)}, bad)
+
+
 def test_lazy_zeros_are_zeros_that_can_be_written():
     from minihbt.backend import lazy_zeros
     for shape, dtype in (((10001, 3), np.float32), ((0, 4), np.float64), ((5,), np.int64)):
@@ -198,7 +222,7 @@ def test_map_ordered_with_a_window_starts_in_order_and_keeps_at_most_window_in_f
     ran = []
     with pytest.raises(ValueError, match="beyond a window of 3"):
         be.map_ordered(ran.append, range(5), then, order=[0, 4, 3, 2, 1], window=3)
-    for bad in (0, 1.5, "3"):
+    for bad in (0, 1.5, "3", True):
         with pytest.raises(ValueError, match="window must be an integer >= 1"):
             be.map_ordered(ran.append, range(3), then, order=[0, 1, 2], window=bad)
     assert ran == []

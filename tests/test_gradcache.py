@@ -147,6 +147,12 @@ def test_table_rows_name_every_nonzero_row_of_the_word_table_gradient(kind, chun
     outside = np.ones(g.shape[0], bool)
     outside[rows] = False
     assert np.all(g[outside] == 0) and np.any(g[rows] != 0)
+    if chunk is None:                                                           # and a second backward is refused
+        from minihbt.model import Side, embed_sides
+        _, backward, _ = embed_sides(model, [Side(ARGS[0], 32)], keep=True)
+        backward(np.zeros((len(ARGS[0]), model.config.hidden_size), np.float32), {})
+        with pytest.raises(RuntimeError, match="backward was already called"):
+            backward(np.zeros((len(ARGS[0]), model.config.hidden_size), np.float32), {})
     texts = ["query: " + q for q in ARGS[0]] + ["passage: " + p for p in ARGS[1] + [n for ns in ARGS[2] for n in ns]]
     ids, _ = model.tokenizer.encode(texts, max_length=512)
     assert set(rows.tolist()) == {i for x in ids for i in x} | {model.tokenizer.pad_token_id}
