@@ -7,9 +7,10 @@ Runs the step of `train_step.py` (the same batch, dropout on, clipping at 1.0, A
 3e-5) `--steps` times in this process, on the threads NumPy's BLAS has (OPENBLAS_NUM_THREADS
 to change them), and prints for each step the wall time and cores busy (process CPU time /
 wall time) of: forward (both sides' length groups), loss, backward (every group's backward
-and the gradients' sums), clipping, AdamW. The first step or two include first-touch page
-faults of the optimizer state; read the later ones. Unlike `--profile` of train_step.py,
-which sees only the calling thread, this shows the threads at work.
+and the gradients' sums), clipping, AdamW (both told the word table's rows, as train.py
+does); then how many of the word table's rows had a gradient. The first step or two include
+first-touch page faults of the optimizer state; read the later ones. Unlike `--profile` of
+train_step.py, which sees only the calling thread, this shows the threads at work.
 """
 import argparse
 import os
@@ -40,6 +41,7 @@ def main():
             sys.exit(2)
     import minihbt
     from minihbt import model as model_module, step as step_module
+    from minihbt.encoder import WORD_TABLE
     from minihbt.optim import AdamW, clip_grad_norm
 
     inputs = types.SimpleNamespace(data=os.path.join(SHARED, "data", "xquad-r"), mlqa_batch=0, query_len=32,
@@ -83,6 +85,9 @@ def main():
         parts = [f"{name} {t1 - t0:.2f} s x{(c1 - c0) / max(t1 - t0, 1e-9):.2f}"
                  for (_, t0, c0), (name, t1, c1) in zip(marks, marks[1:])]
         print(f"step {i + 1}: {total:.2f} s = " + ", ".join(parts), flush=True)
+    word = model.params[WORD_TABLE].shape[0]
+    print(f"word-table rows with a gradient in the last step: {len(stats['table_rows'][WORD_TABLE]):,} of {word:,};"
+          f" rows AdamW has updated so far: {int(opt.live[WORD_TABLE].sum()):,}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ that cache and returns the input gradient, adding parameter gradients into `grad
 """
 from typing import NamedTuple
 
+import numpy as np
+
 from . import layers
 from .dropout import EMBEDDINGS_SITE, layer_site
 
@@ -84,9 +86,46 @@ def embeddings_backward(be, params, d_h, cache, grads, tables=None):
             scatter_rows(be, grads, name, params[name].shape, ids, d_e)
 
 
-def block_forward(be, params, prefix, config, h, mask_bias, layer, p_hidden, p_attn, streams, keep=True):
+class RealTokens(NamedTuple):
+    """Where the real tokens of a right-padded [B, T] batch are: flat indices into B * T."""
+    index: object
+    batch: int
+    length: int
+
+
+PACK_TOKENS, PACK_WIDTH = 128, 256     # real tokens and hidden size from which inference skips the padding
+
+
+def real_tokens(be, attention_mask, hidden_size):
+    """RealTokens of a [B, T] attention mask (numpy), or None: when no position is padding, or for
+    fewer than PACK_TOKENS real tokens or a hidden size below PACK_WIDTH. A row of a matrix
+    product has the same bits whatever the number of rows, except where OpenBLAS takes its
+    small-matrix or vector kernels (measured: 1-3 rows at width 384, up to ~40 at width 32):
+    small products keep the padded path."""
+    flat = np.asarray(attention_mask).reshape(-1)
+    index = np.flatnonzero(flat)
+    if index.size == flat.size or index.size < PACK_TOKENS or hidden_size < PACK_WIDTH:
+        return None
+    return RealTokens(be.asarray(index), *np.shape(attention_mask))
+
+
+def pack(x, real):
+    """[B, T, H] -> [n, H], the real tokens' rows."""
+    return x.reshape(-1, x.shape[-1])[real.index]
+
+
+def unpack(be, x, real):
+    """[n, H] rows of the real tokens -> [B, T, H], zeros at the padding."""
+    out = be.xp.zeros((real.batch * real.length, x.shape[-1]), dtype=x.dtype)
+    out[real.index] = x
+    return out.reshape(real.batch, real.length, x.shape[-1])
+
+
+def block_forward(be, params, prefix, config, h, mask_bias, layer, p_hidden, p_attn, streams, keep=True, real=None):
     """One post-LN transformer block. h [B, T, H], mask_bias [B, 1, 1, T] -> (h_out [B, T, H], BlockCache).
-    keep=False (inference, the cache is discarded): GELU runs in place, keeping nothing for backward."""
+    keep=False (inference, the cache is discarded): GELU runs in place, keeping nothing for backward.
+    real (RealTokens, inference): h and h_out are [n, H], the real tokens only; attention alone
+    sees the [B, T] layout, zeros at the padding (masked keys: their probabilities are exactly 0)."""
     eps = config.layer_norm_eps
 
     def linear(x, name):
@@ -95,9 +134,13 @@ def block_forward(be, params, prefix, config, h, mask_bias, layer, p_hidden, p_a
     q, q_cache = linear(h, "attention.self.query")                                        # [B, T, H]
     k, k_cache = linear(h, "attention.self.key")                                          # [B, T, H]
     v, v_cache = linear(h, "attention.self.value")                                        # [B, T, H]
+    if real is not None:
+        q, k, v = (unpack(be, x, real) for x in (q, k, v))
     ctx, attn_cache = layers.attention_forward(be, q, k, v, mask_bias, config.num_attention_heads, p_attn, streams,
                                           layer_site(layer, ATTENTION))                   # [B, T, H]
     del q, k, v
+    if real is not None:
+        ctx = pack(ctx, real)
     a, ao_cache = linear(ctx, "attention.output.dense")                                   # [B, T, H]
     a, ad_cache = layers.dropout_forward(be, a, p_hidden, streams, layer_site(layer, ATTENTION_OUTPUT))
     h1, ln1_cache = layers.add_layernorm_forward(be, a, h, params[prefix + "attention.output.LayerNorm.weight"],

@@ -71,9 +71,12 @@ class Model:
             return xp.cumsum(real, axis=1) * real + pad            # [B, T]
         return xp.broadcast_to(xp.arange(T, dtype=np.int64), (B, T))
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None, caches=None, streams=None):
+    def forward(self, input_ids, attention_mask, token_type_ids=None, caches=None, streams=None, skip_padding=False):
         """Last hidden states [B, T, H] for padded token ids [B, T]. With `caches` (a list) each
-        layer appends what its backward needs; with `streams` (DropoutStreams) dropout is on."""
+        layer appends what its backward needs; with `streams` (DropoutStreams) dropout is on.
+        skip_padding (inference on the CPU: no caches, no dropout): the per-token work runs on the
+        real tokens only, with the same bits for them (see encoder.real_tokens for when); padded
+        positions' states are then 0."""
         be, c = self.backend, self.config
         input_ids = be.asarray(input_ids)
         token_type_ids = be.xp.zeros_like(input_ids) if token_type_ids is None else be.asarray(token_type_ids)
@@ -84,12 +87,15 @@ class Model:
         if caches is not None:
             caches.append(cache)
         mask_bias = layers.mask_bias_from(be, attention_mask, self.dtype)                           # [B, 1, 1, T]
+        skip = skip_padding and caches is None and streams is None and not be.is_cuda
+        real = encoder.real_tokens(be, attention_mask, c.hidden_size) if skip else None
+        h = h if real is None else encoder.pack(h, real)                                           # [n, H]
         for i in range(c.num_hidden_layers):
             h, cache = encoder.block_forward(be, self.params, f"encoder.layer.{i}.", c, h, mask_bias, i, p_hidden, p_attn,
-                                       streams, keep=caches is not None)
+                                       streams, keep=caches is not None, real=real)
             if caches is not None:
                 caches.append(cache)
-        return h
+        return h if real is None else encoder.unpack(be, h, real)
 
     def backward(self, d_hidden, caches, grads, tables=None):
         """Back through forward(): pops its caches newest first (each activation is freed once
@@ -211,7 +217,8 @@ def embed_sides(model, sides, keep=False, max_tokens=None, max_texts=None, progr
         dropout = seeds[rows[0]] is not None                       # a group is of one side: all or none
         streams = DropoutStreams([seeds[i] for i in rows], [lengths[i] for i in rows]) if dropout else None
         layer_caches = [] if keep else None
-        hidden = model.forward(input_ids, mask, token_types, caches=layer_caches, streams=streams)    # [g, T, H]
+        hidden = model.forward(input_ids, mask, token_types, caches=layer_caches, streams=streams,
+                               skip_padding=True)                                              # [g, T, H]
         pooled, pool_cache = encoder.pool_forward(be, model.params, model.pooling, hidden, be.asarray(mask))
         e, norm_cache = layers.l2_normalize_forward(be, pooled)                                     # [g, H]
         cache = (rows, layer_caches, pool_cache, norm_cache) if keep else None

@@ -187,3 +187,31 @@ def test_a_step_with_table_rows_has_the_bits_of_the_dense_step(me5_dir, chunk):
     for k in p_dense:
         assert np.array_equal(p_dense[k], p_sparse[k]), k
         assert np.array_equal(o_dense.m[k], o_sparse.m[k]) and np.array_equal(o_dense.v[k], o_sparse.v[k]), k
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_inference_on_the_real_tokens_only_has_their_bits(me5_dir, dtype):
+    """forward(skip_padding=True) runs the projections, FFN and LayerNorms on the real tokens
+    only (attention on the padded layout, zeros at the padding): every real token's hidden
+    state is bit for bit that of the padded forward and padded positions are 0; a batch with
+    too few real tokens or no padding, a forward with caches or with dropout, and a model
+    narrower than PACK_WIDTH (tiny XLM-R) take the padded path unchanged."""
+    from minihbt.dropout import DropoutStreams
+    from minihbt.encoder import PACK_TOKENS
+    model = minihbt.load_model(me5_dir, dtype=dtype)
+    ids, types = model.tokenizer.encode(REAL[1] + [n[0] for n in REAL[2]], max_length=64)
+    ids, mask, _ = model.tokenizer.pad(ids, types)
+    real = mask.astype(bool)
+    assert real.sum() >= PACK_TOKENS and not real.all()
+    padded, skipped = model.forward(ids, mask), model.forward(ids, mask, skip_padding=True)
+    assert np.array_equal(skipped[real], padded[real]) and not skipped[~real].any() and padded[~real].any()
+    few = slice(0, 3)                                           # under PACK_TOKENS real tokens
+    assert np.array_equal(model.forward(ids[few], mask[few], skip_padding=True), model.forward(ids[few], mask[few]))
+    assert np.array_equal(model.forward(ids, np.ones_like(mask), skip_padding=True), model.forward(ids, np.ones_like(mask)))
+    assert np.array_equal(model.forward(ids, mask, caches=[], skip_padding=True), padded)
+    streams = DropoutStreams([[1, 0, i] for i in range(len(ids))], real.sum(axis=1).tolist())
+    assert np.array_equal(model.forward(ids, mask, streams=streams, skip_padding=True),
+                          model.forward(ids, mask, streams=streams))
+    tiny = minihbt.load_model(TINY["xlmr"], dtype=dtype)
+    t_ids = np.where(real, ids % 90 + 5, 1)
+    assert np.array_equal(tiny.forward(t_ids, mask, skip_padding=True), tiny.forward(t_ids, mask))
