@@ -96,17 +96,46 @@ class RealTokens(NamedTuple):
 PACK_TOKENS, PACK_WIDTH = 128, 256     # real tokens and hidden size from which inference skips the padding
 
 
-def real_tokens(be, attention_mask, hidden_size):
-    """RealTokens of a [B, T] attention mask (numpy), or None: when no position is padding, or for
-    fewer than PACK_TOKENS real tokens or a hidden size below PACK_WIDTH. A row of a matrix
-    product has the same bits whatever the number of rows, except where OpenBLAS takes its
-    small-matrix or vector kernels (measured: 1-3 rows at width 384, up to ~40 at width 32):
-    small products keep the padded path."""
+def real_tokens(be, attention_mask, config, dtype):
+    """RealTokens of a [B, T] attention mask (numpy), or None (keep the padding): on CuPy, when
+    no position is padding, for fewer than PACK_TOKENS real tokens, a hidden size below
+    PACK_WIDTH, or where this process's BLAS gives a row of the block's products other bits
+    among other rows (rows_independent). A row of a large product has the same bits whatever
+    the number of rows with OpenBLAS's SkylakeX kernels; its small-matrix and vector kernels
+    (1-3 rows at width 384, up to ~40 at width 32) and its Haswell kernels (also AMD Zen's) do
+    not. Meant for encode, whose products run on one BLAS thread, as the check does."""
     flat = np.asarray(attention_mask).reshape(-1)
     index = np.flatnonzero(flat)
-    if index.size == flat.size or index.size < PACK_TOKENS or hidden_size < PACK_WIDTH:
+    if be.is_cuda or index.size == flat.size or index.size < PACK_TOKENS or config.hidden_size < PACK_WIDTH:
+        return None
+    if not rows_independent(be, dtype, config.hidden_size, config.intermediate_size):
         return None
     return RealTokens(be.asarray(index), *np.shape(attention_mask))
+
+
+_ROWS_CHECKED = {}
+
+
+def rows_independent(be, dtype, hidden, ffn):
+    """Whether BLAS on one thread computes each row of x @ W.T with the same bits among any
+    rows, for the block's three shapes: checked once per (dtype, widths) by rows_agree."""
+    key = (np.dtype(dtype).str, hidden, ffn)
+    if key not in _ROWS_CHECKED:
+        with be.blas_serial():
+            shapes = ((hidden, hidden), (hidden, ffn), (ffn, hidden))
+            _ROWS_CHECKED[key] = all(rows_agree(np.matmul, dtype, k, n) for k, n in shapes)
+    return _ROWS_CHECKED[key]
+
+
+def rows_agree(matmul, dtype, k, n, rows=640):
+    """Whether matmul(x[idx], W.T) equals matmul(x, W.T)[idx] bit for bit for random x [rows, k],
+    W [n, k] and scattered row subsets of several sizes."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((rows, k)).astype(dtype)
+    w = rng.standard_normal((n, k)).astype(dtype)
+    full = matmul(x, w.T)
+    subsets = (np.sort(rng.choice(rows, size, replace=False)) for size in (PACK_TOKENS, 257, 384))
+    return all(np.array_equal(matmul(x[idx], w.T), full[idx]) for idx in subsets)
 
 
 def pack(x, real):

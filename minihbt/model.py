@@ -87,8 +87,8 @@ class Model:
         if caches is not None:
             caches.append(cache)
         mask_bias = layers.mask_bias_from(be, attention_mask, self.dtype)                           # [B, 1, 1, T]
-        skip = skip_padding and caches is None and streams is None and not be.is_cuda
-        real = encoder.real_tokens(be, attention_mask, c.hidden_size) if skip else None
+        skip = skip_padding and caches is None and streams is None
+        real = encoder.real_tokens(be, attention_mask, c, self.dtype) if skip else None
         h = h if real is None else encoder.pack(h, real)                                           # [n, H]
         for i in range(c.num_hidden_layers):
             h, cache = encoder.block_forward(be, self.params, f"encoder.layer.{i}.", c, h, mask_bias, i, p_hidden, p_attn,

@@ -190,28 +190,45 @@ def test_a_step_with_table_rows_has_the_bits_of_the_dense_step(me5_dir, chunk):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_inference_on_the_real_tokens_only_has_their_bits(me5_dir, dtype):
+def test_inference_on_the_real_tokens_only_has_their_bits(me5_dir, dtype, monkeypatch):
     """forward(skip_padding=True) runs the projections, FFN and LayerNorms on the real tokens
-    only (attention on the padded layout, zeros at the padding): every real token's hidden
-    state is bit for bit that of the padded forward and padded positions are 0; a batch with
-    too few real tokens or no padding, a forward with caches or with dropout, and a model
-    narrower than PACK_WIDTH (tiny XLM-R) take the padded path unchanged."""
+    only (attention on the padded layout, zeros at the padding) where this BLAS computes rows
+    independently of their count (encoder.rows_independent; otherwise the padded path): every
+    real token's hidden state, and encode's embeddings, are bit for bit those of the padded
+    forward. A batch with too few real tokens or no padding, a forward with caches or with
+    dropout, and a model narrower than PACK_WIDTH (tiny XLM-R) take the padded path."""
+    from minihbt import encoder
     from minihbt.dropout import DropoutStreams
     from minihbt.encoder import PACK_TOKENS
     model = minihbt.load_model(me5_dir, dtype=dtype)
+    packs = encoder.rows_independent(model.backend, dtype, 384, 1536)
     ids, types = model.tokenizer.encode(REAL[1] + [n[0] for n in REAL[2]], max_length=64)
     ids, mask, _ = model.tokenizer.pad(ids, types)
     real = mask.astype(bool)
     assert real.sum() >= PACK_TOKENS and not real.all()
     padded, skipped = model.forward(ids, mask), model.forward(ids, mask, skip_padding=True)
-    assert np.array_equal(skipped[real], padded[real]) and not skipped[~real].any() and padded[~real].any()
-    few = slice(0, 3)                                           # under PACK_TOKENS real tokens
+    assert np.array_equal(skipped[real], padded[real]) and padded[~real].any()
+    assert not skipped[~real].any() if packs else np.array_equal(skipped, padded)
+    few = slice(0, 3)
+    assert 0 < real[few].sum() < PACK_TOKENS and not real[few].all()
     assert np.array_equal(model.forward(ids[few], mask[few], skip_padding=True), model.forward(ids[few], mask[few]))
     assert np.array_equal(model.forward(ids, np.ones_like(mask), skip_padding=True), model.forward(ids, np.ones_like(mask)))
     assert np.array_equal(model.forward(ids, mask, caches=[], skip_padding=True), padded)
     streams = DropoutStreams([[1, 0, i] for i in range(len(ids))], real.sum(axis=1).tolist())
     assert np.array_equal(model.forward(ids, mask, streams=streams, skip_padding=True),
                           model.forward(ids, mask, streams=streams))
+    texts = REAL[1] + REAL[0]
+    emb = minihbt.encode(model, texts, batch_size=12)
+    monkeypatch.setattr(encoder, "real_tokens", lambda *a: None)                   # the padded path throughout
+    assert np.array_equal(minihbt.encode(model, texts, batch_size=12), emb)
     tiny = minihbt.load_model(TINY["xlmr"], dtype=dtype)
     t_ids = np.where(real, ids % 90 + 5, 1)
     assert np.array_equal(tiny.forward(t_ids, mask, skip_padding=True), tiny.forward(t_ids, mask))
+
+
+def test_rows_agree_tells_a_product_whose_rows_depend_on_their_neighbours():
+    """The check that decides whether inference may skip the padding: a product that computes
+    each row alone passes; one whose row bits depend on how many rows it has fails."""
+    from minihbt.encoder import rows_agree
+    assert rows_agree(lambda a, b: np.einsum("ik,kn->in", a, b), np.float64, 24, 8)
+    assert not rows_agree(lambda a, b: (a @ b) * (1 + 1e-15 * len(a)), np.float64, 24, 8)
