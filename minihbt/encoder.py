@@ -8,6 +8,7 @@
 Each `*_forward` returns (output, cache) and each `*_backward` takes the output gradient and
 that cache and returns the input gradient, adding parameter gradients into `grads`.
 """
+import threading
 from typing import NamedTuple
 
 import numpy as np
@@ -113,18 +114,20 @@ def real_tokens(be, attention_mask, config, dtype):
     return RealTokens(be.asarray(index), *np.shape(attention_mask))
 
 
-_ROWS_CHECKED = {}
+_ROWS_CHECKED, _ROWS_LOCK = {}, threading.Lock()
 
 
 def rows_independent(be, dtype, hidden, ffn):
     """Whether BLAS on one thread computes each row of x @ W.T with the same bits among any
-    rows, for the block's three shapes: checked once per (dtype, widths) by rows_agree."""
+    rows, for the block's three shapes: checked once per (dtype, widths) by rows_agree (once
+    although the first length groups ask from several threads at a time)."""
     key = (np.dtype(dtype).str, hidden, ffn)
-    if key not in _ROWS_CHECKED:
-        with be.blas_serial():
-            shapes = ((hidden, hidden), (hidden, ffn), (ffn, hidden))
-            _ROWS_CHECKED[key] = all(rows_agree(np.matmul, dtype, k, n) for k, n in shapes)
-    return _ROWS_CHECKED[key]
+    with _ROWS_LOCK:
+        if key not in _ROWS_CHECKED:
+            with be.blas_serial():
+                shapes = ((hidden, hidden), (hidden, ffn), (ffn, hidden))
+                _ROWS_CHECKED[key] = all(rows_agree(np.matmul, dtype, k, n) for k, n in shapes)
+        return _ROWS_CHECKED[key]
 
 
 def rows_agree(matmul, dtype, k, n, rows=640):

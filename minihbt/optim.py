@@ -28,7 +28,6 @@ from . import kernels
 from .backend import TABLE_ROWS, Backend, to_numpy
 
 
-
 def no_decay(name):
     """Biases and LayerNorm weights get no weight decay."""
     return name.endswith(".bias") or "LayerNorm" in name
@@ -78,7 +77,7 @@ def clip_grad_norm(grads, max_norm, backend=None, rows=None):
 
     def chunk_sum(i):
         g, s = parts[i]
-        sums[i] = _squares(g.reshape(-1)[s:s + SUM_CHUNK].astype(np.float64)).sum()
+        sums[i] = _sum_of_squares(g.reshape(-1)[s:s + SUM_CHUNK])
     _run(backend, chunk_sum, range(len(parts)))
     chunk_sums, i = {}, 0
     for name, g in grads.items():
@@ -120,6 +119,11 @@ def _run(backend, fn, items):
 def _squares(x):
     x *= x
     return x
+
+
+def _sum_of_squares(chunk):
+    """sum(chunk^2) in float64 by NumPy's pairwise sum: clipping's dense pass over one chunk."""
+    return _squares(chunk.astype(np.float64)).sum()
 
 
 LEAF = 128                  # NumPy's pairwise sum adds blocks of up to 128 elements with 8 accumulators
@@ -169,7 +173,7 @@ def _table_chunk_sums(g, rows, chunk=SUM_CHUNK):
         tree = tree[:, 0::2] + tree[:, 1::2]
     sums = list(tree[:, 0])
     if flat.size > full * chunk:
-        sums.append(_squares(flat[full * chunk:].astype(np.float64)).sum())
+        sums.append(_sum_of_squares(flat[full * chunk:]))
     return sums
 
 
@@ -184,7 +188,7 @@ def _pairwise_emulated():
         g = np.zeros((SUM_CHUNK // 360 + 50, 360), np.float32)
         rows = np.array([0, 7, 8, 1500, SUM_CHUNK // 360, g.shape[0] - 1])      # one across the chunks' border
         g[rows] = rng.standard_normal((len(rows), 360)) * np.exp(3 * rng.standard_normal((len(rows), 360)))
-        dense = [_squares(g.reshape(-1)[s:s + SUM_CHUNK].astype(np.float64)).sum() for s in range(0, g.size, SUM_CHUNK)]
+        dense = [_sum_of_squares(g.reshape(-1)[s:s + SUM_CHUNK]) for s in range(0, g.size, SUM_CHUNK)]
         _EMULATED.append(dense == _table_chunk_sums(g, rows))
     return _EMULATED[0]
 
