@@ -246,7 +246,7 @@ def read_result(study, run):
 def check_same_blas_threads(study, run, flag_value):
     """A run made before minihbt's results stopped depending on the thread count reproduces bit
     for bit only on as many BLAS threads as it was made with."""
-    from minihbt.backend import blas_threads
+    from minihbt.parallel import blas_threads
     from minihbt.study import SettingError
     record = read_result(study, run)
     if (record.get("minihbt") or {}).get("same_bits_any_threads"):

@@ -279,21 +279,21 @@ def read_batches(s, say):
 
 def train_step(model, optimizer, s, batch, step):
     """One AdamW step on `batch`; returns the log record of the step."""
-    from minihbt.optim import clip_grad_norm, scheduled_lr
-    from minihbt.step import loss_and_grads
+    from minihbt.groups import loss_and_grads
+    from minihbt.rowgrad import clip_grad_norm
+    from minihbt.step import scheduled_lr
     t0, stats = time.perf_counter(), {}
     loss, grads = loss_and_grads(
         model, [t.query for t in batch.triplets], [t.positive for t in batch.triplets],
         [list(t.negatives) for t in batch.triplets], temperature=s.temperature, candidates=s.candidates,
         symmetric=s.symmetric, dropout=True, seed=int(np.random.SeedSequence([s.seed, step]).generate_state(1)[0]),
         max_query_length=s.max_query_len, max_passage_length=s.max_passage_len,
-        chunk_size=s.grad_cache_chunk or None, return_numpy=False, stats=stats)
+        chunk_size=s.grad_cache_chunk or None, return_numpy=False, stats=stats, table_rows=True)
     if not math.isfinite(loss):
         return {"step": step + 1, "loss": loss}
-    rows = stats["table_rows"]                        # the word table's gradient is 0 elsewhere: read only these
-    norm = clip_grad_norm(grads, s.max_grad_norm, model.backend, rows=rows) if s.max_grad_norm else float("nan")
+    norm = clip_grad_norm(grads, s.max_grad_norm) if s.max_grad_norm else float("nan")
     lr = scheduled_lr(step, s.lr, s.warmup, s.schedule, s.decay_steps or s.steps)
-    optimizer.step(model.params, grads, lr=lr, rows=rows)
+    optimizer.step(model.params, grads, lr=lr)
     seconds = time.perf_counter() - t0
     return {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": norm, "kind": batch.kind, "lang": batch.lang,
             "source": batch.source, "tokens": stats["tokens"], "seconds": round(seconds, 4)}
@@ -303,14 +303,14 @@ def train(plan):
     """The training recipe: batches, model and optimiser, then one AdamW step per batch,
     a checkpoint every --save-every steps and on Ctrl-C/SIGTERM, and final/ at the end."""
     import minihbt
-    from minihbt.optim import AdamW
+    from minihbt.rowgrad import AdamW
     from tqdm.auto import tqdm
     s = plan.settings
     say = (lambda *a: None) if s.quiet else (lambda *a: print(*a, file=sys.stderr))
     examples, sampler = read_batches(s, say)
     model = load_start_model(s, plan.checkpoint, plan.given, say)
     optimizer = AdamW({k: model.params[k] for k in model.trainable_names()}, lr=s.lr, weight_decay=s.weight_decay,
-                      backend=model.backend)
+                      backend=model.backend, pool=model.pool)
     step = load_training_state(plan.checkpoint, optimizer)["step"] if plan.checkpoint else 0
     if plan.checkpoint:
         say(f"resuming {plan.checkpoint} at step {step}")

@@ -185,19 +185,28 @@ def load_model_with(model_dir, device, tf32=False, fused=False):
     return minihbt.load_model(model_dir, device=device, pooling="mean", **kwargs), None
 
 
+def optim_module():
+    """The module with minihbt's AdamW and clip_grad_norm: rowgrad (this checkout) or optim (before it)."""
+    try:
+        from minihbt import rowgrad as optim
+    except ImportError:
+        from minihbt import optim
+    return optim
+
+
 def optimizer_for(model, lr, weight_decay=0.01):
     """minihbt's AdamW over the model's trainable tensors, on the model's device."""
     import inspect
-    from minihbt.optim import AdamW
+    AdamW = optim_module().AdamW
     params = {k: model.params[k] for k in model.trainable_names()}
     where = ({"backend": model.backend} if "backend" in inspect.signature(AdamW).parameters else {"xp": model.xp})
     return AdamW(params, lr=lr, weight_decay=weight_decay, **where)
 
 
 def clip_gradients(model, grads, max_norm):
-    """minihbt.optim.clip_grad_norm, whichever of its two signatures this checkout has."""
+    """minihbt's clip_grad_norm, whichever of its signatures this checkout has."""
     import inspect
-    from minihbt.optim import clip_grad_norm
+    clip_grad_norm = optim_module().clip_grad_norm
     first = next(iter(inspect.signature(clip_grad_norm).parameters))
     return clip_grad_norm(grads, max_norm) if first == "grads" else clip_grad_norm(model.xp, grads, max_norm)
 

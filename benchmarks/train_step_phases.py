@@ -40,9 +40,9 @@ def main():
             print(f"train_step_phases.py: {message}", file=sys.stderr)
             sys.exit(2)
     import minihbt
-    from minihbt import model as model_module, step as step_module
+    from minihbt import groups
     from minihbt.encoder import WORD_TABLE
-    from minihbt.optim import AdamW, clip_grad_norm
+    from minihbt.rowgrad import AdamW, clip_grad_norm
 
     inputs = types.SimpleNamespace(data=os.path.join(SHARED, "data", "xquad-r"), mlqa_batch=0, query_len=32,
                                    mlqa_data=os.path.join(SHARED, "data", "mlqa-r"),
@@ -50,43 +50,43 @@ def main():
     batch = build_batch(args.case, 32, inputs)
     model = minihbt.load_model(args.model)
     opt = AdamW({k: model.params[k] for k in model.trainable_names()}, lr=3e-5, weight_decay=0.01,
-                backend=model.backend)
+                backend=model.backend, pool=model.pool)
     marks = []
 
     def mark(name):
         use = resource.getrusage(resource.RUSAGE_SELF)
         marks.append((name, time.perf_counter(), use.ru_utime + use.ru_stime))
-    embed_sides = model_module.embed_sides
+    embed_sides = groups.embed_sides
 
     def timed_embed_sides(*a, **k):                    # the step's forward, and its backward closure
         mark("start")
         emb, backward, n = embed_sides(*a, **k)
         mark("forward")
 
-        def timed_backward(d_emb, grads, rows=None):
+        def timed_backward(d_emb, grads, table):
             mark("loss")
-            backward(d_emb, grads, rows)
+            backward(d_emb, grads, table)
             mark("backward")
         return emb, timed_backward, n
-    step_module.embed_sides = timed_embed_sides
-    print(f"case {args.case}, {model.backend.threads} threads; per phase: wall seconds, cores busy")
+    groups.embed_sides = timed_embed_sides
+    print(f"case {args.case}, {model.pool.threads} threads; per phase: wall seconds, cores busy")
     for i in range(args.steps):
         marks.clear()
         stats = {}
         _, grads = minihbt.loss_and_grads(model, batch["queries"], batch["positives"], batch["negatives"],
                                           temperature=0.05, dropout=True, seed=i, max_query_length=32,
                                           max_passage_length=batch["max_passage_length"], return_numpy=False,
-                                          stats=stats)
-        clip_grad_norm(grads, 1.0, model.backend, rows=stats["table_rows"])
+                                          stats=stats, table_rows=True)
+        clip_grad_norm(grads, 1.0)
         mark("clip")
-        opt.step(model.params, grads, rows=stats["table_rows"])
+        opt.step(model.params, grads)
         mark("adamw")
         total = marks[-1][1] - marks[0][1]
         parts = [f"{name} {t1 - t0:.2f} s x{(c1 - c0) / max(t1 - t0, 1e-9):.2f}"
                  for (_, t0, c0), (name, t1, c1) in zip(marks, marks[1:])]
         print(f"step {i + 1}: {total:.2f} s = " + ", ".join(parts), flush=True)
     word = model.params[WORD_TABLE].shape[0]
-    print(f"word-table rows with a gradient in the last step: {len(stats['table_rows'][WORD_TABLE]):,} of {word:,};"
+    print(f"word-table rows with a gradient in the last step: {len(grads[WORD_TABLE].ids):,} of {word:,};"
           f" rows AdamW has updated so far: {int(opt.live[WORD_TABLE].sum()):,}")
 
 

@@ -17,7 +17,7 @@ import re
 GROUPS = ("linear", "attention", "softmax", "GELU", "dropout", "LayerNorm", "embedding", "loss", "optimizer",
           "other")
 LABELS = {"linear": "linear (matmul) fwd+bwd", "attention": "attention (QK^T, PV, heads)", "softmax": "softmax",
-          "GELU": "GELU (bias + GELU)", "dropout": "dropout", "LayerNorm": "LayerNorm (+ residual add)",
+          "GELU": "GELU", "dropout": "dropout", "LayerNorm": "LayerNorm (+ residual add)",
           "embedding": "embedding", "loss": "pooling + L2 + InfoNCE", "optimizer": "optimizer (clip + AdamW)",
           "other": "other"}
 # (group, pattern on the function's name), tried in order: softmax before attention, so the
@@ -33,7 +33,7 @@ RULES = [(g, re.compile(p, re.IGNORECASE)) for g, p in (
     ("loss", r"info_nce|contrastive|candidate_mask|l2_normali[sz]e|mean_pool|cls_pool|"
              r"^pool$|^pool_(for|back)ward$"),
     ("optimizer", r"adamw|clip_grad|grad_norm|sum_of_squares"))]
-FILE_RULES = [(g, re.compile(p)) for g, p in (("optimizer", r"^optim\.py$"), ("dropout", r"^dropout\.py$"))]
+FILE_RULES = [(g, re.compile(p)) for g, p in (("optimizer", r"^rowgrad\.py$"), ("dropout", r"^dropout\.py$"))]
 
 
 def classify(func, package_dir):

@@ -22,12 +22,21 @@ def run_minihbt(model_dir, batch, args):
     """(step, memory, device_name) for minihbt, or (None, why-not)."""
     import numpy as np
     import minihbt
-    from minihbt.optim import AdamW, clip_grad_norm
+    try:                           # this checkout: the word table's gradient as rows (rowgrad.py)
+        from minihbt.rowgrad import AdamW, clip_grad_norm
+        rows_api = True
+    except ImportError:            # a --baseline revision from before it
+        from minihbt.optim import AdamW, clip_grad_norm
+        rows_api = False
 
     if args.precision == "mixed":
         return None, "mixed precision is not implemented in minihbt"
     trainable = lambda m: {k: m.params[k] for k in m.trainable_names()}
-    if hasattr(minihbt, "Backend"):
+    if rows_api:
+        model = minihbt.load_model(model_dir, device=args.device, tf32=args.precision == "tf32")
+        opt = AdamW(trainable(model), lr=3e-5, weight_decay=0.01, backend=model.backend, pool=model.pool)
+        clip = lambda grads, **rows: clip_grad_norm(grads, 1.0)
+    elif hasattr(minihbt, "Backend"):
         model = minihbt.load_model(model_dir, device=args.device, tf32=args.precision == "tf32")
         opt = AdamW(trainable(model), lr=3e-5, weight_decay=0.01, backend=model.backend)
         clip = lambda grads, **rows: clip_grad_norm(grads, 1.0, **rows)
@@ -40,6 +49,8 @@ def run_minihbt(model_dir, batch, args):
     xp = model.xp
     seeds = iter(range(1000))
     group = {} if args.group_tokens is None else {"group_tokens": args.group_tokens or None}
+    if rows_api:
+        group["table_rows"] = True
 
     def step():
         stats = {}

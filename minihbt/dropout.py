@@ -21,8 +21,6 @@ import math
 
 import numpy as np
 
-from . import kernels
-
 GOLDEN = 0x9E3779B9
 MAX_ATTENTION_LEN = 2048         # the attention element index strides; longer sequences are refused
 EMBEDDINGS_SITE = 0
@@ -85,13 +83,6 @@ class DropoutStreams:
         self.text_keys = np.array([text_key(s) for s in seeds], dtype=np.uint32)
         self.lengths = [int(n) for n in lengths]
 
-    def subset(self, rows):
-        """The streams of some of the texts (a group of a batch), keys unchanged."""
-        out = DropoutStreams.__new__(DropoutStreams)
-        out.text_keys = self.text_keys[rows]
-        out.lengths = [self.lengths[i] for i in rows]
-        return out
-
     def site_keys(self, site):
         return fmix32(self.text_keys ^ fmix32(np.array([site * GOLDEN & 0xFFFFFFFF], dtype=np.uint32)))
 
@@ -104,8 +95,7 @@ class DropoutStreams:
             return self._keep_mask_device(be, keys, shape, threshold)
         keep = np.ones(shape, dtype=bool)
         elem = element_index(np, shape[1:])                             # [T, H] or [N, T, T], times G
-
-        def one_text(b):
+        for b in range(shape[0]):
             n = self.lengths[b]
             block = elem[:n] if len(shape) == 3 else elem[:, :n, :n]
             h = block ^ keys[b]
@@ -115,7 +105,6 @@ class DropoutStreams:
                 keep[b, :n] = h >= threshold
             else:
                 keep[b, :, :n, :n] = h >= threshold
-        be.map_tasks(one_text, range(shape[0]))
         return keep
 
     def _keep_mask_device(self, be, keys, shape, threshold):
@@ -125,10 +114,7 @@ class DropoutStreams:
         lengths = xp.asarray(np.array(self.lengths))
         elem = element_index(xp, shape[1:])[None]                       # [1, T, H] or [1, N, T, T]
         keys = xp.asarray(keys).reshape((B,) + (1,) * (len(shape) - 1))
-        if be.fused:
-            keep = kernels.dropout_keep(keys, elem, xp.uint32(threshold))
-        else:
-            keep = (fmix32(elem ^ keys) >> xp.uint32(8)) >= xp.uint32(threshold)
+        keep = (fmix32(elem ^ keys) >> xp.uint32(8)) >= xp.uint32(threshold)
         pos = xp.arange(T)
         if len(shape) == 3:
             keep |= pos[None, :, None] >= lengths[:, None, None]

@@ -1,23 +1,25 @@
 """Fused CuPy kernels: their CUDA sources and the functions that launch them.
 
-This module imports nothing from minihbt. `layers.py` and `optim.py` own the mathematics:
-each op there decides, in one visible line, whether a kernel here serves it (CuPy, float32,
-fused kernels switched on in the Backend) or its plain array expression runs; the plain
-expression is the reference a kernel must reproduce (tests/test_kernels.py compares them
-on a GPU). One launch replaces several element-wise passes:
+`layers.py` owns the mathematics; `FUSED` below is layers with some operations served by a
+kernel (the encoder takes it as its `ops` when the Backend's `fused` is on: CuPy, float32).
+Each plain operation is the reference its kernel must reproduce (tests/test_kernels.py
+compares them on a GPU). One launch replaces several element-wise passes:
 
-    bias_gelu        x = y + b; cdf = Phi(x); out = x * cdf        (ElementwiseKernel)
+    gelu             cdf = Phi(x); out = x * cdf                   (ElementwiseKernel)
     gelu_grad        dx = dy * (cdf + x * phi(x))                   (ElementwiseKernel)
     add_layernorm    LayerNorm(x + residual), keeping xhat, rstd    (RawKernel, a block a row)
     layernorm_grad   dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat))   (RawKernel)
     scaled_masked_softmax   softmax(s * scale + mask_bias), in place           (RawKernel)
     softmax_grad     ds = p (dp - sum(dp p)), in place on dp                   (RawKernel)
     adamw            the whole AdamW update of one tensor                      (ElementwiseKernel)
-    dropout_keep     the counter-based dropout mask of dropout.py          (ElementwiseKernel)
 
 Every launcher takes and returns CuPy float32 arrays.
 """
+import functools
 import math
+import types
+
+from . import layers
 
 try:
     import cupy
@@ -28,11 +30,11 @@ _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
-def bias_gelu(y, bias):
-    """GELU(y + bias) for y [..., F] (overwritten with x = y + bias), bias [F] -> (out, cdf)."""
-    cdf = cupy.empty_like(y)
-    out = cupy.empty_like(y)
-    _elementwise("bias_gelu")(bias, y, cdf, out)
+def gelu(x):
+    """GELU(x) -> (out, cdf), x [...]."""
+    cdf = cupy.empty_like(x)
+    out = cupy.empty_like(x)
+    _elementwise("gelu")(x, cdf, out)
     return out, cdf
 
 
@@ -84,12 +86,6 @@ def adamw(p, g, m, v, decay, one_minus_b1, b2, one_minus_b2, inv_bc2_sqrt, eps, 
     _elementwise("adamw")(g, decay, one_minus_b1, b2, one_minus_b2, inv_bc2_sqrt, eps, step_size, p, m, v)
 
 
-def dropout_keep(keys, elem, threshold):
-    """keep = fmix32(elem ^ key) >> 8 >= threshold, uint32 arrays broadcast -> bool; `elem` is
-    the element index already multiplied by the golden constant (dropout.element_index)."""
-    return _elementwise("dropout_keep")(keys, elem, threshold)
-
-
 # ----------------------------------------------------------------------------- CuPy kernels
 
 _BLOCK = 256          # threads a row for the row kernels (a multiple of 32)
@@ -97,15 +93,11 @@ _cache = {}
 
 _ELEMENTWISE = {
     # name: (in_params, out_params, operation); same operation order as the references
-    "bias_gelu": ("T b", "T x, T cdf, T out",
-                  f"x = x + b; cdf = erf(x * (T){_INV_SQRT2!r}); cdf = cdf + (T)1; cdf = cdf * (T)0.5; "
-                  "out = x * cdf;"),
+    "gelu": ("T x", "T cdf, T out",
+             f"cdf = erf(x * (T){_INV_SQRT2!r}); cdf = cdf + (T)1; cdf = cdf * (T)0.5; out = x * cdf;"),
     "gelu_grad": ("T dy, T x, T cdf", "T dx",
                   f"T pdf = exp((T)-0.5 * x * x); pdf = pdf * (T){_INV_SQRT2PI!r}; pdf = pdf * x; "
                   "pdf = pdf + cdf; dx = dy * pdf;"),
-    "dropout_keep": ("uint32 key, uint32 elem, uint32 threshold", "bool keep",
-                     "unsigned int h = elem ^ key; h ^= h >> 16; h *= 0x85EBCA6Bu; "
-                     "h ^= h >> 13; h *= 0xC2B2AE35u; h ^= h >> 16; keep = (h >> 8) >= threshold;"),
     "adamw": ("T g, T decay, T one_minus_b1, T b2, T one_minus_b2, T inv_bc2_sqrt, T eps, T step_size",
               "T p, T m, T v",
               "p = p * decay; m = m + (g - m) * one_minus_b1; v = v * b2 + (g * g) * one_minus_b2; "
@@ -210,3 +202,51 @@ def _raw(name):
             module = _cache["_module"] = cupy.RawModule(code=_ROW_SOURCE)
         _cache[name] = module.get_function(name)
     return _cache[name]
+
+
+# ----------------------------------------------------------------------------- the fused ops
+
+
+def _add_layernorm_forward(be, x, residual, gamma, beta, eps):
+    y, xhat, rstd = add_layernorm(x, residual, gamma, beta, eps)
+    return y, (xhat, rstd, gamma)
+
+
+def _layernorm_backward(be, d_y, cache):
+    xhat, rstd, gamma = cache
+    H = xhat.shape[-1]
+    d_gamma = (d_y * xhat).reshape(-1, H).sum(axis=0)
+    d_beta = d_y.reshape(-1, H).sum(axis=0)
+    return layernorm_grad(d_y, xhat, rstd, gamma), d_gamma, d_beta
+
+
+def _gelu_forward(be, x):
+    out, cdf = gelu(cupy.ascontiguousarray(x))
+    return out, (x, cdf)
+
+
+def _gelu_backward(be, d_y, cache):
+    x, cdf = cache
+    return gelu_grad(d_y, x, cdf)
+
+
+def _softmax(be, scores, mask_bias):
+    return scaled_masked_softmax(cupy.ascontiguousarray(scores), 1.0, mask_bias)
+
+
+def _softmax_grad(be, d_probs, probs):
+    return softmax_grad(cupy.ascontiguousarray(d_probs), probs)
+
+
+FUSED = types.SimpleNamespace(**{name: getattr(layers, name) for name in dir(layers) if not name.startswith("_")})
+FUSED.add_layernorm_forward = _add_layernorm_forward
+FUSED.layernorm_backward = _layernorm_backward
+FUSED.gelu_forward = _gelu_forward
+FUSED.gelu_backward = _gelu_backward
+FUSED.attention_forward = functools.partial(layers.attention_forward, softmax=_softmax)
+FUSED.attention_backward = functools.partial(layers.attention_backward, softmax_grad=_softmax_grad)
+
+
+def ops_for(be):
+    """The encoder's operations on this Backend: FUSED where its `fused` is on, else layers."""
+    return FUSED if be.fused else layers

@@ -1,27 +1,223 @@
-"""One training step's loss and gradients: encoder forward, InfoNCE, encoder backward.
+"""One training step of hybrid batch training, in plain array code: the InfoNCE loss with its
+candidate masks, the gradient of every parameter through the encoder, gradient clipping, AdamW
+and the learning-rate schedule. `loss_and_grads` and `train_step` at the bottom put it together.
 
-Plain: both sides (queries; positives then negatives) are embedded in one pass keeping their
-activations (model.embed_sides: the two sides' length groups share the thread pool), the loss
-gives the gradient of every embedding, and every group's backward runs from its cache.
-GradCache (`chunk_size`): embed the texts `chunk_size` at a time without keeping activations,
-compute the loss and the embedding gradients, then re-run each chunk (same dropout masks) and
-backpropagate its slice: the same gradients, memory bounded by the chunk, for one extra
-forward pass. Either way the texts run in length-sorted groups padded only to their own
-longest text.
+InfoNCE. Scores are cosine similarities (the embeddings are L2-normalised) divided by a
+temperature tau (default 0.05, as sentence-transformers). Candidate columns are the batch's
+positives (column i is query i's positive) followed by all its negatives. Which columns count
+for query i is a boolean mask:
+- `inbatch` (default): every positive and every negative of the batch; the target is the
+  query's own positive (sentence-transformers MultipleNegativesRankingLoss, Tevatron).
+- `paper`: exactly the denominator of the HBT paper's Eq. 1: the query's own positive plus
+  all negatives of the batch, not the other queries' positives.
+- in both, a candidate whose text duplicates the target's text is masked (a copy of the
+  positive is no negative), and repeated texts count once.
+- `symmetric=True` adds the passage -> query term (each positive scored against the batch's
+  queries) and averages the two directions, as MultipleNegativesSymmetricRankingLoss.
+The loss is the mean over queries of -log softmax(scores)[target].
 
-Dropout: text i of role r (0 queries, 1 passages) gets the streams of seed [seed, r, i], so
-its masks do not depend on chunking or grouping (dropout.py).
+AdamW (Loshchilov & Hutter) with the update of `torch.optim.AdamW`, step t = 1, 2, ...:
+    p <- p * (1 - lr * wd)                      decoupled weight decay
+    m <- m + (1 - b1) (g - m)                   (torch's lerp form of b1 m + (1 - b1) g)
+    v <- b2 v + (1 - b2) g^2
+    p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+No weight decay on biases and LayerNorm weights, as Hugging Face's Trainer (`no_decay`).
+Clipping: the global L2 norm over all gradients, scaled by max_norm / (norm + 1e-6) when above
+max_norm (torch.nn.utils.clip_grad_norm_). Schedule: linear warm-up from 0 over `warmup` steps,
+then constant or linear decay to 0 at `total` (transformers' get_linear_schedule_with_warmup).
+
+Dropout: text i of role r (0 queries, 1 passages) gets the masks of seed [seed, r, i] (dropout.py).
 """
+import math
+
 import numpy as np
 
+from . import encoder
 from .backend import to_numpy
-from .loss import contrastive_loss
-from .model import GROUP_TOKENS, Side, check_texts, embed_sides, embed_texts, resolve_prefix
+from .dropout import DropoutStreams
 
+CANDIDATES = ("inbatch", "paper")
+SCHEDULES = ("constant", "linear")
 QUERY, PASSAGE = 0, 1
 
 
-def _check_batch(queries, positives, negatives, chunk_size):
+def candidate_mask(target_texts, candidate_texts, own_only=None):
+    """Boolean [B, M] mask of the candidates that count for each row; row i's target is column i.
+
+    Column j is masked for row i when its text equals row i's target text (j != i), or when
+    it repeats the text of an earlier column. `own_only`, if given (an int n), keeps of the
+    first n columns only the row's own column (the `paper` denominator).
+    """
+    B, M = len(target_texts), len(candidate_texts)
+    first = {}
+    dup_of_earlier = np.zeros(M, dtype=bool)
+    for j, t in enumerate(candidate_texts):
+        if t in first:
+            dup_of_earlier[j] = True
+        else:
+            first[t] = j
+    mask = np.tile(~dup_of_earlier, (B, 1))                      # [B, M]
+    for i, t in enumerate(target_texts):
+        same = [j for j in range(M) if candidate_texts[j] == t] if t in first else []
+        mask[i, same] = False
+        mask[i, i] = True                                        # the target always counts
+    if own_only is not None:
+        mask[:, :own_only] &= np.eye(B, own_only, dtype=bool)
+    return mask
+
+
+def info_nce_forward(be, q, c, mask, temperature):
+    """q [B, H], c [M, H] (L2-normalised), mask [B, M]; row i's target is column i.
+    Returns (mean loss as a 0-d array, cache)."""
+    xp = be.xp
+    B = q.shape[0]
+    scores = (q @ c.T) * (1.0 / temperature)                     # [B, M]
+    scores = xp.where(xp.asarray(mask), scores, -xp.inf)
+    row_max = scores.max(axis=1, keepdims=True)                  # [B, 1]
+    shifted = scores - row_max
+    lse = xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))     # [B, 1]
+    log_probs = shifted - lse                                    # [B, M], -inf where masked
+    rows = xp.arange(B)
+    loss = -log_probs[rows, rows].mean()
+    return loss, (q, c, xp.exp(log_probs), temperature)
+
+
+def info_nce_backward(be, d_loss, cache):
+    """loss = mean_i(lse_i - s_ii), s = q c^T / tau
+    => ds = (softmax(s) - onehot) / B;  dq = ds c / tau;  dc = ds^T q / tau."""
+    q, c, probs, temperature = cache
+    B = q.shape[0]
+    d_s = probs.copy()                                           # [B, M]
+    rows = be.xp.arange(B)
+    d_s[rows, rows] -= 1.0
+    d_s *= d_loss / (B * temperature)
+    return d_s @ c, d_s.T @ q
+
+
+def contrastive_loss(be, q, c, query_texts, candidate_texts, temperature=0.05, candidates="inbatch",
+                     symmetric=False):
+    """The loss and its gradients with respect to q [B, H] and c [M, H] (see module doc)."""
+    if candidates not in CANDIDATES:
+        raise ValueError(f"candidates must be one of {CANDIDATES}, got {candidates!r}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    B = q.shape[0]
+    mask = candidate_mask(candidate_texts[:B], candidate_texts, own_only=B if candidates == "paper" else None)
+    loss, cache = info_nce_forward(be, q, c, mask, temperature)
+    if not symmetric:
+        d_q, d_c = info_nce_backward(be, 1.0, cache)
+        return float(loss), d_q, d_c
+    # passage -> query: positive i against all queries, target query i
+    mask_pq = candidate_mask(query_texts, query_texts)
+    loss_pq, cache_pq = info_nce_forward(be, c[:B], q, mask_pq, temperature)
+    d_q, d_c = info_nce_backward(be, 0.5, cache)
+    d_p, d_q2 = info_nce_backward(be, 0.5, cache_pq)
+    d_q += d_q2
+    d_c[:B] += d_p
+    return 0.5 * (float(loss) + float(loss_pq)), d_q, d_c
+
+
+# ----------------------------------------------------------------------------- optimiser
+
+
+def no_decay(name):
+    """Biases and LayerNorm weights get no weight decay."""
+    return name.endswith(".bias") or "LayerNorm" in name
+
+
+def scheduled_lr(step, lr, warmup=0, schedule="constant", total=None):
+    """Learning rate of optimiser step `step` (0-based): linear warm-up from 0 over `warmup`
+    steps, then `constant` (lr from then on, so a run can be extended) or `linear` (decay to
+    0 at step `total`)."""
+    if schedule == "linear":
+        return linear_schedule(step, lr, warmup, total)
+    if schedule != "constant":
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    return lr * min(1.0, step / warmup) if warmup else lr
+
+
+def linear_schedule(step, lr, warmup, total):
+    """Warm-up, then linear decay to 0 at step `total`; the first step has lr 0."""
+    if step < warmup:
+        return lr * step / warmup
+    return lr * max(0.0, (total - step) / max(1, total - warmup))
+
+
+def clip_grad_norm(grads, max_norm):
+    """Scale all gradients in place so that their global L2 norm is at most max_norm; returns
+    the norm before clipping. Squares are summed in float64, tensor by tensor, in dict order."""
+    if not max_norm >= 0:
+        raise ValueError(f"max_norm must be a number >= 0, got {max_norm!r}")
+    total = math.sqrt(sum(float((g.astype(np.float64) ** 2).sum()) for g in grads.values()))
+    coef = max_norm / (total + 1e-6)
+    if coef < 1.0:
+        for g in grads.values():
+            g *= g.dtype.type(coef)
+    return total
+
+
+def adamw_update(p, g, m, v, lr, weight_decay, betas, eps, t):
+    """AdamW step t on one tensor (or on some rows of one), in place on p, m and v."""
+    b1, b2 = betas
+    p *= p.dtype.type(1 - lr * weight_decay)
+    m += (g - m) * m.dtype.type(1 - b1)
+    v *= v.dtype.type(b2)
+    v += (g * g) * v.dtype.type(1 - b2)
+    denom = v ** 0.5 * v.dtype.type(1 / math.sqrt(1 - b2 ** t)) + v.dtype.type(eps)
+    p -= (m / denom) * p.dtype.type(lr / (1 - b1 ** t))
+
+
+class AdamW:
+    """AdamW over the tensors of `params` (name -> array); `backend`: the model's (default: NumPy)."""
+
+    def __init__(self, params, lr=3e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, backend=None):
+        self.xp = xp = np if backend is None else backend.xp
+        self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
+        self.t = 0
+        self.m = {k: xp.zeros_like(p) for k, p in params.items()}
+        self.v = {k: xp.zeros_like(p) for k, p in params.items()}
+
+    def step(self, params, grads, lr=None):
+        """One in-place update of the tensors this optimiser was built over."""
+        lr = self.lr if lr is None else lr
+        self.t += 1
+        for name in self.m:
+            self.update(name, params[name], grads[name], lr)
+
+    def update(self, name, p, g, lr):
+        if g.shape != p.shape:
+            raise ValueError(f"gradient of {name} has shape {g.shape}, parameter {p.shape}")
+        wd = 0.0 if no_decay(name) else self.weight_decay
+        adamw_update(p, g, self.m[name], self.v[name], lr, wd, self.betas, self.eps, self.t)
+
+    def state_dict(self):
+        return {"t": self.t, "lr": self.lr, "betas": list(self.betas), "eps": self.eps,
+                "weight_decay": self.weight_decay,
+                "m": {k: to_numpy(a) for k, a in self.m.items()}, "v": {k: to_numpy(a) for k, a in self.v.items()}}
+
+    def load_state_dict(self, state):
+        self.t = int(state["t"])
+        for k in self.m:
+            self.m[k][...] = self.xp.asarray(state["m"][k])
+            self.v[k][...] = self.xp.asarray(state["v"][k])
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def check_texts(texts, what="texts"):
+    """A list of str, or a TypeError naming the first bad item."""
+    if isinstance(texts, str):
+        raise TypeError(f"{what}: expected a list of texts, not a single string")
+    texts = list(texts)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"{what}[{i}] is {type(t).__name__}, not str")
+    return texts
+
+
+def check_batch(queries, positives, negatives):
+    """The batch's lists, checked: B queries, B positives, None or B lists of negatives."""
     queries, positives = check_texts(queries, "queries"), check_texts(positives, "positives")
     B = len(queries)
     if B == 0 or len(positives) != B:
@@ -30,69 +226,59 @@ def _check_batch(queries, positives, negatives, chunk_size):
         if len(negatives) != B:
             raise ValueError(f"negatives must be a list of {B} lists (one per query), got {len(negatives)}")
         negatives = [check_texts(n, f"negatives[{i}]") for i, n in enumerate(negatives)]
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
     return queries, positives, negatives
 
 
-def _seeds(seed, role, start, n, dropout):
+def batch_texts(model, queries, positives, negatives):
+    """The texts as the encoder sees them: queries with the query prefix; candidates (every
+    positive, then every triplet's negatives in order) with the passage prefix."""
+    q_pre, p_pre = model.prefixes["query"], model.prefixes["passage"]
+    candidates = positives + [t for negs in (negatives or []) for t in negs]
+    return [q_pre + t for t in queries], [p_pre + t for t in candidates]
+
+
+def dropout_seeds(seed, role, start, n, dropout):
     """Dropout seeds of texts start .. start + n - 1 of a side (None: dropout off)."""
     return [[seed, role, start + i] for i in range(n)] if dropout else None
 
 
-def loss_and_grads(model, queries, positives, negatives=None, temperature=0.05, candidates="inbatch",
-                   dropout=False, symmetric=False, seed=None, max_query_length=512, max_passage_length=512,
-                   chunk_size=None, return_numpy=True, stats=None, group_tokens=GROUP_TOKENS):
-    """InfoNCE loss of a batch and its gradient for every parameter of `model`.
+def tokenize(model, texts, max_length, seeds=None):
+    """Texts -> padded (input_ids, attention_mask, token_type_ids) [B, T] and their
+    DropoutStreams (None without seeds)."""
+    ids, types = model.tokenizer.encode(texts, max_length=min(max_length, model.max_length))
+    streams = DropoutStreams(seeds, [len(x) for x in ids]) if seeds is not None else None
+    return model.tokenizer.pad(ids, types) + (streams,)
 
-    queries, positives: lists of B texts; negatives: a list of B lists of texts (any length,
-    possibly empty) or None. Texts get the model's `query: ` / `passage: ` prefixes as
-    `encode` does. dropout: apply the model's dropout; its masks are a function of `seed`
-    (an int; None draws one) and of each text's place in the batch, so a step can be replayed.
-    chunk_size: GradCache (see the module docstring). group_tokens: padded tokens per
-    length-sorted group (None: each side, or chunk, as one padded batch).
-    Returns (loss: float, grads: dict name -> array with the names and shapes of
-    `model.params`; numpy arrays unless return_numpy=False). `stats`, if a dict, receives
-    the number of real tokens processed ("tokens") and {word table name: the rows of its
-    gradient that may be nonzero} ("table_rows", every other row is exactly 0: pass it as
-    `rows` to clip_grad_norm and AdamW.step, which then skip the rest of the table).
-    """
-    queries, positives, negatives = _check_batch(queries, positives, negatives, chunk_size)
+
+def loss_and_grads(model, queries, positives, negatives=None, temperature=0.05, candidates="inbatch",
+                   dropout=False, symmetric=False, seed=None, max_query_length=512, max_passage_length=512):
+    """InfoNCE loss of a batch and the gradient of every parameter of `model`: (loss, grads),
+    grads a dict of numpy arrays with the names and shapes of model.params. Each side (the
+    queries; the candidates) runs as one padded batch. dropout: its masks are a function of
+    `seed` (None draws one) and of each text's place in the batch, so a step can be replayed."""
+    queries, positives, negatives = check_batch(queries, positives, negatives)
     if dropout and seed is None:
         seed = int(np.random.SeedSequence().entropy % (2 ** 63))
-    q_pre, p_pre = resolve_prefix(model, "query", True), resolve_prefix(model, "passage", True)
-    query_texts = [q_pre + t for t in queries]
-    cand_texts = [p_pre + t for t in positives] + [p_pre + t for negs in (negatives or []) for t in negs]
-    sides = [(query_texts, max_query_length, QUERY), (cand_texts, max_passage_length, PASSAGE)]
+    be, params, config, pooling = model.backend, model.params, model.config, model.pooling
+    query_texts, cand_texts = batch_texts(model, queries, positives, negatives)
+    embs, caches = [], []
+    for texts, max_len, role in ((query_texts, max_query_length, QUERY), (cand_texts, max_passage_length, PASSAGE)):
+        *batch, streams = tokenize(model, texts, max_len, dropout_seeds(seed, role, 0, len(texts), dropout))
+        emb, cache = encoder.forward(be, params, config, pooling, *batch, streams=streams)   # [n, H]
+        embs.append(emb)
+        caches.append(cache)
+    loss, d_q, d_c = contrastive_loss(be, embs[0], embs[1], query_texts, cand_texts, temperature, candidates, symmetric)
+    grads = {}
+    for d_emb, cache in zip((d_q, d_c), caches):
+        encoder.backward(be, params, config, pooling, d_emb, cache, grads)
+    return loss, {name: to_numpy(grads[name]) if name in grads else np.zeros(p.shape, p.dtype)
+                  for name, p in params.items()}
 
-    def run(texts, max_len, role, start, keep):
-        seeds = _seeds(seed, role, start, len(texts), dropout)
-        return embed_texts(model, texts, max_len, seeds=seeds, keep=keep, max_tokens=group_tokens)
 
-    grads, tokens, rows = {}, 0, {}
-    if chunk_size is None:                                    # both sides' length groups in one pass
-        both = [Side(texts, max_len, seeds=_seeds(seed, role, 0, len(texts), dropout)) for texts, max_len, role in sides]
-        emb, backward, tokens = embed_sides(model, both, keep=True, max_tokens=group_tokens)
-        n_q = len(query_texts)
-        with model.backend.blas_serial():                     # the same bits on any number of threads
-            loss, d_q, d_c = contrastive_loss(model.backend, emb[:n_q], emb[n_q:], query_texts, cand_texts,
-                                              temperature, candidates, symmetric)
-        backward(model.xp.concatenate([d_q, d_c]), grads, rows)
-    else:
-        embs = [model.xp.concatenate([run(texts[s:s + chunk_size], max_len, role, s, False)[0]
-                                      for s in range(0, len(texts), chunk_size)]) for texts, max_len, role in sides]
-        with model.backend.blas_serial():
-            loss, d_q, d_c = contrastive_loss(model.backend, embs[0], embs[1], query_texts, cand_texts,
-                                              temperature, candidates, symmetric)
-        for (texts, max_len, role), d_emb in zip(sides, (d_q, d_c)):
-            for s in range(0, len(texts), chunk_size):
-                _, backward, n = run(texts[s:s + chunk_size], max_len, role, s, True)
-                backward(d_emb[s:s + chunk_size], grads, rows)
-                tokens += n
-    for name, p in model.params.items():          # parameters the loss does not reach (e.g. an unused pooler)
-        if name not in grads:
-            grads[name] = model.xp.zeros_like(p)
-    grads = {name: (to_numpy(grads[name]) if return_numpy else grads[name]) for name in model.params}
-    if stats is not None:
-        stats["tokens"], stats["table_rows"] = tokens, rows
-    return loss, grads
+def train_step(model, optimizer, queries, positives, negatives=None, lr=None, max_grad_norm=1.0, **loss_options):
+    """One step of training: the loss and gradients, clipping, AdamW. Returns (loss, gradient norm)."""
+    loss, grads = loss_and_grads(model, queries, positives, negatives, **loss_options)
+    grads = {name: model.backend.asarray(g) for name, g in grads.items()}
+    norm = clip_grad_norm(grads, max_grad_norm) if max_grad_norm else float("nan")
+    optimizer.step(model.params, grads, lr)
+    return loss, norm

@@ -65,10 +65,10 @@ def test_groups_follow_names_and_split_helpers_by_caller_time():
                                 "group": "GELU"}
 
 
-def test_softmax_inside_attention_is_softmax_and_optim_file_is_optimizer():
+def test_softmax_inside_attention_is_softmax_and_rowgrad_file_is_optimizer():
     attention = (os.path.join(PKG, "layers.py"), 30, "attention_forward")
     softmax = (os.path.join(PKG, "kernels.py"), 40, "scaled_masked_softmax")
-    step = (os.path.join(PKG, "optim.py"), 50, "step")
+    step = (os.path.join(PKG, "rowgrad.py"), 50, "step")
     result = profile_of({attention: (1, 1, 1.0, 3.0, {}), softmax: (1, 1, 2.0, 2.0, {attention: edge(2.0)}),
                          step: (1, 1, 4.0, 4.0, {})})
     assert result["groups"]["attention"] == 1.0
@@ -83,7 +83,7 @@ def test_a_call_cycle_of_unnamed_functions_ends_in_other():
 
 
 def test_file_rules_and_pool_names():
-    streams = (os.path.join(PKG, "dropout.py"), 60, "subset")                 # any function of dropout.py
+    streams = (os.path.join(PKG, "dropout.py"), 60, "site_keys")                 # any function of dropout.py
     pool = (os.path.join(PKG, "encoder.py"), 70, "pool_forward")
     result = profile_of({streams: (1, 1, 1.5, 1.5, {}), pool: (1, 1, 0.5, 0.5, {})})
     assert result["groups"]["dropout"] == 1.5

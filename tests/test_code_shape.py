@@ -70,3 +70,24 @@ def test_the_check_sees_a_cycle_and_an_inner_import():
     tree = ast.parse("def f():\n    import os\n")
     assert any(isinstance(n, ast.Import) for n in ast.walk(tree.body[0]))
     assert internal_imports("layers.py", ast.parse("from . import model\n")) == {"minihbt.model"}
+
+
+# The plain path (the mathematics a learner reads, README "Read the code") and the speed
+# machinery (each mechanism in one module): the first never imports the second.
+PLAIN = ("layers.py", "encoder.py", "step.py", "dropout.py", "backend.py", "config.py")
+SPEED = {"minihbt.parallel", "minihbt.groups", "minihbt.rowgrad", "minihbt.packing", "minihbt.kernels"}
+
+
+@pytest.mark.parametrize("rel", PLAIN)
+def test_the_plain_path_imports_nothing_from_the_speed_modules(rel):
+    assert not internal_imports(rel, parse(rel)[1]) & SPEED
+
+
+def test_the_plain_path_is_three_files_of_at_most_about_900_lines():
+    lines = sum(len(parse(rel)[0].splitlines()) for rel in ("layers.py", "encoder.py", "step.py"))
+    assert lines <= 900, lines
+    assert all(module_name(m) in {module_name(r) for r in MODULES} for m in PLAIN) and SPEED <= {module_name(r) for r in MODULES}
+
+
+def test_the_speed_rule_sees_an_import():
+    assert internal_imports("encoder.py", ast.parse("from . import parallel\n")) & SPEED == {"minihbt.parallel"}

@@ -1,6 +1,7 @@
 """Whole-model gradients and an AdamW trajectory equal PyTorch's (fixtures recorded by
 tests/fixtures/make_fixtures.py with torch; dropout off, float32). torch is not needed here."""
 import functools
+import json
 import os
 
 import numpy as np
@@ -8,9 +9,9 @@ import pytest
 
 import minihbt
 from minihbt.config import ModelConfig
-from minihbt.step import loss_and_grads
+
 from minihbt.backend import to_numpy
-from minihbt.optim import AdamW, clip_grad_norm, linear_schedule
+from minihbt.step import AdamW, clip_grad_norm, linear_schedule, loss_and_grads
 from minihbt.weights import expected_shapes
 from conftest import FIXTURES, TINY
 from fixtures.spec import ADAMW, ME5_GRADS, TEMPERATURE, TRIPLETS
@@ -86,3 +87,29 @@ def test_me5_loss_and_gradients_match_torch(me5_dir):
     for name in ME5_GRADS:
         g_torch = ref["grad/" + name]
         assert np.abs(grads[name] - g_torch).max() <= 1e-4 * max(1.0, np.abs(g_torch).max()), name
+
+
+def test_the_padding_row_is_not_trained_as_in_torch(tmp_path):
+    """multilingual-E5's config names <s> (id 0, the first token of every text) its pad_token_id,
+    and torch's nn.Embedding(padding_idx=pad_token_id) never gives that row a gradient. The
+    fixture: tiny-bert with pad_token_id set to [CLS], the id that starts each of its texts;
+    torch's loss and whole word-table gradient (that row 0) against the plain and the fast path."""
+    import shutil
+    from minihbt import groups
+    ref = np.load(os.path.join(TINY["bert"], "pad_quirk.npz"))
+    quirk = shutil.copytree(TINY["bert"], tmp_path / "tiny-bert-pad-quirk")
+    config = json.loads((quirk / "config.json").read_text())
+    (quirk / "config.json").write_text(json.dumps({**config, "pad_token_id": int(ref["pad_token_id"])}))
+    model = minihbt.load_model(str(quirk), pooling="mean")
+    cls_row = int(ref["pad_token_id"])
+    g_torch = ref["word_grad"]
+    for compute in (loss_and_grads, groups.loss_and_grads):
+        loss, grads = compute(model, *split(TRIPLETS), temperature=TEMPERATURE)
+        assert abs(loss - float(ref["loss"])) <= 1e-5
+        g = grads["embeddings.word_embeddings.weight"]
+        assert not g[cls_row].any() and not g_torch[cls_row].any()
+        assert np.abs(g - g_torch).max() <= 1e-4 * max(1.0, np.abs(g_torch).max())
+    # the row would get a gradient if it were trained: the fixture can see the difference
+    _, trained = loss_and_grads(minihbt.load_model(TINY["bert"], pooling="mean"), *split(TRIPLETS),
+                                temperature=TEMPERATURE)
+    assert np.abs(trained["embeddings.word_embeddings.weight"][cls_row]).max() > 1e-3

@@ -1,5 +1,5 @@
 """The fused CuPy kernels (minihbt.kernels) against the plain array expressions of layers.py /
-optim.py that they replace.
+step.py that they replace.
 
 Everywhere: fused kernels never apply to NumPy or float64 (the Backend refuses the switch),
 and every CUDA source compiles with NVRTC (no GPU needed). Under CuPy with a GPU: each op
@@ -15,7 +15,7 @@ from conftest import CUDA_SKIP, TINY
 from minihbt import kernels as K
 from minihbt import layers as L
 from minihbt.backend import Backend
-from minihbt.optim import _adamw_update
+from minihbt.step import adamw_update
 
 cuda_only = pytest.mark.skipif(CUDA_SKIP is not None, reason=CUDA_SKIP or "")
 
@@ -44,34 +44,37 @@ def test_fused_kernels_match_the_plain_ops_on_gpu(H):
     tol = dict(rtol=2e-6, atol=2e-6)
     get = cp.asnumpy
 
-    out, (x, cdf) = L.bias_gelu_forward(fused, a["y"].copy(), a["b"])
-    ref, (x_ref, cdf_ref) = L.bias_gelu_forward(plain, a["y"].copy(), a["b"])
+    F = K.FUSED                                                       # layers' ops, some served by kernels
+    out, (x, cdf) = F.gelu_forward(fused, a["y"])
+    ref, (x_ref, cdf_ref) = L.gelu_forward(plain, a["y"])
     for u, w in ((out, ref), (x, x_ref), (cdf, cdf_ref)):
         np.testing.assert_allclose(get(u), get(w), **tol)
     dy = cp.asarray(np.random.default_rng(2).standard_normal(out.shape).astype(np.float32))
-    np.testing.assert_allclose(get(L.gelu_backward(fused, dy, (x, cdf))), get(L.gelu_backward(plain, dy, (x_ref, cdf_ref))),
+    np.testing.assert_allclose(get(F.gelu_backward(fused, dy, (x, cdf))), get(L.gelu_backward(plain, dy, (x_ref, cdf_ref))),
                                **tol)
 
-    y, cache = L.add_layernorm_forward(fused, a["x"].copy(), a["r"], a["g"], a["beta"], 1e-12)
-    y_ref, cache_ref = L.add_layernorm_forward(plain, a["x"].copy(), a["r"], a["g"], a["beta"], 1e-12)
+    y, cache = F.add_layernorm_forward(fused, a["x"], a["r"], a["g"], a["beta"], 1e-12)
+    y_ref, cache_ref = L.add_layernorm_forward(plain, a["x"], a["r"], a["g"], a["beta"], 1e-12)
     for u, w in zip((y,) + cache[:2], (y_ref,) + cache_ref[:2]):
         np.testing.assert_allclose(get(u), get(w), rtol=1e-5, atol=1e-5)
-    for u, w in zip(L.layernorm_backward(fused, a["dy"], cache), L.layernorm_backward(plain, a["dy"], cache_ref)):
+    for u, w in zip(F.layernorm_backward(fused, a["dy"], cache), L.layernorm_backward(plain, a["dy"], cache_ref)):
         np.testing.assert_allclose(get(u), get(w), rtol=1e-5, atol=1e-5)
 
-    p = L.scaled_masked_softmax(fused, a["s"].copy(), 0.125, mask_bias)
-    p_ref = L.scaled_masked_softmax(plain, a["s"].copy(), 0.125, mask_bias)
+    p = K.scaled_masked_softmax(a["s"].copy(), 1.0, mask_bias)
+    p_ref = L.softmax_forward(plain, a["s"], mask_bias)
     np.testing.assert_allclose(get(p), get(p_ref), **tol)
     assert (get(p)[1, :, :, 4:] == 0).all()                           # padded keys get exactly 0
-    np.testing.assert_allclose(get(L.softmax_backward(fused, a["dp"].copy(), p)),
-                               get(L.softmax_backward(plain, a["dp"].copy(), p_ref)), **tol)
+    np.testing.assert_allclose(get(K.softmax_grad(a["dp"].copy(), p)), get(L.softmax_backward(plain, a["dp"], p_ref)),
+                               **tol)
 
-    consts = tuple(np.float32(c) for c in (0.99, 0.1, 0.999, 0.001, 1.2, 1e-8, 3e-4))
+    lr, wd, betas, eps, t = 0.01, 1.0, (0.9, 0.999), 1e-8, 3
+    consts = tuple(np.float32(c) for c in (1 - lr * wd, 1 - betas[0], betas[1], 1 - betas[1],
+                                          1 / (1 - betas[1] ** t) ** 0.5, eps, lr / (1 - betas[0] ** t)))
     p1, m1, v1 = a["x"].copy(), a["r"].copy(), cp.abs(a["dy"])
     p2, m2, v2 = p1.copy(), m1.copy(), v1.copy()
     grad = a["x"] * 0.5
     K.adamw(p1, grad, m1, v1, *consts)
-    _adamw_update(p2, grad, m2, v2, *consts)
+    adamw_update(p2, grad, m2, v2, lr, wd, betas, eps, t)
     for u, w in ((p1, p2), (m1, m2), (v1, v2)):
         np.testing.assert_allclose(get(u), get(w), rtol=1e-6, atol=1e-7)
 

@@ -17,7 +17,7 @@ import pytest
 import study
 import train
 from minihbt import demo
-from minihbt.backend import blas_info, blas_threads
+from minihbt.parallel import blas_info, blas_threads
 from minihbt.files import exclusive_lock, live_processes, presence
 from minihbt.study import load_study, paper
 from minihbt.study.runner import Interrupted

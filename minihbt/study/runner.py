@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import CheckpointError, ConfigError, DeviceError, __version__, encode, load_model
-from ..backend import blas_info
+from ..parallel import blas_info
 from ..checkpoint import STATE_FILE, latest_checkpoint
 from ..cli import GracefulStop
 from ..data import DataError, load_lareqa
