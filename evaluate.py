@@ -27,10 +27,11 @@ import time
 import numpy as np
 
 from minihbt import cli
+from minihbt.comm import CommError, from_environment
+from minihbt.evaluation import not_applicable, number, summary_table
 from minihbt.files import atomic_path, sha256_file, source_digest, stat_digest, write_json, write_text
 
 DEFAULT_MAX_LENGTH = 512
-NOT_APPLICABLE = "n/a"
 
 
 def check_args(args):
@@ -94,10 +95,19 @@ def cache_key(model, rs, args):
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def encode_all(model, rs, args):
-    """Query embeddings per language and candidate embeddings, from the cache when present."""
+def encode_shard(model, texts, comm, pairs=None, **kw):
+    """minihbt.encode of `texts`, split over the ranks of `comm` (rank r encodes the r-th of N
+    contiguous slices) and gathered in order on every rank."""
     import minihbt
 
+    lo, hi = comm.rank * len(texts) // comm.size, (comm.rank + 1) * len(texts) // comm.size
+    part = minihbt.encode(model, texts[lo:hi], pairs=pairs[lo:hi] if pairs is not None else None, **kw)
+    return comm.allgather(part) if comm.size > 1 else part
+
+
+def encode_all(model, rs, args, comm):
+    """Query embeddings per language and candidate embeddings, from the cache when present;
+    over several ranks each encodes its share of every list (rank 0 writes the cache)."""
     path = None
     if args.cache:
         path = os.path.join(args.cache, f"{rs.name}-{cache_key(model, rs, args)}.npz")
@@ -106,46 +116,19 @@ def encode_all(model, rs, args):
                 print(f"embeddings from cache {path}", file=sys.stderr)
                 args.cached = True
                 return {l: z["q_" + l] for l in rs.languages}, z["candidates"]
-    kw = dict(batch_size=args.batch_size, max_length=args.max_length, progress=True)
+    kw = dict(batch_size=args.batch_size, max_length=args.max_length, progress=comm.is_root)
     queries = {}
     for lang in rs.languages:
         texts = [q for _, q in rs.queries[lang]]
-        queries[lang] = minihbt.encode(model, texts, kind="query", prefix=True if args.query_prefix is None else args.query_prefix, **kw)
+        queries[lang] = encode_shard(model, texts, comm, kind="query",
+                                     prefix=True if args.query_prefix is None else args.query_prefix, **kw)
     pairs = rs.cand_context if args.candidates == "pair" else None
-    cands = minihbt.encode(model, rs.cand_text, kind="passage", prefix=True if args.passage_prefix is None else args.passage_prefix,
-                           pairs=pairs, **kw)
-    if path:
+    cands = encode_shard(model, rs.cand_text, comm, kind="passage", pairs=pairs,
+                         prefix=True if args.passage_prefix is None else args.passage_prefix, **kw)
+    if path and comm.is_root:
         with atomic_path(path) as tmp:
             np.savez(tmp, candidates=cands, **{"q_" + l: e for l, e in queries.items()})
     return queries, cands
-
-
-def number(value, spec):
-    """A figure for the tables, or n/a where the setting does not apply (one language)."""
-    return NOT_APPLICABLE if value is None else format(value, spec)
-
-
-def not_applicable(res):
-    """The settings that do not apply to this evaluation, with the reason (for the JSON)."""
-    if len(res["languages"]) > 1:
-        return {}
-    reason = "one language: this setting compares languages"
-    return {"cross": reason, "multi": reason, "bias": reason}
-
-
-def summary_table(res):
-    rows = [("Mo.", "map", res["mono"]["map"]), ("Mo.", "r@1", res["mono"]["r@1"]),
-            ("Cr.", "map", res["cross"]["map"]), ("Cr.", "r@1", res["cross"]["r@1"]),
-            ("Mul.", "map", res["multi"]["map"]), ("Mul.", "r@10", res["multi"]["r@10"])]
-    lines = [f"{res['dataset']}: {len(res['languages'])} languages, "
-             f"{sum(res['counts']['queries'].values())} queries, {res['counts']['pooled_candidates']} candidates",
-             f"{'setting':8s}{'metric':8s}{'value':>8s}"]
-    lines += [f"{s:8s}{m:8s}{number(v, '8.3f'):>8s}" for s, m, v in rows]
-    lines.append(f"{'Mul.':8s}{'bias':8s}{number(res['bias']['rank_distance'], '8.1f'):>8s}   "
-                 "(mean rank distance, lower is better)")
-    if not_applicable(res):
-        lines.append("Cr., Mul. and bias: n/a (one language; they compare languages)")
-    return "\n".join(lines)
 
 
 def markdown_report(res, args):
@@ -223,6 +206,17 @@ def write_outputs(res, args):
         heatmap(res, os.path.splitext(args.report)[0] + ".png")
 
 
+def ranks(device):
+    """The ranks of this launch (mpirun -np N: the texts are encoded in N shards); only rank 0
+    prints problems and results."""
+    try:
+        comm = from_environment(device)
+    except CommError as e:
+        raise cli.Stop(2, f"mpirun: {e}") from None
+    cli.show_errors(comm.is_root)
+    return comm
+
+
 @cli.program("evaluate.py")
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="evaluate.py", description=__doc__,
@@ -252,6 +246,7 @@ def main(argv=None):
     ap.add_argument("--cache", default=os.path.join(os.getcwd(), ".minihbt-cache"),
                     help="directory for cached embeddings (default ./.minihbt-cache); '' to disable")
     args = ap.parse_args(argv)
+    comm = ranks(args.device)
     check_args(args)
 
     import minihbt
@@ -262,7 +257,9 @@ def main(argv=None):
     model = minihbt.load_model(args.model, device=args.device, pooling=args.pooling)
     fit_max_length(model, args)
     t0 = time.perf_counter()
-    queries, cands = encode_all(model, rs, args)
+    queries, cands = encode_all(model, rs, args, comm)
+    if not comm.is_root:                                    # mpirun: rank 0 computes the metrics, once
+        return None
     if args.center_languages:                               # post hoc: the cache keeps the raw embeddings
         queries, cands = center_languages(queries, cands, rs.cand_lang)
     t1 = time.perf_counter()

@@ -35,9 +35,11 @@ from typing import List, NamedTuple, Optional
 import numpy as np
 
 from minihbt import cli, demo
+from minihbt.check.batchlog import BatchLog
 from minihbt.checkpoint import (LOG_FILE, is_checkpoint, latest_checkpoint, load_training_state, prepare_run_folder,
                                 read_trainer_state, remove_partial_checkpoints, run_contents, save_checkpoint)
 from minihbt.cli import AT_LEAST_0, AT_LEAST_1, FRACTION, POSITIVE, Problems, Range, Stop, setting
+from minihbt.comm import CommError, SettingsMismatch, SingleProcess, from_environment
 
 PROG = "train.py"
 
@@ -90,6 +92,10 @@ class TrainSettings:
                        "with optimizer.npz and trainer_state.json beside the weights), log.jsonl", metavar="DIR")
     save_every: int = setting(500, "checkpoint every N steps; 0 = only at the end", accepted=AT_LEAST_0)
     quiet: bool = setting(False, "no progress bar or messages")
+    batch_log: Optional[str] = setting(None, "write each batch a step is taken on to FILE, one JSON line a step "
+                                             "(docs/batch-log.md), for `python -m minihbt.check batches`; a new run "
+                                             "refuses an existing FILE unless --overwrite, a resumed one rewrites it",
+                                       metavar="FILE")
 
 
 RESUMABLE = ("steps", "save_every", "device", "tf32", "fused_kernels", "quiet")     # the rest stay as saved
@@ -98,11 +104,13 @@ CUDA_ONLY = ("tf32", "fused_kernels")
 
 
 class Plan(NamedTuple):
-    """resolve_args' answer; `given`: the settings set by the command line or --config."""
+    """resolve_args' answer; `given`: the settings set by the command line or --config; `comm`:
+    the ranks of a data-parallel run (minihbt.comm; one process: SingleProcess)."""
     settings: TrainSettings
     checkpoint: Optional[str]
     overwrite: bool
     given: frozenset
+    comm: object
 
 
 def build_parser():
@@ -145,10 +153,34 @@ def resolve_args(argv):
     check_combinations(settings, given, problems)
     check_paths(settings, resume, overwrite, problems)
     cli.check_device("--device", settings.device, problems)
+    comm = ranks(settings, resume, overwrite, problems)
     problems.stop_if_any()
-    cli.make_folder("--out", settings.out, problems)
+    if comm.is_root:
+        cli.make_folder("--out", settings.out, problems)
     problems.stop_if_any()
-    return Plan(settings, checkpoint, overwrite, given)
+    comm.barrier()
+    return Plan(settings, checkpoint, overwrite, given, comm)
+
+
+def ranks(s, resume, overwrite, problems):
+    """The communicator of this launch (mpirun -np N: N ranks; else one process), checked: the
+    batch splits evenly over the ranks, and every rank was given the same settings. Only rank 0
+    prints the problems (every rank finds the same ones and exits alike)."""
+    try:
+        comm = from_environment(s.device)
+    except CommError as e:
+        problems.add(f"mpirun: {e}")
+        return SingleProcess()
+    cli.show_errors(comm.is_root)
+    if comm.size > 1:
+        if s.batch_size % comm.size:
+            problems.add(f"--batch-size {s.batch_size}: expected a multiple of the {comm.size} ranks (each rank "
+                         f"embeds batch-size / {comm.size} triplets of every batch)")
+        try:
+            comm.agree({**asdict(s), "resume": resume, "overwrite": overwrite})
+        except SettingsMismatch as e:
+            problems.add(f"{e}: launch every rank with the same settings")
+    return comm
 
 
 def setting_problems(argv):
@@ -236,6 +268,11 @@ def check_paths(s, resume, overwrite, problems):
         if found and not overwrite:
             problems.add(f"--out {s.out}: already holds a run ({', '.join(found)}); continue it with --resume "
                          f"{s.out}, or add --overwrite to delete it and start over")
+        if s.batch_log:
+            cli.check_output_file("--batch-log", s.batch_log, problems)
+            if os.path.isfile(s.batch_log) and not overwrite:
+                problems.add(f"--batch-log {s.batch_log}: already exists; add --overwrite to replace it (with the "
+                             "run in --out), or choose another file")
         model, doomed = os.path.realpath(s.model or ""), [os.path.realpath(os.path.join(s.out, n)) for n in found]
         if overwrite and s.model and any(model == d or model.startswith(d + os.sep) for d in doomed):
             problems.add(f"--overwrite: --model {s.model} lies in the run in --out {s.out}, which --overwrite would "
@@ -277,8 +314,8 @@ def read_batches(s, say):
     return examples, sampler
 
 
-def train_step(model, optimizer, s, batch, step):
-    """One AdamW step on `batch`; returns the log record of the step."""
+def train_step(model, optimizer, s, batch, step, comm=None):
+    """One AdamW step on `batch` (over the ranks of `comm`, if given); returns the log record of the step."""
     from minihbt.groups import loss_and_grads
     from minihbt.rowgrad import clip_grad_norm
     from minihbt.step import scheduled_lr
@@ -288,25 +325,33 @@ def train_step(model, optimizer, s, batch, step):
         [list(t.negatives) for t in batch.triplets], temperature=s.temperature, candidates=s.candidates,
         symmetric=s.symmetric, dropout=True, seed=int(np.random.SeedSequence([s.seed, step]).generate_state(1)[0]),
         max_query_length=s.max_query_len, max_passage_length=s.max_passage_len,
-        chunk_size=s.grad_cache_chunk or None, return_numpy=False, stats=stats, table_rows=True)
+        chunk_size=s.grad_cache_chunk or None, return_numpy=False, stats=stats, table_rows=True, comm=comm)
     if not math.isfinite(loss):
         return {"step": step + 1, "loss": loss}
     norm = clip_grad_norm(grads, s.max_grad_norm) if s.max_grad_norm else float("nan")
     lr = scheduled_lr(step, s.lr, s.warmup, s.schedule, s.decay_steps or s.steps)
     optimizer.step(model.params, grads, lr=lr)
     seconds = time.perf_counter() - t0
+    tokens = sum(comm.allgather_object(stats["tokens"])) if comm is not None else stats["tokens"]
     return {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": norm, "kind": batch.kind, "lang": batch.lang,
-            "source": batch.source, "tokens": stats["tokens"], "seconds": round(seconds, 4)}
+            "source": batch.source, "tokens": tokens, "seconds": round(seconds, 4)}
 
 
 def train(plan):
     """The training recipe: batches, model and optimiser, then one AdamW step per batch,
-    a checkpoint every --save-every steps and on Ctrl-C/SIGTERM, and final/ at the end."""
+    a checkpoint every --save-every steps and on Ctrl-C/SIGTERM, and final/ at the end.
+    Over N ranks (mpirun), every rank takes every step on its shard of the batch; rank 0
+    alone writes the log, the batch log and the checkpoints; an error on one rank stops all."""
+    with plan.comm.abort_on_error():
+        return train_ranks(plan)
+
+
+def train_ranks(plan):
     import minihbt
     from minihbt.rowgrad import AdamW
     from tqdm.auto import tqdm
-    s = plan.settings
-    say = (lambda *a: None) if s.quiet else (lambda *a: print(*a, file=sys.stderr))
+    s, comm = plan.settings, plan.comm
+    say = (lambda *a: None) if s.quiet or not comm.is_root else (lambda *a: print(*a, file=sys.stderr))
     examples, sampler = read_batches(s, say)
     model = load_start_model(s, plan.checkpoint, plan.given, say)
     optimizer = AdamW({k: model.params[k] for k in model.trainable_names()}, lr=s.lr, weight_decay=s.weight_decay,
@@ -314,23 +359,29 @@ def train(plan):
     step = load_training_state(plan.checkpoint, optimizer)["step"] if plan.checkpoint else 0
     if plan.checkpoint:
         say(f"resuming {plan.checkpoint} at step {step}")
-    for line in prepare_run_folder(s.out, step, plan.overwrite):
+    for line in (prepare_run_folder(s.out, step, plan.overwrite) if comm.is_root else []):
         say(line)
-    say(f"{len(examples)} examples, {len(sampler)} batches per epoch of {s.batch_size}; {model}")
+    comm.barrier()
+    say(f"{len(examples)} examples, {len(sampler)} batches per epoch of {s.batch_size}; {model}"
+        + (f"; {comm.size} ranks, {s.batch_size // comm.size} triplets each" if comm.size > 1 else ""))
 
     def save(name):
         state = {"step": step, "settings": asdict(s), "sampler": sampler.state_dict(), "minihbt": minihbt.__version__}
-        return save_checkpoint(s.out, name, model, optimizer, state)
+        path = save_checkpoint(s.out, name, model, optimizer, state) if comm.is_root else None
+        comm.barrier()                                  # the other ranks go on once rank 0 has saved
+        return path
 
-    with cli.GracefulStop() as stop, open(os.path.join(s.out, LOG_FILE), "a", encoding="utf-8") as log, \
-            tqdm(total=s.steps, initial=step, desc="train", unit="step", disable=s.quiet) as bar:
+    with cli.GracefulStop() as stop, open(os.path.join(s.out, LOG_FILE) if comm.is_root else os.devnull, "a",
+                                          encoding="utf-8") as log, \
+            BatchLog(s.batch_log if comm.is_root else None, sampler, step) as batch_log, \
+            tqdm(total=s.steps, initial=step, desc="train", unit="step", disable=s.quiet or not comm.is_root) as bar:
         epoch_batches = (None, None)                    # (epoch, its batches): an epoch is composed once
         while step < s.steps:
             epoch, index = divmod(step, len(sampler))
             if epoch_batches[0] != epoch:
                 epoch_batches = (epoch, sampler.batches(epoch))
             batch = epoch_batches[1][index]
-            record = train_step(model, optimizer, s, batch, step)
+            record = train_step(model, optimizer, s, batch, step, comm)
             if not math.isfinite(record["loss"]):
                 raise Stop(1, f"error: the loss is {record['loss']} at step {step} (batch {index} of epoch {epoch}, "
                               f"{batch.kind}); stopping. The last good checkpoint is kept in {s.out}; try a lower "
@@ -338,10 +389,11 @@ def train(plan):
             step += 1
             log.write(json.dumps(record) + "\n")
             log.flush()
+            batch_log.add(batch)
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                             tok_s=f"{record['tokens'] / max(record['seconds'], 1e-4):.0f}", kind=batch.kind)
-            signum = stop.signum                                # read once: a signal may land any time
+            signum = max(comm.allgather_object(stop.signum or 0)) or None   # read once; every rank stops alike
             if step < s.steps and (signum or s.save_every and step % s.save_every == 0):
                 path = save(f"checkpoint-{step}")
             if signum and step < s.steps:                       # on the last step, final/ is saved below

@@ -33,6 +33,15 @@ EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 DEBUG_VARIABLE = "MINIHBT_DEBUG"
 
 
+_SHOWN = [True]                  # whether this process prints its Stop lines (a data-parallel run: rank 0)
+
+
+def show_errors(on):
+    """Print (on) or keep quiet about (off) the lines of a Stop: under mpirun every rank finds
+    the same bad settings, and only rank 0 says so."""
+    _SHOWN[0] = bool(on)
+
+
 class Stop(SystemExit):
     """Ends the program with `status` after showing `lines` (each prefixed with the program's
     name). A SystemExit, so it passes through `with` blocks and `finally` clauses, and
@@ -46,7 +55,7 @@ class Stop(SystemExit):
         return "\n".join(self.lines)
 
     def show(self, prog):
-        if not self.shown:
+        if not self.shown and _SHOWN[0]:
             for line in self.lines:
                 print(f"{prog}: {line}", file=sys.stderr)
             self.shown = True

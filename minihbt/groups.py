@@ -9,6 +9,8 @@ number of threads. The word table's gradient is kept as rows (rowgrad.py); infer
 the padding altogether (packing.py). `loss_and_grads` here is step.loss_and_grads made fast,
 with GradCache; tests/test_fast_path.py checks it against step.py.
 """
+import time
+
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -18,8 +20,9 @@ from . import layers
 from . import packing
 from . import rowgrad
 from .backend import to_numpy
+from .comm import SingleProcess
 from .dropout import DropoutStreams
-from .step import (PASSAGE, QUERY, batch_texts, check_batch, contrastive_loss, dropout_seeds)
+from .step import PASSAGE, QUERY, batch_texts, check_batch, contrastive_loss
 
 GROUP_TOKENS = 512        # padded tokens per length group in training (benchmarks/train_step.py measured 256-4096)
 
@@ -140,7 +143,8 @@ def backward_groups(model, caches, d_emb, grads, table, costs):
 
 def loss_and_grads(model, queries, positives, negatives=None, temperature=0.05, candidates="inbatch",
                    dropout=False, symmetric=False, seed=None, max_query_length=512, max_passage_length=512,
-                   chunk_size=None, group_tokens=GROUP_TOKENS, return_numpy=True, stats=None, table_rows=False):
+                   chunk_size=None, group_tokens=GROUP_TOKENS, return_numpy=True, stats=None, table_rows=False,
+                   comm=None):
     """step.loss_and_grads, fast: the texts in length groups of at most `group_tokens` padded
     tokens (None: each side, or chunk, as one padded batch) run side by side on model.pool.
 
@@ -149,48 +153,151 @@ def loss_and_grads(model, queries, positives, negatives=None, temperature=0.05, 
     and backpropagate its slice: the same gradients, memory bounded by the chunk, for one
     extra forward pass. table_rows: the word table's gradient as a rowgrad.RowGrad (for
     rowgrad.clip_grad_norm and rowgrad.AdamW) instead of a [V, H] array. return_numpy: numpy
-    arrays (else the backend's). stats, a dict: receives the real tokens processed ("tokens")."""
+    arrays (else the backend's). stats, a dict: receives the real tokens this process embedded
+    ("tokens"), and with a communicator the seconds and bytes of its collectives (Timer).
+    comm (comm.py; None: one process): data-parallel over its ranks, see Shard; every rank
+    returns the loss and gradients of the whole batch."""
     queries, positives, negatives = check_batch(queries, positives, negatives)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+    comm = comm or SingleProcess()
     if dropout and seed is None:
-        seed = int(np.random.SeedSequence().entropy % (2 ** 63))
+        seed = comm.bcast_object(int(np.random.SeedSequence().entropy % (2 ** 63)))
     be = model.backend
     query_texts, cand_texts = batch_texts(model, queries, positives, negatives)
-    sides = [(query_texts, max_query_length, QUERY), (cand_texts, max_passage_length, PASSAGE)]
-
-    def run(texts, max_len, role, start, keep):
-        side = Side(texts, max_len, seeds=dropout_seeds(seed, role, start, len(texts), dropout))
-        return embed_sides(model, [side], keep=keep, max_tokens=group_tokens)
-
-    grads, table, tokens = {}, [], 0
+    shard = Shard(len(queries), [len(n) for n in negatives] if negatives else None, comm)
+    seed = seed if dropout else None
+    mine = (Texts(query_texts, max_query_length, QUERY, shard.queries, seed),
+            Texts(cand_texts, max_passage_length, PASSAGE, shard.candidates, seed))
+    grads, table = {}, []
     if chunk_size is None:                                    # both sides' length groups in one pass
-        both = [Side(texts, max_len, seeds=dropout_seeds(seed, role, 0, len(texts), dropout))
-                for texts, max_len, role in sides]
-        emb, backward, tokens = embed_sides(model, both, keep=True, max_tokens=group_tokens)
-        with model.pool.blas_serial():                        # the same bits on any number of threads
-            loss, d_q, d_c = contrastive_loss(be, emb[:len(query_texts)], emb[len(query_texts):], query_texts,
-                                              cand_texts, temperature, candidates, symmetric)
-        backward(be.xp.concatenate([d_q, d_c]), grads, table)
+        emb, backward, tokens = embed_sides(model, [t.side() for t in mine], keep=True, max_tokens=group_tokens)
+        local = (emb[:len(shard.queries)], emb[len(shard.queries):])
     else:
-        embs = [be.xp.concatenate([run(texts[s:s + chunk_size], max_len, role, s, False)[0]
-                                   for s in range(0, len(texts), chunk_size)]) for texts, max_len, role in sides]
-        with model.pool.blas_serial():
-            loss, d_q, d_c = contrastive_loss(be, embs[0], embs[1], query_texts, cand_texts, temperature,
-                                              candidates, symmetric)
-        for (texts, max_len, role), d_emb in zip(sides, (d_q, d_c)):
-            for s in range(0, len(texts), chunk_size):
-                _, backward, n = run(texts[s:s + chunk_size], max_len, role, s, True)
-                backward(d_emb[s:s + chunk_size], grads, table)
-                tokens += n
-    word = model.params[encoder.WORD_TABLE]
-    ids, d_rows = (np.concatenate([to_numpy(i) for i, _ in table]), be.xp.concatenate([d for _, d in table]))
-    grads[encoder.WORD_TABLE] = rowgrad.embedding_backward(be, ids, d_rows, word.shape, model.config.pad_token_id)
+        local = [be.xp.concatenate([embed_sides(model, [t.side(s, s + chunk_size)], max_tokens=group_tokens)[0]
+                                    for s in range(0, len(t.rows), chunk_size)]) for t in mine]
+    timer = Timer(stats)
+    q_all, c_all = shard.gather(be.xp, local, timer)          # [B, H], [M, H] in the one-process order
+    with model.pool.blas_serial():                            # the same bits on any number of threads
+        loss, d_q, d_c = contrastive_loss(be, q_all, c_all, query_texts, cand_texts, temperature, candidates,
+                                          symmetric)
+    d_mine = (d_q[shard.queries], d_c[shard.candidates])      # the gather's backward: this rank's rows
+    if chunk_size is None:
+        backward(be.xp.concatenate(d_mine), grads, table)
+    else:
+        tokens = sum(t.chunks_backward(model, d_emb, chunk_size, group_tokens, grads, table)
+                     for t, d_emb in zip(mine, d_mine))
+    grads = _reduce(model, grads, table, comm, timer)
     if not table_rows:
         grads[encoder.WORD_TABLE] = rowgrad.dense(be, grads[encoder.WORD_TABLE])
-    grads = {name: grads[name] if name in grads else be.xp.zeros_like(p) for name, p in model.params.items()}
     if return_numpy:
         grads = {name: to_numpy(g) if not isinstance(g, rowgrad.RowGrad) else g for name, g in grads.items()}
     if stats is not None:
         stats["tokens"] = tokens
     return loss, grads
+
+
+class Texts:
+    """This process's texts of one side: rows `rows` (global indices) of `texts`, each with the
+    dropout seed [seed, role, its global index] (none where seed is None)."""
+
+    def __init__(self, texts, max_length, role, rows, seed):
+        self.texts, self.max_length, self.role, self.rows, self.seed = texts, max_length, role, rows, seed
+
+    def side(self, start=0, stop=None):
+        rows = self.rows[start:stop]
+        seeds = [[self.seed, self.role, int(i)] for i in rows] if self.seed is not None else None
+        return Side([self.texts[i] for i in rows], self.max_length, seeds=seeds)
+
+    def chunks_backward(self, model, d_emb, chunk_size, group_tokens, grads, table):
+        """GradCache's second pass: each chunk re-embedded with its activations and backpropagated
+        from its rows of d_emb; returns the real tokens embedded."""
+        tokens = 0
+        for s in range(0, len(self.rows), chunk_size):
+            _, backward, n = embed_sides(model, [self.side(s, s + chunk_size)], keep=True, max_tokens=group_tokens)
+            backward(d_emb[s:s + chunk_size], grads, table)
+            tokens += n
+        return tokens
+
+
+class Shard:
+    """Rank r's part of a global batch of B triplets (B divisible by the number of ranks N):
+    triplets lo .. hi - 1, lo = r B / N, hi = (r + 1) B / N. Its queries are rows lo .. hi - 1
+    of the queries; its candidates are its positives (rows lo .. hi - 1 of the candidates) and
+    its triplets' negatives (rows B + first[lo] .. B + first[hi] - 1, negatives following all
+    positives in triplet order). Indices are global, so dropout seeds and gradient rows are the
+    one-process ones. Every rank holds the same global batch; the embeddings are all-gathered in
+    the one-process order, and the parameter gradients summed over the ranks.
+
+    Why nothing is scaled by 1/N or N: with E the global embeddings (queries, positives,
+    negatives) and L(E) the batch's loss, the mean over its B queries, every rank gathers the
+    same E, so computes the same L and the same dL/dE. Rank r's embeddings E_r are rows of E:
+    the gather's backward is a slice, dL/dE_r = those rows of dL/dE, summed over nothing. The
+    parameters' gradient is the sum over texts t of (dE_t/dtheta)^T dL/dE_t, split by the rank
+    that embedded t: the sum over ranks of each rank's encoder backward of its own rows, an
+    all-reduce SUM, no average. (Trainers whose ranks each compute a loss over their own B/N
+    queries against the gathered candidates, averaged over B/N, must instead sum the gather's
+    gradient over the ranks, since a rank's loss reaches every rank's candidates, and divide
+    the summed parameter gradients by N: DDP's average.) tests/test_data_parallel.py checks it."""
+
+    def __init__(self, B, negatives_per_triplet, comm):
+        if B % comm.size:
+            raise ValueError(f"a batch of {B} triplets does not split evenly over {comm.size} ranks")
+        self.comm = comm
+        lo, hi = comm.rank * B // comm.size, (comm.rank + 1) * B // comm.size
+        first = B + np.cumsum([0] + list(negatives_per_triplet or [0] * B))
+        self.queries = np.arange(lo, hi)
+        self.candidates = np.concatenate([np.arange(lo, hi), np.arange(first[lo], first[hi])])
+        self.positives = hi - lo
+
+    def gather(self, xp, local, timer):
+        """(this rank's query rows, its candidate rows) -> every rank's, in the global order."""
+        q, c = local
+        if self.comm.size == 1:
+            return q, c
+        with timer:
+            positives, negatives = self.comm.allgather(c[:self.positives]), self.comm.allgather(c[self.positives:])
+            return self.comm.allgather(q), xp.concatenate([positives, negatives])
+
+
+def _reduce(model, grads, table, comm, timer):
+    """Every parameter's gradient of the global batch: the word table's as a RowGrad from this
+    rank's token rows and, over N ranks, every rank's rows (gathered, summed in rank order); the
+    others summed over the ranks in one flat all-reduce (zeros where the loss does not reach)."""
+    be, word = model.backend, model.params[encoder.WORD_TABLE]
+    ids = np.concatenate([to_numpy(i) for i, _ in table])
+    rows = rowgrad.embedding_backward(be, ids, be.xp.concatenate([d for _, d in table]), word.shape,
+                                      model.config.pad_token_id)
+    names = [name for name in model.params if name != encoder.WORD_TABLE]
+    dense = {name: grads[name] if name in grads else be.xp.zeros_like(model.params[name]) for name in names}
+    if comm.size > 1:
+        with timer:
+            gathered = comm.allgather_rows(rows.ids, rows.values)
+            flat = comm.allreduce_sum(be.xp.concatenate([dense[name].reshape(-1) for name in names]))
+        timer.sent(table=gathered.bytes_sent, dense=flat.nbytes)
+        rows = rowgrad.embedding_backward(be, gathered.ids, gathered.values, word.shape, model.config.pad_token_id)
+        sizes = np.cumsum([0] + [dense[name].size for name in names])
+        dense = {name: flat[sizes[k]:sizes[k + 1]].reshape(dense[name].shape) for k, name in enumerate(names)}
+    dense[encoder.WORD_TABLE] = rows
+    return {name: dense[name] for name in model.params}
+
+
+class Timer:
+    """Seconds spent in collectives, added into stats["comm_seconds"], and what this rank put on
+    the wire: the word table's rows ("table_bytes") and the other gradients ("dense_bytes", the
+    flat array this rank contributes to the all-reduce)."""
+
+    def __init__(self, stats):
+        self.stats = stats if stats is not None else {}
+        for key in ("comm_seconds", "table_bytes", "dense_bytes"):
+            self.stats.setdefault(key, 0)
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.stats["comm_seconds"] += time.perf_counter() - self.start
+
+    def sent(self, table, dense):
+        self.stats["table_bytes"] += int(table)
+        self.stats["dense_bytes"] += int(dense)

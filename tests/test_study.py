@@ -551,10 +551,10 @@ def test_a_stop_during_the_last_training_step_stops_before_the_evaluation(grid, 
     config, out, st = grid
     step = train.train_step
 
-    def sigterm_in_the_last_step(model, optimizer, s, batch, i):
+    def sigterm_in_the_last_step(model, optimizer, s, batch, i, *comm):
         if i == STEPS - 1:
             os.kill(os.getpid(), signal.SIGTERM)                      # lands inside train.py's GracefulStop
-        return step(model, optimizer, s, batch, i)
+        return step(model, optimizer, s, batch, i, *comm)
 
     def boom(*a, **k):
         raise AssertionError("evaluated after a stop")
