@@ -10,12 +10,16 @@ Per setting: per-language (per-pair) means over queries, then macro means over l
 (pairs), as the paper reports them. Language bias is the mean rank distance (max - min rank
 of a query's parallel relevant candidates) in the Mul. ranking, per query language, then
 averaged over languages.
+`summary_table` is the headline table of the results, as evaluate.py and
+`python -m minihbt.check metrics` print it.
 """
 import numpy as np
 from tqdm.auto import tqdm
 
 from . import metrics
 from .retrieval import rank_of_relevant
+
+NOT_APPLICABLE = "n/a"
 
 DEFINITIONS = {
     "map": "full-list average precision (LAReQA; = sklearn average_precision_score without ties), mean over queries",
@@ -143,3 +147,32 @@ def evaluate(rs, query_emb, cand_emb, progress=False, return_ranks=False):
         "definitions": DEFINITIONS,
     }
     return (results, kept) if return_ranks else results
+
+
+def number(value, spec):
+    """A figure for the tables, or n/a where the setting does not apply (one language)."""
+    return NOT_APPLICABLE if value is None else format(value, spec)
+
+
+def not_applicable(res):
+    """The settings that do not apply to this evaluation, with the reason (for the JSON)."""
+    if len(res["languages"]) > 1:
+        return {}
+    reason = "one language: this setting compares languages"
+    return {"cross": reason, "multi": reason, "bias": reason}
+
+
+def summary_table(res):
+    """The headline figures of `evaluate`'s results, as evaluate.py prints them."""
+    rows = [("Mo.", "map", res["mono"]["map"]), ("Mo.", "r@1", res["mono"]["r@1"]),
+            ("Cr.", "map", res["cross"]["map"]), ("Cr.", "r@1", res["cross"]["r@1"]),
+            ("Mul.", "map", res["multi"]["map"]), ("Mul.", "r@10", res["multi"]["r@10"])]
+    lines = [f"{res['dataset']}: {len(res['languages'])} languages, "
+             f"{sum(res['counts']['queries'].values())} queries, {res['counts']['pooled_candidates']} candidates",
+             f"{'setting':8s}{'metric':8s}{'value':>8s}"]
+    lines += [f"{s:8s}{m:8s}{number(v, '8.3f'):>8s}" for s, m, v in rows]
+    lines.append(f"{'Mul.':8s}{'bias':8s}{number(res['bias']['rank_distance'], '8.1f'):>8s}   "
+                 "(mean rank distance, lower is better)")
+    if not_applicable(res):
+        lines.append("Cr., Mul. and bias: n/a (one language; they compare languages)")
+    return "\n".join(lines)

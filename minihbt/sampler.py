@@ -268,6 +268,35 @@ class HBTSampler:
                 raise RuntimeError("internal error: construction-time candidates clash")
         return tuple(builder.triplets)
 
+    def distributions(self) -> dict:
+        """The probabilities this sampler draws with, read from its own tables (for checking
+        another sampler's batches against them, `python -m minihbt.check batches`):
+        {"xx": P(a batch is X-X), "sources": {source: P(source)},
+         "xx_languages": {source: {lang: P(lang | X-X batch of source)}},
+         "xy_pairs": {source: {(X, Y): P(pair | X-Y triplet of source)}}}.
+        An X-Y pool walks its parallel groups in shuffled passes, so each group gives about
+        as many triplets as any other, and each triplet's ordered pair is uniform over the
+        n(n-1) pairs of its group's n languages: P(X, Y) is the mean over the groups of
+        1 / (n(n-1)) where the group has both X and Y. Sources without a pool of a kind the
+        sampler draws are absent from that kind's table."""
+        shares = np.diff([0] + self._source_cum) / self._source_cum[-1]
+        out = {"xx": self._p_xx, "sources": dict(zip(self._sources, shares.tolist())),
+               "xx_languages": {}, "xy_pairs": {}}
+        for source in self._sources:
+            langs, cumulative = self._langs[source]
+            if self._p_xx > 0.0:
+                weights = np.diff([0] + cumulative) / cumulative[-1]
+                out["xx_languages"][source] = dict(zip(langs, weights.tolist()))
+            pool = self._pools.get(("xy", source, ""))
+            if pool is not None:
+                pairs: Dict[Tuple[str, str], float] = {}
+                for unit in pool.units:
+                    n = len(unit)
+                    for (x, _), (y, _) in itertools.permutations(unit, 2):
+                        pairs[(x, y)] = pairs.get((x, y), 0.0) + 1.0 / (n * (n - 1) * len(pool.units))
+                out["xy_pairs"][source] = pairs
+        return out
+
     def state_dict(self) -> dict:
         """The configuration that, with the same examples, determines every epoch's batches (JSON-serialisable)."""
         return {"batch_size": self.batch_size, "sampler": self.sampler, "alpha": self.alpha, "seed": self.seed,

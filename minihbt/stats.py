@@ -12,6 +12,10 @@
   averaged. Every condition is evaluated on the same resamples, so a difference between
   two conditions is paired by question; the 95% interval is the percentile interval of the
   resampled differences.
+- `clopper_pearson(k, n)` and `chi2_sf(x, df)`: for `python -m minihbt.check batches`, the
+  exact binomial interval of a share (Beta quantiles, by bisection on the incomplete beta
+  above) and the chi-square upper tail, Q(df/2, x/2), the regularised upper incomplete gamma
+  function by its series or its continued fraction (Numerical Recipes' `gser` and `gcf`).
 """
 import math
 
@@ -181,3 +185,83 @@ def paired_differences(units, n_items, comparisons, resamples=2000, seed=0, leve
         lo, hi = percentile_interval(samples[:, a] - samples[:, b], level)
         out.append({"difference": float(observed[a] - observed[b]), "low": lo, "high": hi})
     return out
+
+
+# ----------------------------------------------------------------------------- tests of a sampler's draws
+# Used by `python -m minihbt.check batches`: is a share of batches consistent with a declared
+# probability (Clopper-Pearson interval), are counts consistent with expected probabilities
+# (chi-square goodness of fit)?
+
+def _gamma_series(a, x, max_iter=10000, eps=1e-16):
+    """P(a, x) by its series e^-x x^a / Gamma(a) * sum_n x^n / (a (a+1) ... (a+n)); for x < a + 1."""
+    term = total = 1.0 / a
+    for n in range(1, max_iter):
+        term *= x / (a + n)
+        total += term
+        if abs(term) < abs(total) * eps:
+            return total * math.exp(-x + a * math.log(x) - math.lgamma(a))
+    raise ArithmeticError(f"incomplete gamma series did not converge (a={a}, x={x})")
+
+
+def _gamma_continued_fraction(a, x, max_iter=10000, eps=1e-16):
+    """Q(a, x) by its continued fraction (Numerical Recipes `gcf`, modified Lentz); for x >= a + 1."""
+    tiny = 1e-300
+    b = x + 1.0 - a
+    c, d = 1.0 / tiny, 1.0 / b
+    h = d
+    for i in range(1, max_iter):
+        an = -i * (i - a)
+        b += 2.0
+        d = an * d + b
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = b + an / c
+        c = c if abs(c) > tiny else tiny
+        h *= d * c
+        if abs(d * c - 1.0) < eps:
+            return h * math.exp(-x + a * math.log(x) - math.lgamma(a))
+    raise ArithmeticError(f"incomplete gamma continued fraction did not converge (a={a}, x={x})")
+
+
+def regularized_gamma_q(a, x):
+    """Q(a, x) = Gamma(a, x) / Gamma(a), the upper regularized incomplete gamma function (a > 0, x >= 0)."""
+    if a <= 0 or x < 0:
+        raise ValueError(f"need a > 0 and x >= 0, got a={a}, x={x}")
+    if x == 0:
+        return 1.0
+    if x < a + 1.0:
+        return 1.0 - _gamma_series(a, x)
+    return _gamma_continued_fraction(a, x)
+
+
+def chi2_sf(x, df):
+    """P(X > x) for X chi-square with df degrees of freedom: Q(df / 2, x / 2)."""
+    if df <= 0:
+        raise ValueError(f"degrees of freedom must be > 0, got {df}")
+    return 1.0 if x <= 0 else regularized_gamma_q(df / 2.0, x / 2.0)
+
+
+def beta_quantile(p, a, b):
+    """The x in [0, 1] with I_x(a, b) = p, by bisection (I_x increases in x) down to adjacent doubles."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"p must lie in [0, 1], got {p}")
+    lo, hi = 0.0, 1.0
+    while True:
+        mid = 0.5 * (lo + hi)
+        if mid in (lo, hi):
+            return mid
+        if regularized_incomplete_beta(a, b, mid) < p:
+            lo = mid
+        else:
+            hi = mid
+
+
+def clopper_pearson(k, n, level=0.999):
+    """(low, high): the exact two-sided binomial interval of a probability after k successes
+    in n trials: low = Beta quantile (1 - level) / 2 of (k, n - k + 1), high = quantile
+    (1 + level) / 2 of (k + 1, n - k); low = 0 when k = 0, high = 1 when k = n."""
+    if not (isinstance(k, int) and isinstance(n, int) and 0 <= k <= n and n >= 1):
+        raise ValueError(f"need integers 0 <= k <= n, n >= 1; got k={k}, n={n}")
+    tail = (1.0 - level) / 2.0
+    low = 0.0 if k == 0 else beta_quantile(tail, k, n - k + 1)
+    high = 1.0 if k == n else beta_quantile(1.0 - tail, k + 1, n - k)
+    return low, high
