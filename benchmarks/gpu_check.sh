@@ -11,10 +11,13 @@
 # Stages, each under `timeout` (one stage failing or hanging does not stop the others):
 #   0  GPU, driver, CuPy, CUDA, torch versions; without a GPU: the one line
 #      "gpu_check: no GPU (<reason>)" and exit 3, nothing else run
-#   1  python -m pytest -q tests (every CUDA parametrisation)                 limit 130 s
+#   1  the CUDA tests: python -m pytest -q tests -k "cuda or gpu" (not the MPI
+#      tests): parity with PyTorch, the fast path against the plain path on the
+#      GPU with and without fused kernels, dropout masks, kernels            limit 130 s
 #   2  tests/test_kernels.py (again with MINIHBT_FUSED=1 where minihbt/kernels.py
 #      still reads it); train.py 3 steps on the tiny fixture, plain /
-#      --fused-kernels / --tf32 (where train.py has them), losses compared      limit 70 s
+#      --fused-kernels / --tf32 (where train.py has them), losses compared;
+#      benchmarks/gpu_check_nccl.py: a one-rank NCCL communicator            limit 70 s
 #   3  python benchmarks/train_step.py --device cuda (XLM-R base shape, random
 #      weights, 100 triplets, 32/128 tokens, fp32 and TF32, minihbt vs PyTorch
 #      + transformers); then minihbt alone with fused kernels off and on        limit 140 s
@@ -29,10 +32,10 @@
 #   once, on a machine with ../shared:  python benchmarks/gpu_check.py prepare
 #     (fills the git-ignored weights/xlmr-tokenizer/ with the XLM-R tokenizer.json of
 #      multilingual-e5-small, 17 MB, and data/xquad-r-en-de/ with XQuAD-R en/de, 1.4 MB)
-#   then the run tool:
-#     command: bash benchmarks/gpu_check.sh
+#   then the run tool (first run; then rerun only the failed stages at once, or give it back):
+#     command: bash benchmarks/gpu_check.sh --budget 330
 #     carry:   ["weights/xlmr-tokenizer", "data/xquad-r-en-de"]
-#     timeout_s: 540
+#     timeout_s: 400
 #   Without the carried folders the stages still run, on the tiny fixture's tokenizer and
 #   synthetic paragraphs, and say so in their records. A rerun of one stage:
 #     command: bash benchmarks/gpu_check.sh --stages 3 --budget 300

@@ -87,8 +87,13 @@ def record_pytest(rec, key, counts, summary, seconds):
               "0 failed")
 
 
+# Stage 1 runs the CUDA tests only (ids naming cuda or gpu): not the MPI tests (the device machine
+# has no MPI library) nor the CPU-only rest, which CI runs.
+CUDA_TESTS = ["tests", "-k", "cuda or gpu", "--ignore=tests/test_comm.py", "--ignore=tests/test_data_parallel.py"]
+
+
 def stage1(args, rec):
-    targets = ["tests/test_metrics.py"] if args.smoke else ["tests"]        # smoke: one quick file
+    targets = ["tests/test_metrics.py"] if args.smoke else CUDA_TESTS        # smoke: one quick file
     workers = 1 if args.smoke else min(4, max(1, (os.cpu_count() or 1) // 4))
     counts, summary, secs = run_pytest(targets, os.path.join(args.work, "stage1-pytest.xml"), args.limit - 15,
                                        workers=workers)
@@ -133,6 +138,23 @@ def stage2(args, rec):
     else:
         rec.note(f"minihbt/kernels.py no longer reads {FUSED_ENV}: test_kernels.py ran once")
     train_losses(args, rec, flags, shares)
+    nccl_check(args, rec)
+
+
+def nccl_check(args, rec):
+    """benchmarks/gpu_check_nccl.py: a one-rank NCCL communicator (no MPI library needed)."""
+    script = os.path.join(ROOT, "benchmarks", "gpu_check_nccl.py")
+    if not os.path.exists(script) or args.smoke:
+        rec.note("NCCL check: not in this checkout" if not os.path.exists(script) else "NCCL check: skipped (smoke)")
+        return
+    try:
+        out = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        rec.check("NCCL one-rank communicator", False, "timed out after 60 s", "exit 0")
+        return
+    for line in (out.stdout + out.stderr).strip().splitlines()[-12:]:
+        print(line)
+    rec.check("NCCL one-rank communicator", out.returncode == 0, f"exit {out.returncode}", "exit 0")
 
 
 def tiny_jsonl(path, groups=24):

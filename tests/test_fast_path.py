@@ -196,3 +196,18 @@ def test_inference_on_the_real_tokens_only_agrees_with_the_padded_forward(me5_di
     emb = minihbt.encode(model, REAL[1] + [n[0] for n in REAL[2]], kind="passage", prefix=False, max_length=64,
                          batch_size=len(ids))
     assert np.abs(emb - padded.astype(np.float32)).max() <= 1e-5                   # in input order
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_fast_step_equals_the_plain_step_on_cuda(fused):
+    """The fast path (groups, RowGrad, fused kernels or not) against the plain path on a GPU,
+    float32 tolerances; skipped, with the reason, where CuPy sees no GPU."""
+    from conftest import CUDA_SKIP
+    if CUDA_SKIP is not None:
+        pytest.skip(CUDA_SKIP)
+    for kind in ("xlmr", "bert"):
+        model = minihbt.load_model(TINY[kind], device="cuda", fused_kernels=fused)
+        loss, grads = step.loss_and_grads(model, *MIXED, dropout=True, seed=5)
+        loss_f, grads_f = groups.loss_and_grads(model, *MIXED, dropout=True, seed=5, group_tokens=24)
+        assert abs(loss - loss_f) <= 1e-5 * max(1.0, abs(loss))
+        assert_close(grads_f, grads, 1e-5 if not fused else 1e-4)
