@@ -110,11 +110,13 @@ def dropout_backward(be, d_y, cache):
 
 
 def softmax_forward(be, scores, mask_bias):
-    """softmax(scores + mask_bias) over the last axis. scores [B, N, T, T], mask_bias [B, 1, 1, T]."""
-    s = scores + mask_bias
-    s = s - s.max(axis=-1, keepdims=True)                             # exp never overflows
-    e = be.xp.exp(s)
-    return e / e.sum(axis=-1, keepdims=True)
+    """softmax(scores + mask_bias) over the last axis. scores [B, N, T, T], mask_bias [B, 1, 1, T].
+    The sum is a new array; the steps after it work in place on it (the largest tensor of a block)."""
+    p = scores + mask_bias                                            # [B, N, T, T]
+    p -= p.max(axis=-1, keepdims=True)                                # exp never overflows
+    be.xp.exp(p, out=p)
+    p /= p.sum(axis=-1, keepdims=True)
+    return p
 
 
 def softmax_backward(be, d_probs, probs):
@@ -143,7 +145,7 @@ def attention_forward(be, q, k, v, mask_bias, num_heads, dropout_p=0.0, streams=
     padding) -> ctx [B, T, H]. `softmax` may be a fused kernel of the same signature."""
     q_heads, k_heads, v_heads = (split_heads(x, num_heads) for x in (q, k, v))   # [B, N, T, D] each
     scale = q.dtype.type(1.0 / math.sqrt(q_heads.shape[-1]))
-    scores = (q_heads @ k_heads.transpose(0, 1, 3, 2)) * scale          # [B, N, T, T]
+    scores = (q_heads * scale) @ k_heads.transpose(0, 1, 3, 2)          # [B, N, T, T]
     probs = softmax(be, scores, mask_bias)                              # [B, N, T, T]
     dropped, drop = dropout_forward(be, probs, dropout_p, streams, site)
     ctx = merge_heads(dropped @ v_heads)                                # [B, T, H]
