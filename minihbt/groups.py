@@ -165,7 +165,9 @@ def loss_and_grads(model, queries, positives, negatives=None, temperature=0.05, 
         seed = comm.bcast_object(int(np.random.SeedSequence().entropy % (2 ** 63)))
     be = model.backend
     query_texts, cand_texts = batch_texts(model, queries, positives, negatives)
-    shard = Shard(len(queries), [len(n) for n in negatives] if negatives else None, comm)
+    costs = (triplet_tokens(model, query_texts, cand_texts, max_query_length, max_passage_length, negatives)
+             if comm.size > 1 else [1] * len(queries))
+    shard = Shard(costs, [len(n) for n in negatives] if negatives else None, comm)
     seed = seed if dropout else None
     mine = (Texts(query_texts, max_query_length, QUERY, shard.queries, seed),
             Texts(cand_texts, max_passage_length, PASSAGE, shard.candidates, seed))
@@ -221,12 +223,12 @@ class Texts:
 
 
 class Shard:
-    """Rank r's part of a global batch of B triplets (B divisible by the number of ranks N):
-    triplets lo .. hi - 1, lo = r B / N, hi = (r + 1) B / N. Its queries are rows lo .. hi - 1
-    of the queries; its candidates are its positives (rows lo .. hi - 1 of the candidates) and
-    its triplets' negatives (rows B + first[lo] .. B + first[hi] - 1, negatives following all
-    positives in triplet order). Indices are global, so dropout seeds and gradient rows are the
-    one-process ones. Every rank holds the same global batch; the embeddings are all-gathered in
+    """Rank r's part of a global batch of B triplets (B divisible by the number of ranks N): B / N
+    triplets, chosen so that the ranks' token counts are about equal (`balanced`; the same on
+    every rank). Its queries are its triplets' rows of the queries; its candidates their positives,
+    then their negatives (in the candidates, every positive comes first, then the negatives in
+    triplet order). Indices are global, so dropout seeds and gradient rows are the one-process
+    ones. Every rank holds the same global batch; the embeddings are all-gathered and put back in
     the one-process order, and the parameter gradients summed over the ranks.
 
     Why nothing is scaled by 1/N or N: with E the global embeddings (queries, positives,
@@ -240,15 +242,20 @@ class Shard:
     gradient over the ranks, since a rank's loss reaches every rank's candidates, and divide
     the summed parameter gradients by N: DDP's average.) tests/test_data_parallel.py checks it."""
 
-    def __init__(self, B, negatives_per_triplet, comm):
+    def __init__(self, costs, negatives_per_triplet, comm):
+        B = len(costs)
         if B % comm.size:
             raise ValueError(f"a batch of {B} triplets does not split evenly over {comm.size} ranks")
-        self.comm = comm
-        lo, hi = comm.rank * B // comm.size, (comm.rank + 1) * B // comm.size
+        self.comm, self.B = comm, B
         first = B + np.cumsum([0] + list(negatives_per_triplet or [0] * B))
-        self.queries = np.arange(lo, hi)
-        self.candidates = np.concatenate([np.arange(lo, hi), np.arange(first[lo], first[hi])])
-        self.positives = hi - lo
+        owned = balanced(costs, comm.size)                       # each rank's triplets, sorted
+
+        def negatives(triplets):                                 # their negatives' candidate rows
+            return np.concatenate([np.arange(first[t], first[t + 1]) for t in triplets] + [np.zeros(0, np.int64)])
+        mine = owned[comm.rank]
+        self.queries, self.positives = mine, len(mine)
+        self.candidates = np.concatenate([mine, negatives(mine)])
+        self.rows = (np.concatenate(owned), np.concatenate([negatives(t) for t in owned]))   # rank order -> global
 
     def gather(self, xp, local, timer):
         """(this rank's query rows, its candidate rows) -> every rank's, in the global order."""
@@ -256,8 +263,32 @@ class Shard:
         if self.comm.size == 1:
             return q, c
         with timer:
-            positives, negatives = self.comm.allgather(c[:self.positives]), self.comm.allgather(c[self.positives:])
-            return self.comm.allgather(q), xp.concatenate([positives, negatives])
+            q_ranks = self.comm.allgather(q)
+            p_ranks, n_ranks = self.comm.allgather(c[:self.positives]), self.comm.allgather(c[self.positives:])
+        q_all = xp.empty_like(q_ranks)
+        q_all[self.rows[0]] = q_ranks
+        c_all = xp.empty((self.B + len(n_ranks), c.shape[1]), dtype=c.dtype)
+        c_all[self.rows[0]], c_all[self.rows[1]] = p_ranks, n_ranks
+        return q_all, c_all
+
+
+def balanced(costs, ranks):
+    """The triplets of each rank, len(costs) / ranks each: the costliest first, each to the rank
+    with the least cost so far that has room (ties: the lower rank); sorted. One rank: all, in order."""
+    per, load, owned = len(costs) // ranks, [0] * ranks, [[] for _ in range(ranks)]
+    for t in sorted(range(len(costs)), key=lambda t: -costs[t]):
+        r = min((r for r in range(ranks) if len(owned[r]) < per), key=lambda r: load[r])
+        owned[r].append(t)
+        load[r] += costs[t]
+    return [np.array(sorted(o), dtype=np.int64) for o in owned]
+
+
+def triplet_tokens(model, query_texts, cand_texts, max_query_length, max_passage_length, negatives):
+    """Each triplet's tokens after truncation (its query, positive and negatives): its cost."""
+    tokens = [[len(ids) for ids in model.tokenizer.encode(texts, max_length=min(n, model.max_length))[0]]
+              for texts, n in ((query_texts, max_query_length), (cand_texts, max_passage_length))]
+    first = len(query_texts) + np.cumsum([0] + [len(n) for n in negatives or [[]] * len(query_texts)])
+    return [tokens[0][t] + tokens[1][t] + sum(tokens[1][first[t]:first[t + 1]]) for t in range(len(query_texts))]
 
 
 def _reduce(model, grads, table, comm, timer):
