@@ -291,6 +291,9 @@ def verify_run(study, run, args):
           f"{' (' + res['worst'] + ')' if res['worst'] and res['max_difference'] else ''}; per-query ranks "
           f"{'identical' if res['ranks_identical'] else 'DIFFER'}; loss curve max |difference| "
           f"{res['loss_max_difference']:.3g}" + (f"; missing figures: {res['missing'][:3]}" if res["missing"] else ""))
+    if not ok and res["by_metric"]:
+        print(f"{run.id}: largest |difference| by metric: " + "; ".join(
+            f"{metric} {d:.3g} ({name})" for metric, (d, name) in res["by_metric"].items()))
     print(f"{run.id}: {'reproduced' if ok else 'NOT reproduced'} (tolerance 1e-6)")
     return 0 if ok else 1
 

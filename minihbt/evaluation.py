@@ -1,6 +1,6 @@
 """The LAReQA / HBT evaluation protocol on XQuAD-R and MLQA-R.
 
-Settings (all zero-shot, ../shared/reference/hbt.md):
+Settings (all zero-shot, as the HBT paper and LAReQA define them):
 - Mo.  (monolingual):  queries of X against the candidates of X, for every language X;
 - Cr.  (cross-lingual): queries of X against the candidates of Y, for every ordered pair
        X != Y; a query counts only where its parallel question exists in Y (MLQA-R);

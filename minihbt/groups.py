@@ -51,13 +51,13 @@ def length_groups(lengths, max_tokens=None, max_texts=None):
     return groups
 
 
-def embed_sides(model, sides, keep=False, max_tokens=None, max_texts=None, progress=None):
+def embed_sides(model, sides, keep_activations=False, max_tokens=None, max_texts=None, progress=None):
     """Texts (prefixes already added) of one or more sides -> (embeddings [N, H] in input
     order, one side after another; backward or None; real tokens).
 
-    keep: keep the activations and return `backward(d_emb, grads, table)`, which adds every
-    parameter gradient but the word table's into `grads` and appends the word table's
-    (token ids, gradient rows) to the list `table`. Without keep (inference, no dropout) the
+    keep_activations: return `backward(d_emb, grads, table)` too, which adds every parameter
+    gradient but the word table's into `grads` and appends the word table's (token ids,
+    gradient rows) to the list `table`. Without it (inference, no dropout) the
     groups skip their padding (packing.py). progress: a description for a bar counting real
     tokens (its ETA holds although the groups shrink), or None."""
     be, ops = model.backend, kernels.ops_for(model.backend)
@@ -65,7 +65,7 @@ def embed_sides(model, sides, keep=False, max_tokens=None, max_texts=None, progr
     for side in sides:
         side_ids, side_types = model.tokenizer.encode(side.texts, max_length=min(side.max_length, model.max_length),
                                                       pairs=side.pairs)
-        groups += [len(ids) + rows for rows in length_groups([len(x) for x in side_ids], max_tokens, max_texts)]
+        groups += [len(ids) + group for group in length_groups([len(x) for x in side_ids], max_tokens, max_texts)]
         ids, type_ids = ids + side_ids, type_ids + side_types
         seeds += side.seeds if side.seeds is not None else [None] * len(side_ids)
     lengths = [len(x) for x in ids]
@@ -73,24 +73,24 @@ def embed_sides(model, sides, keep=False, max_tokens=None, max_texts=None, progr
     emb = be.xp.empty((len(ids), model.config.hidden_size), dtype=model.dtype)
     caches = []
 
-    def forward(rows):
-        batch = model.tokenizer.pad([ids[i] for i in rows], [type_ids[i] for i in rows])      # [g, T] each
-        dropout = seeds[rows[0]] is not None                       # a group is of one side: all or none
-        streams = DropoutStreams([seeds[i] for i in rows], [lengths[i] for i in rows]) if dropout else None
-        if keep or dropout:
+    def forward(group):                                            # the group's text indices
+        batch = model.tokenizer.pad([ids[i] for i in group], [type_ids[i] for i in group])    # [g, T] each
+        dropout = seeds[group[0]] is not None                      # a group is of one side: all or none
+        streams = DropoutStreams([seeds[i] for i in group], [lengths[i] for i in group]) if dropout else None
+        if keep_activations or dropout:
             e, cache = encoder.forward(be, model.params, model.config, model.pooling, *batch, streams=streams, ops=ops)
         else:
             e, cache = packing.embed(be, model.params, model.config, model.pooling, *batch, ops=ops), None
-        return rows, e, (rows, batch[0], cache) if keep else None, int(batch[1].sum())
+        return group, e, (group, batch[0], cache) if keep_activations else None, int(batch[1].sum())
 
     def store(result):
-        rows, e, cache, n = result
-        emb[rows] = e                                                               # [g, H]
-        if keep:
+        group, e, cache, n = result
+        emb[group] = e                                                              # [g, H]
+        if keep_activations:
             caches.append(cache)
         if bar is not None:
             bar.update(n)
-    costs = [len(rows) * lengths[rows[0]] for rows in groups]
+    costs = [len(group) * lengths[group[0]] for group in groups]
     model.pool.map_ordered(forward, groups, store, order=_costliest_first(costs))
     if bar is not None:
         bar.close()
@@ -99,7 +99,7 @@ def embed_sides(model, sides, keep=False, max_tokens=None, max_texts=None, progr
         if not caches and groups:
             raise RuntimeError("backward was already called: it runs once, on the activations it frees")
         backward_groups(model, caches, d_emb, grads, table, costs)
-    return emb, (backward if keep else None), sum(lengths)
+    return emb, (backward if keep_activations else None), sum(lengths)
 
 
 def _costliest_first(padded_tokens):
@@ -125,9 +125,9 @@ def backward_groups(model, caches, d_emb, grads, table, costs):
     order = costliest_last_window(list(costs)[::-1], window)
 
     def group_backward(cache):
-        rows, input_ids, enc_cache = cache
+        group, input_ids, enc_cache = cache
         own = {}
-        d_e = encoder.backward_to_embeddings(be, config, model.pooling, d_emb[rows], enc_cache, own, ops)   # [g, T, H]
+        d_e = encoder.backward_to_embeddings(be, config, model.pooling, d_emb[group], enc_cache, own, ops)  # [g, T, H]
         for name, ids, pad in encoder.embedding_tables(config, enc_cache.embeddings)[1:]:   # position, token type
             encoder.accumulate(own, name, layers.embedding_backward(be, d_e, (ids, model.params[name].shape), pad))
         return own, input_ids, d_e
@@ -173,11 +173,11 @@ def loss_and_grads(model, queries, positives, negatives=None, temperature=0.05, 
             Texts(cand_texts, max_passage_length, PASSAGE, shard.candidates, seed))
     grads, table = {}, []
     if chunk_size is None:                                    # both sides' length groups in one pass
-        emb, backward, tokens = embed_sides(model, [t.side() for t in mine], keep=True, max_tokens=group_tokens)
+        emb, backward, tokens = embed_sides(model, [t.side() for t in mine], keep_activations=True, max_tokens=group_tokens)
         local = (emb[:len(shard.queries)], emb[len(shard.queries):])
     else:
         local = [be.xp.concatenate([embed_sides(model, [t.side(s, s + chunk_size)], max_tokens=group_tokens)[0]
-                                    for s in range(0, len(t.rows), chunk_size)]) for t in mine]
+                                    for s in range(0, len(t.indices), chunk_size)]) for t in mine]
     timer = Timer(stats)
     q_all, c_all = shard.gather(be.xp, local, timer)          # [B, H], [M, H] in the one-process order
     with model.pool.blas_serial():                            # the same bits on any number of threads
@@ -200,23 +200,23 @@ def loss_and_grads(model, queries, positives, negatives=None, temperature=0.05, 
 
 
 class Texts:
-    """This process's texts of one side: rows `rows` (global indices) of `texts`, each with the
+    """This process's texts of one side: `texts[i]` for i in `indices` (global), each with the
     dropout seed [seed, role, its global index] (none where seed is None)."""
 
-    def __init__(self, texts, max_length, role, rows, seed):
-        self.texts, self.max_length, self.role, self.rows, self.seed = texts, max_length, role, rows, seed
+    def __init__(self, texts, max_length, role, indices, seed):
+        self.texts, self.max_length, self.role, self.indices, self.seed = texts, max_length, role, indices, seed
 
     def side(self, start=0, stop=None):
-        rows = self.rows[start:stop]
-        seeds = [[self.seed, self.role, int(i)] for i in rows] if self.seed is not None else None
-        return Side([self.texts[i] for i in rows], self.max_length, seeds=seeds)
+        indices = self.indices[start:stop]
+        seeds = [[self.seed, self.role, int(i)] for i in indices] if self.seed is not None else None
+        return Side([self.texts[i] for i in indices], self.max_length, seeds=seeds)
 
     def chunks_backward(self, model, d_emb, chunk_size, group_tokens, grads, table):
         """GradCache's second pass: each chunk re-embedded with its activations and backpropagated
         from its rows of d_emb; returns the real tokens embedded."""
         tokens = 0
-        for s in range(0, len(self.rows), chunk_size):
-            _, backward, n = embed_sides(model, [self.side(s, s + chunk_size)], keep=True, max_tokens=group_tokens)
+        for s in range(0, len(self.indices), chunk_size):
+            _, backward, n = embed_sides(model, [self.side(s, s + chunk_size)], keep_activations=True, max_tokens=group_tokens)
             backward(d_emb[s:s + chunk_size], grads, table)
             tokens += n
         return tokens
@@ -255,7 +255,7 @@ class Shard:
         mine = owned[comm.rank]
         self.queries, self.positives = mine, len(mine)
         self.candidates = np.concatenate([mine, negatives(mine)])
-        self.rows = (np.concatenate(owned), np.concatenate([negatives(t) for t in owned]))   # rank order -> global
+        self.order = (np.concatenate(owned), np.concatenate([negatives(t) for t in owned]))  # rank order -> global
 
     def gather(self, xp, local, timer):
         """(this rank's query rows, its candidate rows) -> every rank's, in the global order."""
@@ -266,9 +266,9 @@ class Shard:
             q_ranks = self.comm.allgather(q)
             p_ranks, n_ranks = self.comm.allgather(c[:self.positives]), self.comm.allgather(c[self.positives:])
         q_all = xp.empty_like(q_ranks)
-        q_all[self.rows[0]] = q_ranks
+        q_all[self.order[0]] = q_ranks
         c_all = xp.empty((self.B + len(n_ranks), c.shape[1]), dtype=c.dtype)
-        c_all[self.rows[0]], c_all[self.rows[1]] = p_ranks, n_ranks
+        c_all[self.order[0]], c_all[self.order[1]] = p_ranks, n_ranks
         return q_all, c_all
 
 

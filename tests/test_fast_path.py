@@ -117,7 +117,7 @@ def test_the_row_gradient_names_the_batch_tokens_but_the_padding_row(kind):
     ids, _ = model.tokenizer.encode(texts, max_length=512)
     used = {i for x in ids for i in x} - {model.config.pad_token_id}
     assert grads[WORD_TABLE].ids.tolist() == sorted(used) and np.abs(grads[WORD_TABLE].values).min(axis=1).all() >= 0
-    _, backward, _ = groups.embed_sides(model, [groups.Side(ARGS[0], 32)], keep=True)
+    _, backward, _ = groups.embed_sides(model, [groups.Side(ARGS[0], 32)], keep_activations=True)
     backward(np.zeros((len(ARGS[0]), model.config.hidden_size), np.float32), {}, [])
     with pytest.raises(RuntimeError, match="backward was already called"):
         backward(np.zeros((len(ARGS[0]), model.config.hidden_size), np.float32), {}, [])

@@ -283,6 +283,7 @@ def test_verify_reproduces_a_run_and_catches_a_change(grid, tmp_path, capsys):
     assert study.main(flags(config, tmp_path) + ["--verify", "A/xy-seed0"]) == 1
     said = capsys.readouterr().out
     assert "NOT reproduced" in said and "plain.multi.map" in said
+    assert "largest |difference| by metric: map 0.001 (plain.multi.map)" in said          # mAP named first
     threads = rec["machine"]["blas"]["threads"]
     assert threads == blas_threads() and rec["minihbt"]["same_bits_any_threads"] is True
     rec["results"]["plain"]["multi"]["map"] -= 1e-3

@@ -46,7 +46,19 @@ def compare(saved, again, saved_npz, again_npz):
     loss_diff = (max(abs(p - q) for p, q in zip(loss_a, loss_b)) if loss_a and len(loss_a) == len(loss_b)
                  else (0.0 if not loss_a and not loss_b else float("inf")))
     return {"figures": len(diffs), "max_difference": diffs[worst] if worst else 0.0, "worst": worst,
-            "missing": missing, "ranks_identical": ranks_identical, "loss_max_difference": loss_diff}
+            "missing": missing, "ranks_identical": ranks_identical, "loss_max_difference": loss_diff,
+            "by_metric": by_metric(diffs)}
+
+
+def by_metric(diffs):
+    """{metric: (largest |difference|, the figure)} over the figures of each metric (the last
+    part of a figure's name: map, r@1, rank_distance, ...), largest first."""
+    out = {}
+    for name, d in diffs.items():
+        metric = name.rsplit(".", 1)[-1]
+        if metric not in out or d > out[metric][0]:
+            out[metric] = (d, name)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1][0]))
 
 
 def verify(ctx, run, tolerance=1e-6):
