@@ -16,6 +16,9 @@ COMMANDS = {
     "log": ("minihbt.check.log_cmd", "write minihbt's own batches as a batch log"),
     "metrics": ("minihbt.check.metrics_cmd", "score embeddings with minihbt's retrieval and metrics; "
                                              "write the text order or hand-made metric cases"),
+    "export": ("minihbt.check.export_cmd", "write a golden bundle of one training step (every tensor of it)"),
+    "step": ("minihbt.check.step_cmd", "compare another implementation's step with a bundle; name the first "
+                                       "divergent tensor"),
 }
 
 

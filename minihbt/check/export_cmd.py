@@ -1,0 +1,267 @@
+"""`python -m minihbt.check export --model DIR --out BUNDLE (--batch FILE.jsonl | --data PATH --sampler S
+[--seed N --batch-size N --step N]) [--dtype float32|float64] [settings]`
+
+Writes a golden bundle of ONE training step of minihbt's plain path on one batch (dropout
+off): the batch, its tokens, the hidden states after the embeddings and every block, the
+pooled and normalised embeddings, the scores, the loss, the gradients of all of them and of
+every trained parameter, the gradient norm, and the parameters after one clipped AdamW step.
+`python -m minihbt.check step BUNDLE THEIRS` then compares another implementation's tensors
+with it and names the first that is out of tolerance. Layout and names: minihbt/check/bundle.py.
+
+The batch: --batch FILE.jsonl (one triplet a line: {"query": ..., "positive": ..., "negatives":
+[...], "query_lang": ..., "passage_lang": ...}; the languages are optional), or the batch of
+training step --step of train.py with these --data, --sampler, --seed and --batch-size.
+The other settings are train.py's, with its defaults; the AdamW constants are torch's.
+Exit status 2 for a bad setting (one line naming the flag), 1 for an error while working.
+"""
+import argparse
+import json
+import os
+import subprocess
+
+from .. import __version__, cli
+from ..config import ConfigError, ModelConfig
+from ..data import DataError
+from ..encoder import WORD_TABLE
+from ..files import sha256_file
+from ..model import POOLINGS, load_model
+from ..sampler import HBTSampler, SAMPLERS
+from ..step import CANDIDATES
+from ..weights import checkpoint_files
+from . import bundle
+from .batchlog import sampler_batches
+from .common import Parser, check_sampler_flags, read_sources
+from .golden import StepSettings, record_step
+
+PROG = "python -m minihbt.check export"
+DTYPES = ("float32", "float64")
+SEMANTICS = [
+    "tokens: each side one padded batch, tokenizer.json's special tokens, truncation to the side's max length",
+    "candidates: every positive in triplet order, then every triplet's negatives in triplet order",
+    "pooling mean: the mean of the last hidden states over the attention mask (special tokens included)",
+    "scores: cosine / temperature; inbatch: row i's candidates are all positives and negatives, target column i; "
+    "paper: the own positive and all negatives; in both a candidate with the target's text or an earlier "
+    "candidate's text is masked",
+    "loss: the mean over queries of -log softmax(row)[target]; symmetric: the mean of it and the passage -> query "
+    "loss (positive i against the queries, target query i)",
+    "dropout: off",
+    "embeddings: the word table's pad_token_id row gets no gradient (torch nn.Embedding padding_idx), nor "
+    "RoBERTa's position row pad_token_id",
+    "attention key bias: its gradient is exactly 0 (a constant per softmax row); minihbt stores 0",
+    "clipping: torch.nn.utils.clip_grad_norm_ over the trained parameters' gradients (0 disables it)",
+    "AdamW: torch.optim.AdamW's update; no weight decay on biases and LayerNorm weights (Hugging Face Trainer)",
+    "trained: every parameter but the pooler, unless pooling is 'pooler'",
+]
+
+
+def add_flags(ap):
+    ap.add_argument("--model", required=True, metavar="DIR", help="Hugging Face model folder (config.json, "
+                                                                  "model.safetensors, tokenizer.json)")
+    ap.add_argument("--out", required=True, metavar="BUNDLE", help="the bundle folder to write")
+    ap.add_argument("--overwrite", action="store_true", help="write into --out even if it holds files")
+    ap.add_argument("--batch", metavar="FILE", help="the batch: a .jsonl file, one triplet a line")
+    ap.add_argument("--data", action="append", metavar="PATH", help="training data as train.py's --train, "
+                                                                    "repeatable; with --sampler")
+    ap.add_argument("--sampler", choices=SAMPLERS, help="with --data: xx, xy or hybrid")
+    ap.add_argument("--alpha", type=float, default=None, metavar="A", help="hybrid: probability of xx (0.5)")
+    ap.add_argument("--xx-weighting", choices=("uniform", "proportional"), default=None, help="as train.py")
+    for flag, default, kind, what in (
+            ("--seed", 0, int, "seed of the batches"), ("--batch-size", 8, int, "triplets per batch"),
+            ("--max-negatives", 1, int, "hard negatives per triplet"),
+            ("--step", 1, int, "take the batch of train.py's step N (from 1)"),
+            ("--max-query-len", None, int, "query truncation in tokens, at most the model's positions (64)"),
+            ("--max-passage-len", None, int, "passage truncation in tokens, at most the model's positions (256)"),
+            ("--temperature", 0.05, float, "InfoNCE temperature"), ("--lr", 3e-5, float, "AdamW learning rate"),
+            ("--weight-decay", 0.01, float, "AdamW weight decay (not on biases and LayerNorm weights)"),
+            ("--beta1", 0.9, float, "AdamW beta1"), ("--beta2", 0.999, float, "AdamW beta2"),
+            ("--adam-eps", 1e-8, float, "AdamW eps"), ("--max-grad-norm", 1.0, float, "clipping; 0 disables")):
+        ap.add_argument(flag, type=kind, default=default, metavar="X" if kind is float else "N",
+                        help=what if default is None else f"{what} (default {default})")
+    ap.add_argument("--candidates", choices=CANDIDATES, default="inbatch", help="as train.py (default inbatch)")
+    ap.add_argument("--symmetric", action="store_true", help="add the passage -> query loss term")
+    ap.add_argument("--pooling", choices=POOLINGS, default=None, help="default: the checkpoint's own, else mean")
+    ap.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype (default float32; float64 "
+                                                                       "shows differences float32 rounding hides)")
+
+
+def check_numbers(args, problems):
+    for flag, value, low in (("--seed", args.seed, 0), ("--batch-size", args.batch_size, 1),
+                             ("--max-negatives", args.max_negatives, 0), ("--step", args.step, 1),
+                             ("--max-query-len", args.max_query_len, 2), ("--max-passage-len", args.max_passage_len, 2)):
+        if value is not None and value < low:
+            problems.bad_value(flag, value, f"an integer >= {low}")
+    for flag, value, accepted in (("--temperature", args.temperature, cli.POSITIVE), ("--lr", args.lr, cli.POSITIVE),
+                                  ("--weight-decay", args.weight_decay, cli.AT_LEAST_0),
+                                  ("--beta1", args.beta1, cli.Range(0, 1)), ("--beta2", args.beta2, cli.Range(0, 1)),
+                                  ("--adam-eps", args.adam_eps, cli.AT_LEAST_0),
+                                  ("--max-grad-norm", args.max_grad_norm, cli.AT_LEAST_0)):
+        if not accepted.accepts(value) or flag.startswith("--beta") and value == 1:
+            problems.bad_value(flag, value, "a number in [0, 1)" if flag.startswith("--beta")
+                               else accepted.describe("a number"))
+
+
+def check_args(argv):
+    """Every setting before anything is loaded: one line per problem, exit status 2."""
+    ap = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_flags(ap)
+    args = ap.parse_args(argv)
+    problems = cli.Problems()
+    if cli.check_input_dir("--model", args.model, problems):
+        check_model_config(args, problems)
+    if (args.batch is None) == (args.data is None):
+        problems.add("the batch: expected --batch FILE.jsonl, or --data PATH with --sampler (not both)")
+    elif args.data is not None:
+        if args.sampler is None:
+            problems.add("--data: needs --sampler xx|xy|hybrid")
+        else:
+            check_sampler_flags(args, problems)
+    elif args.batch is not None and not os.path.isfile(args.batch):
+        problems.add(f"--batch {args.batch}: no such file; expected a .jsonl file, one triplet a line")
+    check_numbers(args, problems)
+    if os.path.isfile(args.out):
+        problems.add(f"--out {args.out}: a file; expected a folder for the bundle")
+    elif os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
+        problems.add(f"--out {args.out}: holds files already; add --overwrite to write the bundle into it")
+    problems.stop_if_any()
+    if args.batch is not None:
+        args.triplets = read_batch_file(args.batch)
+    return args
+
+
+def check_model_config(args, problems):
+    """config.json readable, and the truncation lengths within its positions, as train.py: one
+    given above them is refused, a default (64 for queries, 256 for passages) lowered to them."""
+    try:
+        config = ModelConfig.from_file(os.path.join(args.model, "config.json"))
+    except ConfigError as e:
+        problems.add(f"--model {args.model}: {cli.one_line(e)}")
+        return
+    positions = config.max_position_embeddings - (config.pad_token_id + 1 if config.family == "roberta" else 0)
+    for flag, name, default in (("--max-query-len", "max_query_len", 64), ("--max-passage-len", "max_passage_len", 256)):
+        value = getattr(args, name)
+        if value is not None and value > positions:
+            problems.bad_value(flag, value, f"an integer in [2, {positions}] for this model ({positions} positions)")
+        setattr(args, name, min(default if value is None else value, positions))
+
+
+def read_batch_file(path):
+    """The triplets of a --batch file as dicts; one line naming the line and field otherwise."""
+    triplets = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"--batch {path}:{n}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise cli.Stop(cli.EXIT_USAGE, f"error: {where}: not JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise cli.Stop(cli.EXIT_USAGE, f"error: {where}: expected an object with query, positive, negatives")
+            negatives = obj.get("negatives", [])
+            texts_ok = all(isinstance(obj.get(k), str) and obj[k] for k in ("query", "positive"))
+            if not texts_ok or not isinstance(negatives, list) or not all(isinstance(t, str) and t for t in negatives):
+                raise cli.Stop(cli.EXIT_USAGE, f"error: {where}: expected non-empty strings query and positive and a "
+                                               "list of non-empty strings negatives")
+            triplets.append({"query": obj["query"], "positive": obj["positive"], "negatives": negatives,
+                             "query_lang": obj.get("query_lang"), "passage_lang": obj.get("passage_lang")})
+    if not triplets:
+        raise cli.Stop(cli.EXIT_USAGE, f"error: --batch {path}: no triplets in it")
+    return triplets
+
+
+def sampled_batch(args):
+    """(triplet dicts, batch description) of train.py's step --step on --data."""
+    try:
+        sampler = HBTSampler(read_sources(args.data), args.batch_size, sampler=args.sampler, alpha=args.alpha,
+                             seed=args.seed, xx_language_weighting=args.xx_weighting,
+                             max_negatives=args.max_negatives)
+    except (DataError, ValueError) as e:
+        raise cli.Stop(cli.EXIT_USAGE, f"error: --data: {cli.one_line(e)}") from None
+    *_, batch = sampler_batches(sampler, args.step)
+    triplets = [{"query": t.query, "positive": t.positive, "negatives": list(t.negatives), "query_lang": t.query_lang,
+                 "passage_lang": t.passage_lang, "group": t.group} for t in batch.triplets]
+    origin = {"data": args.data, "sampler": args.sampler, "alpha": args.alpha, "xx_weighting": args.xx_weighting,
+              "seed": args.seed, "batch_size": args.batch_size, "max_negatives": args.max_negatives,
+              "step": args.step}
+    return triplets, {"kind": batch.kind, "source": batch.source, "lang": batch.lang, "origin": origin}
+
+
+def batch_kind(triplets):
+    """xx when every triplet's languages are given and one language; xy when each triplet's two differ."""
+    pairs = [(t.get("query_lang"), t.get("passage_lang")) for t in triplets]
+    if any(None in p for p in pairs):
+        return None
+    if len({lang for p in pairs for lang in p}) == 1:
+        return "xx"
+    return "xy" if all(a != b for a, b in pairs) else None
+
+
+def git_commit():
+    """(commit, dirty) of the repository minihbt runs from, or (None, None) outside one."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=20)
+        status = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+    if head.returncode or status.returncode:
+        return None, None
+    return head.stdout.strip(), bool(status.stdout.strip())
+
+
+def model_record(model):
+    c = model.config
+    files = {os.path.relpath(p, model.path): sha256_file(p) for p in checkpoint_files(model.path)}
+    return {"path": os.path.abspath(model.path), "sha256": files, "model_type": c.model_type,
+            "num_hidden_layers": c.num_hidden_layers, "hidden_size": c.hidden_size,
+            "num_attention_heads": c.num_attention_heads, "vocab_size": c.vocab_size,
+            "layer_norm_eps": c.layer_norm_eps, "pad_token_id": c.pad_token_id, "max_length": model.max_length}
+
+
+def settings_record(model, s):
+    return {"query_prefix": model.prefixes["query"], "passage_prefix": model.prefixes["passage"],
+            "max_query_length": s.max_query_length, "max_passage_length": s.max_passage_length,
+            "pooling": model.pooling, "temperature": s.temperature, "candidates": s.candidates,
+            "symmetric": s.symmetric, "dropout": False, "lr": s.lr, "betas": list(s.betas), "eps": s.eps,
+            "weight_decay": s.weight_decay, "max_grad_norm": s.max_grad_norm}
+
+
+def build_manifest(model, s, dtype, triplets, batch_info):
+    commit, dirty = git_commit()
+    trained = model.trainable_names()
+    n_cands = len(triplets) + sum(len(t["negatives"]) for t in triplets)
+    full = list(model.params[WORD_TABLE].shape)
+    return {
+        "format": bundle.FORMAT, "format_version": bundle.FORMAT_VERSION,
+        "created_by": {"program": PROG, "minihbt": __version__, "git_commit": commit, "git_dirty": dirty},
+        "model": model_record(model), "dtype": dtype, "settings": settings_record(model, s), "semantics": SEMANTICS,
+        "batch": {"file": bundle.BATCH, "triplets": len(triplets), "candidates": n_cands, **batch_info},
+        "trained": trained,
+        "row_stored": {name: {"rows": bundle.WORD_ROWS, "full_shape": full} for name in bundle.ROW_STORED},
+        "other_rows": "a word-table row not in rows/...: gradient 0, after the step p * (1 - lr * weight_decay)",
+        "rule": bundle.RULE, "tolerances": bundle.tolerances(s.lr),
+        "tolerance_why": {family: why for family, (_, _, why) in bundle.TOLERANCES.items()},
+    }
+
+
+@cli.program(PROG)
+def main(argv=None):
+    args = check_args(argv)
+    if args.batch is not None:
+        triplets, batch_info = args.triplets, {"kind": batch_kind(args.triplets), "source": None,
+                                               "origin": {"batch": os.path.abspath(args.batch)}}
+    else:
+        triplets, batch_info = sampled_batch(args)
+    model = load_model(args.model, dtype=args.dtype, pooling=args.pooling)
+    s = StepSettings(args.max_query_len, args.max_passage_len, args.temperature, args.candidates, args.symmetric, args.lr,
+                     (args.beta1, args.beta2), args.adam_eps, args.weight_decay, args.max_grad_norm)
+    tensors = record_step(model, [(t["query"], t["positive"], t["negatives"]) for t in triplets], s)
+    trained = model.trainable_names()
+    order = (bundle.forward_names(model.config.num_hidden_layers)
+             + bundle.backward_names(model.config.num_hidden_layers, trained) + bundle.update_names(trained))
+    bundle.write_bundle(args.out, build_manifest(model, s, args.dtype, triplets, batch_info), triplets, tensors, order)
+    print(f"{args.out}: one step of {len(triplets)} triplets ({batch_info['kind'] or 'unknown kind'}, {args.dtype}), "
+          f"loss {float(tensors['loss']):.6f}, gradient norm {float(tensors['grad_norm']):.4g}, {len(order)} tensors")
+    return 0

@@ -1,0 +1,154 @@
+"""`python -m minihbt.check step BUNDLE THEIRS [--worst N]`
+
+Compares another implementation's tensors of one training step (THEIRS: a folder of
+.safetensors files, or one file, with the bundle's tensor names; any subset) with a golden
+bundle written by `python -m minihbt.check export`. Tensors are compared in the order the
+step computes them: forward (tokens, each side's hidden states, pooling, scores, loss), then
+backward (the scores' gradient, the embeddings', then each block from the last to the
+first: the gradient at its output and its parameters' gradients), then the update. A tensor
+is within tolerance when
+
+    max|theirs - ours| <= tol * max(1, max|ours|)
+
+with the tolerance of its family (manifest.json says each and why; float32 tolerances when
+either side is float32). The first tensor out of tolerance is where the implementation
+diverges: "first divergence: passage/encoder.layer.3.output".
+
+The word table's gradient and update may be given as the bundle's rows (the ids in
+rows/embeddings.word_embeddings.weight) or as the whole table.
+
+Exit status 0 when every provided tensor is within tolerance, 1 at a divergence, 2 for bad
+input (a bundle of another format version, a tensor of the wrong shape, a missing path).
+"""
+import argparse
+import os
+from typing import NamedTuple
+
+import numpy as np
+
+from .. import cli
+from . import bundle
+from .common import Parser
+
+PROG = "python -m minihbt.check step"
+SHOWN_MISSING = 12
+
+
+class Row(NamedTuple):
+    name: str
+    phase: str
+    family: str
+    max_abs: float
+    rel: float
+    tol: float
+
+    @property
+    def ok(self):
+        return bool(self.rel <= self.tol)          # NaN is never within tolerance
+
+    @property
+    def badness(self):
+        if self.tol > 0:
+            return self.rel / self.tol
+        return 0.0 if self.rel == 0 else float("inf")
+
+
+def check_args(argv):
+    ap = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("bundle", metavar="BUNDLE", help="a bundle folder written by `python -m minihbt.check export`")
+    ap.add_argument("theirs", metavar="THEIRS", help="the other implementation's tensors: a folder of .safetensors "
+                                                     "files or one .safetensors file, named as the bundle's")
+    ap.add_argument("--worst", type=int, default=None, metavar="N",
+                    help="print only the N rows nearest to (or furthest past) their tolerance (default: every row)")
+    args = ap.parse_args(argv)
+    problems = cli.Problems()
+    cli.check_input_dir("BUNDLE", args.bundle, problems)
+    if not os.path.exists(args.theirs):
+        problems.add(f"THEIRS {args.theirs}: no such file or folder; expected a folder of .safetensors files or one")
+    if args.worst is not None and args.worst < 1:
+        problems.bad_value("--worst", args.worst, "an integer >= 1")
+    problems.stop_if_any()
+    return args
+
+
+def aligned(name, theirs, ours, manifest):
+    """THEIRS' tensor `name` in the bundle's shape (a whole word table cut to the bundle's rows),
+    or one line naming the tensor and both shapes, exit status 2."""
+    stored = manifest.get("row_stored", {}).get(name)
+    if stored and list(theirs.shape) == stored["full_shape"]:
+        theirs = theirs[ours[stored["rows"]]]
+    if theirs.shape != ours[name].shape:
+        raise cli.Stop(cli.EXIT_USAGE, f"error: {name}: THEIRS has shape {list(theirs.shape)}, the bundle "
+                                       f"{list(ours[name].shape)}")
+    return theirs
+
+
+def compare(entry, theirs, ours, manifest):
+    """One Row: the error of THEIRS against the bundle for the tensor of manifest entry `entry`."""
+    name = entry["name"]
+    coarse = manifest["dtype"] == "float32" or (theirs.dtype.kind == "f" and theirs.dtype.itemsize < 8)
+    tol = manifest["tolerances"]["float32" if coarse else "float64"][entry["family"]]
+    a, b = theirs.astype(np.float64), ours.astype(np.float64)
+    max_abs = float(np.abs(a - b).max()) if a.size else 0.0
+    scale = max(1.0, float(np.abs(b).max()) if b.size else 0.0)
+    return Row(name, entry["phase"], entry["family"], max_abs, max_abs / scale, tol)
+
+
+def print_table(rows, worst):
+    shown = rows if worst is None else sorted(rows, key=lambda r: r.badness, reverse=True)[:worst]
+    width = max(len(r.name) for r in shown)
+    print(f"{'':6}{'tensor':{width}}  {'max abs':>9}  {'rel':>9}  {'tol':>9}  family")
+    for r in shown:
+        print(f"{'ok' if r.ok else 'FAIL':6}{r.name:{width}}  {r.max_abs:9.2e}  {r.rel:9.2e}  {r.tol:9.2e}  {r.family}")
+
+
+def names_line(names):
+    head = ", ".join(names[:SHOWN_MISSING])
+    return head + (f" and {len(names) - SHOWN_MISSING} more" if len(names) > SHOWN_MISSING else "")
+
+
+def read_inputs(args):
+    """(manifest, the bundle's tensors THEIRS has, THEIRS' tensors of the bundle's names, THEIRS' other names)."""
+    try:
+        manifest = bundle.read_manifest(args.bundle)
+        theirs = bundle.read_tensors(bundle.theirs_files(args.theirs))
+        entries = {t["name"] for t in manifest["tensors"]}
+        wanted = {n for n in theirs if n in entries} | {bundle.WORD_ROWS}
+        ours = bundle.bundle_tensors(args.bundle, wanted)
+    except bundle.BundleError as e:
+        raise cli.Stop(cli.EXIT_USAGE, f"error: {cli.one_line(e)}") from None
+    missing = sorted(wanted - set(ours))
+    if missing:
+        raise cli.Stop(cli.EXIT_USAGE, f"error: {args.bundle}: the manifest lists {missing[0]}, which its tensor "
+                                       "files do not hold")
+    extra = sorted(n for n in theirs if n not in entries)
+    return manifest, ours, {n: a for n, a in theirs.items() if n in entries}, extra
+
+
+@cli.program(PROG)
+def main(argv=None):
+    args = check_args(argv)
+    manifest, ours, theirs, extra = read_inputs(args)
+    if not theirs:
+        raise cli.Stop(cli.EXIT_USAGE, f"error: THEIRS {args.theirs}: none of its {len(extra)} tensors has a name of "
+                                       f"the bundle (e.g. {names_line(extra[:3]) or 'none'}); see manifest.json")
+    entries = manifest["tensors"]
+    given = {e["name"]: aligned(e["name"], theirs[e["name"]], ours, manifest) for e in entries if e["name"] in theirs}
+    rows = [compare(e, given[e["name"]], ours[e["name"]], manifest) for e in entries if e["name"] in given]
+    b = manifest["batch"]
+    print(f"bundle {args.bundle}: {manifest['dtype']}, {b['triplets']} triplets ({b.get('kind') or 'unknown kind'}), "
+          f"{len(entries)} tensors; THEIRS {args.theirs}: {len(rows)} of them")
+    print_table(rows, args.worst)
+    not_given = [e["name"] for e in entries if e["name"] not in given]
+    if not_given:
+        print(f"not provided ({len(not_given)}): {names_line(not_given)}")
+    if extra:
+        print(f"ignored, not in the bundle ({len(extra)}): {names_line(extra)}")
+    failed = [r for r in rows if not r.ok]
+    if failed:
+        r = failed[0]
+        print(f"first divergence: {r.name} ({r.phase}; max abs {r.max_abs:.3g}, rel {r.rel:.3g} > tol {r.tol:.3g})")
+        print(f"verdict: DIVERGES; {len(failed)} of {len(rows)} provided tensors out of tolerance")
+        return 1
+    print(f"verdict: OK; all {len(rows)} provided tensors within tolerance ({bundle.RULE})")
+    return 0
