@@ -3,8 +3,8 @@ import argparse
 import os
 
 from .. import cli
-from ..data import read_training_data
-from ..sampler import LANGUAGE_WEIGHTINGS, SAMPLERS
+from ..data import DataError, read_training_data
+from ..sampler import LANGUAGE_WEIGHTINGS, SAMPLERS, HBTSampler
 
 
 class Parser(argparse.ArgumentParser):
@@ -60,3 +60,13 @@ def read_sources(specs):
             names[name] = spec
         examples += found
     return examples
+
+
+def build_sampler(args):
+    """minihbt's HBTSampler over --data with the checked sampler flags (as train.py builds it);
+    a data error is one line, exit 2."""
+    try:
+        return HBTSampler(read_sources(args.data), args.batch_size, sampler=args.sampler, alpha=args.alpha,
+                          seed=args.seed, xx_language_weighting=args.xx_weighting, max_negatives=args.max_negatives)
+    except (DataError, ValueError) as e:
+        raise cli.Stop(cli.EXIT_USAGE, f"error: --data: {cli.one_line(e)}") from None

@@ -21,16 +21,15 @@ import subprocess
 
 from .. import __version__, cli
 from ..config import ConfigError, ModelConfig
-from ..data import DataError
 from ..encoder import WORD_TABLE
 from ..files import sha256_file
 from ..model import POOLINGS, load_model
-from ..sampler import HBTSampler, SAMPLERS
+from ..sampler import SAMPLERS
 from ..step import CANDIDATES
 from ..weights import checkpoint_files
 from . import bundle
 from .batchlog import sampler_batches
-from .common import Parser, check_sampler_flags, read_sources
+from .common import Parser, build_sampler, check_sampler_flags
 from .golden import StepSettings, record_step
 
 PROG = "python -m minihbt.check export"
@@ -172,12 +171,7 @@ def read_batch_file(path):
 
 def sampled_batch(args):
     """(triplet dicts, batch description) of train.py's step --step on --data."""
-    try:
-        sampler = HBTSampler(read_sources(args.data), args.batch_size, sampler=args.sampler, alpha=args.alpha,
-                             seed=args.seed, xx_language_weighting=args.xx_weighting,
-                             max_negatives=args.max_negatives)
-    except (DataError, ValueError) as e:
-        raise cli.Stop(cli.EXIT_USAGE, f"error: --data: {cli.one_line(e)}") from None
+    sampler = build_sampler(args)
     *_, batch = sampler_batches(sampler, args.step)
     triplets = [{"query": t.query, "positive": t.positive, "negatives": list(t.negatives), "query_lang": t.query_lang,
                  "passage_lang": t.passage_lang, "group": t.group} for t in batch.triplets]

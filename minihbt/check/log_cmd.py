@@ -10,10 +10,8 @@ import argparse
 import os
 
 from .. import cli
-from ..data import DataError
-from ..sampler import HBTSampler
 from .batchlog import sampler_batches, write_batch_log
-from .common import Parser, add_sampler_flags, check_sampler_flags, read_sources
+from .common import Parser, add_sampler_flags, build_sampler, check_sampler_flags
 
 PROG = "python -m minihbt.check log"
 
@@ -49,12 +47,7 @@ def check_args(argv):
 @cli.program(PROG)
 def main(argv=None):
     args = check_args(argv)
-    try:
-        sampler = HBTSampler(read_sources(args.data), args.batch_size, sampler=args.sampler, alpha=args.alpha,
-                             seed=args.seed, xx_language_weighting=args.xx_weighting,
-                             max_negatives=args.max_negatives)
-    except (DataError, ValueError) as e:
-        raise cli.Stop(cli.EXIT_USAGE, f"error: --data: {cli.one_line(e)}") from None
+    sampler = build_sampler(args)
     write_batch_log(sampler_batches(sampler, args.batches), args.out)
     print(f"{args.out}: {args.batches} batches of {args.batch_size} ({args.sampler}"
           + (f", alpha {args.alpha:g}" if args.sampler == "hybrid" else "") + f", seed {args.seed})")
