@@ -4,7 +4,11 @@ step     minihbt.loss_and_grads over the ranks (minihbt.comm) for every case of 
          saves its loss and gradients to OUT/<case>-rank<r>.npz
 train20  20 clipped AdamW steps in float64 through the library (groups.loss_and_grads over the
          ranks, rowgrad.clip_grad_norm, rowgrad.AdamW); each rank saves its parameters
+real     multilingual-e5-small (argv: MODEL_DIR MLQA_R_DIR), float32, dropout on: the step of
+         train_step.py's mlqa-hybrid batch (32 triplets) over the ranks; rank 0 also computes it in
+         one process and writes OUT/real.json: both losses and each gradient's error
 """
+import json
 import os
 import sys
 
@@ -15,6 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))                  
 
 import minihbt  # noqa: E402
 from minihbt import comm as comm_module, groups, rowgrad  # noqa: E402
+from minihbt.data import read_training_data  # noqa: E402
+from minihbt.sampler import HBTSampler  # noqa: E402
 from conftest import TINY  # noqa: E402
 
 LONG = " ".join(["ein sehr langer satz mit vielen woertern"] * 3)
@@ -59,7 +65,24 @@ def train20(model, comm):
     return {k: np.asarray(v) for k, v in model.params.items()}
 
 
-def main(scenario, out):
+def real(comm, out, model_dir, data_dir):
+    """The real-model comparison: errors as max|a - b| / max(1, max|b|), b the one-process step's."""
+    examples, _ = read_training_data(data_dir)
+    batch = HBTSampler(examples, 32, sampler="hybrid", alpha=0.5, seed=0, max_negatives=1).batches(0)[0]
+    texts = ([t.query for t in batch.triplets], [t.positive for t in batch.triplets],
+             [list(t.negatives) for t in batch.triplets])
+    model = minihbt.load_model(model_dir)
+    kw = dict(dropout=True, seed=3, max_query_length=32, max_passage_length=96)
+    loss, grads = groups.loss_and_grads(model, *texts, comm=comm, **kw)
+    if comm.rank:
+        return
+    loss_one, grads_one = groups.loss_and_grads(model, *texts, **kw)
+    errors = {k: float(np.abs(grads[k] - g).max() / max(1.0, float(np.abs(g).max()))) for k, g in grads_one.items()}
+    with open(os.path.join(out, "real.json"), "w", encoding="utf-8") as f:
+        json.dump({"kind": batch.kind, "loss": loss, "loss_one_process": loss_one, "errors": errors}, f)
+
+
+def main(scenario, out, *args):
     comm = comm_module.from_environment("cpu")
     with comm.abort_on_error():
         if scenario == "step":
@@ -68,6 +91,8 @@ def main(scenario, out):
                 model = minihbt.load_model(TINY[kind], **load)
                 loss, grads = groups.loss_and_grads(model, *BATCH, comm=comm, **kw)
                 np.savez(os.path.join(out, f"{case}-rank{comm.rank}.npz"), loss=loss, **grads)
+        elif scenario == "real":
+            real(comm, out, *args)
         elif scenario == "train20":
             params = train20(minihbt.load_model(TINY["xlmr"], dtype="float64", pooling="mean"), comm)
             np.savez(os.path.join(out, f"train20-rank{comm.rank}.npz"), **params)
@@ -76,4 +101,4 @@ def main(scenario, out):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])
