@@ -8,6 +8,8 @@ compares with one process: loss and every gradient per tensor within tol * max(1
 1e-5 relative. Skipped, with the reason, where mpi4py or mpirun is missing (.ci/run installs both)."""
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -15,7 +17,7 @@ import pytest
 import dp_worker
 import minihbt
 from minihbt import step
-from test_comm import ROOT, launch, needs_mpi
+from test_comm import ROOT, find_mpirun, launch, needs_mpi
 from conftest import TINY, shared_path
 
 TOL = {"float64": 1e-12, "float32": 1e-5}
@@ -168,3 +170,23 @@ def test_the_real_model_on_two_ranks_is_the_one_process_step(me5_dir, tmp_path):
     assert abs(res["loss"] - res["loss_one_process"]) <= 1e-5 * abs(res["loss_one_process"])
     assert len(res["errors"]) == 197 and max(res["errors"].values()) <= 1e-5, sorted(res["errors"].items(),
                                                                                     key=lambda kv: -kv[1])[:3]
+
+
+@needs_mpi
+def test_ranks_launched_with_different_settings_are_refused_in_one_line(tmp_path):
+    """mpirun with two app contexts (rank 0: --lr 1e-3, rank 1: --lr 2e-3): refused before any
+    model is loaded, exit 2, one line from rank 0 naming the setting."""
+    data = tmp_path / "tiny.jsonl"
+    data.write_text(json.dumps({"lang": "aa", "query": "q ?", "positive": "p ."}) + "\n")
+    args = [os.path.join(ROOT, "train.py"), "--model", TINY["xlmr"], "--train", str(data), "--batch-size", "2",
+            "--out", str(tmp_path / "out")]
+    from minihbt.comm import MPI
+    over = ["--oversubscribe"] if "Open MPI" in MPI.Get_library_version() else []
+    cmd = [find_mpirun(), *over, "-np", "1", sys.executable, *args, "--lr", "1e-3", ":",
+           "-np", "1", sys.executable, *args, "--lr", "2e-3"]
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("train.py:")]
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert len(lines) == 1 and "ranks disagree on setting 'lr'" in lines[0] and "rank 1 has 0.002" in lines[0], lines
+    assert not (tmp_path / "out").exists()                                   # nothing made before the check
