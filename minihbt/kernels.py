@@ -82,7 +82,7 @@ def softmax_grad(d_probs, probs):
 
 
 def adamw(p, g, m, v, decay, one_minus_b1, b2, one_minus_b2, inv_bc2_sqrt, eps, step_size):
-    """One in-place AdamW update of p, m, v (the formula of optim.py)."""
+    """One in-place AdamW update of p, m, v (the formula of step.adamw_update)."""
     _elementwise("adamw")(g, decay, one_minus_b1, b2, one_minus_b2, inv_bc2_sqrt, eps, step_size, p, m, v)
 
 
