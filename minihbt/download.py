@@ -14,8 +14,7 @@ transfer leaves ``FILE.part``; the next run resumes it with an HTTP Range reques
 starts over if the server ignores the range). Files already present with the right
 checksum are skipped; ``--force`` downloads them again.
 
-``--from DIR`` copies (hard-links where possible) from a local mirror instead of the
-network, with the same checks. Python API: ``fetch``, ``download_model``,
+``--from DIR`` copies from a local mirror instead of the network, with the same checks. Python API: ``fetch``, ``download_model``,
 ``download_dataset``; every failure is a ``DownloadError`` with a message meant for people.
 """
 import argparse
@@ -157,7 +156,7 @@ datasets (pinned commit, every file checked against its sha256):
 
 where files go: models to weights/<alias-or-repo-name>, datasets to data/<name> (or --dir).
 
---from DIR, a local mirror instead of the network (files are hard-linked when possible):
+--from DIR, a local mirror instead of the network (files are copied, never linked):
   dataset: DIR laid out like ../shared/data, i.e. DIR/xquad-r/ar.json, DIR/mlqa-r/ar.json,
            DIR/mlqa/MLQA_V1/dev/dev-context-ar-question-ar.json
   model:   DIR is a Hugging Face model directory (config.json, tokenizer.json, model.safetensors),

@@ -1,5 +1,5 @@
 """Moving one file into place, verified: an HTTP(S) download resumed with Range requests, or
-a copy (hard link where possible) from a local mirror. Written to FILE.part and renamed only
+a copy (never a link) from a local mirror. Written to FILE.part and renamed only
 once complete and, where a SHA-256 is pinned, checked."""
 import hashlib
 import http.client
@@ -151,7 +151,8 @@ def fetch(url, dest, sha256=None, progress=True, force=False, timeout=TIMEOUT):
 
 
 def copy_file(src, dest, sha256=None, progress=True, force=False):
-    """Hard-link (same filesystem) or copy a local file to dest via dest.part, checked like fetch."""
+    """Copy a local file to dest via dest.part, checked like fetch. A copy, never a link: an edit of
+    the working copy must not change the mirror, nor a damaged mirror file change the copy."""
     src, dest = os.fspath(src), os.fspath(dest)
     if not os.path.isfile(src):
         raise DownloadError(f"{src} not found in the local mirror.")
@@ -160,14 +161,9 @@ def copy_file(src, dest, sha256=None, progress=True, force=False):
     part = dest + ".part"
     _remove(part)
     os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
-    how = "linked"
-    try:
-        os.link(src, part)
-    except OSError:                                 # another filesystem, or links not allowed
-        how = "copied"
-        shutil.copyfile(src, part)
+    shutil.copyfile(src, part)
     _commit(part, dest, sha256, sha256_file(part) if sha256 else None, src)
-    _say(f"{dest}: {how} from {src}" + (", checksum ok" if sha256 else ""), progress)
+    _say(f"{dest}: copied from {src}" + (", checksum ok" if sha256 else ""), progress)
     return dest
 
 

@@ -448,8 +448,10 @@ def test_dataset_from_fake_mirror(tmp_path, monkeypatch):
     assert (tmp_path / "mlqa" / "MLQA_V1" / "dev" / "dev-context-ar-question-de.json").exists()
     assert out == str(tmp_path / "mlqa")
     rel = "MLQA_V1/dev/dev-context-en-question-en.json"
-    if os.stat(tmp_path / "mlqa" / rel).st_nlink > 1:                # hard-linked, not copied, where allowed
-        assert os.path.samefile(tmp_path / "mlqa" / rel, mirror / "mlqa" / rel)
+    assert os.stat(tmp_path / "mlqa" / rel).st_nlink == 1            # copied, not linked to the mirror
+    assert not os.path.samefile(tmp_path / "mlqa" / rel, mirror / "mlqa" / rel)
+    (tmp_path / "mlqa" / rel).write_bytes(b"edited")                 # an edit of the copy leaves the mirror as it was
+    assert (mirror / "mlqa" / rel).read_bytes() == f"fake mlqa {rel} {list(tables['mlqa']).index(rel)}".encode()
 
     (mirror / "xquad-r" / "th.json").write_bytes(b"damaged")          # wrong checksum in the mirror
     with pytest.raises(DownloadError) as e:
