@@ -47,3 +47,16 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(CUDA_SKIP is not
 def device(request):
     """Each backend: CPU always, CUDA where CuPy sees a GPU (skipped with the reason otherwise)."""
     return request.param
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The skips counted by reason, one line each, so that a run says what it did not test and why."""
+    counts = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        counts[reason] = counts.get(reason, 0) + 1
+    if counts:
+        terminalreporter.write_sep("-", f"{sum(counts.values())} skipped, by reason")
+        for reason, n in sorted(counts.items(), key=lambda item: (-item[1], item[0])):
+            terminalreporter.write_line(f"{n:5d}  {reason}")
