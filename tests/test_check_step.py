@@ -260,6 +260,19 @@ def test_export_refuses_a_bad_batch_line(tmp_path, capsys):
     one_line_exit_2(status, err, "bad.jsonl:2", "positive")
 
 
+def test_export_says_which_settings_to_match(tmp_path, capsys):
+    """The manifest's settings, with a default lowered to the model's positions said so."""
+    batch = write_batch(tmp_path / "ok.jsonl", TRIPLETS)
+    status, out, _ = run(export_cmd.main, ["--model", TINY["xlmr"], "--out", str(tmp_path / "a"), "--batch", batch],
+                         capsys)
+    assert status == 0 and "max lengths 64/128" in out
+    assert "--max-passage-len's default 256 lowered to this model's 128 positions" in out
+    status, out, _ = run(export_cmd.main, ["--model", TINY["xlmr"], "--out", str(tmp_path / "b"), "--batch", batch,
+                                           "--max-passage-len", "100"], capsys)
+    assert status == 0 and "max lengths 64/100" in out and "lowered" not in out
+    assert manifest_of(tmp_path / "b")["settings"]["max_passage_length"] == 100
+
+
 def test_step_refuses_bad_input(make_bundle, tmp_path, capsys):
     path = make_bundle("bert")
     status, _, err = run(step_cmd.main, [path, str(tmp_path / "missing")], capsys)
@@ -282,6 +295,48 @@ def test_step_refuses_bad_input(make_bundle, tmp_path, capsys):
     one_line_exit_2(status, err, "junk.safetensors", "cannot be read")
 
 
+def rewrite_bundle(src, dst, edits):
+    """A copy of bundle `src` whose tensors are changed by edits {name: dtype}, its manifest as it was."""
+    shutil.copytree(src, dst)
+    for ph, file in bundle.FILES.items():
+        t = load_file(os.path.join(src, file))
+        save_file({n: (a.astype(edits[n]) if n in edits else a) for n, a in t.items()}, os.path.join(dst, file))
+    return str(dst)
+
+
+def test_step_checks_dtypes_before_comparing(make_bundle, tmp_path, capsys):
+    """A bundle whose files hold other dtypes than its manifest is broken; a submission of dtypes the
+    bundle's tolerances do not assume is refused, naming every such tensor in one line (exit 2)."""
+    path = make_bundle("xlmr")                                     # float64
+    broken = rewrite_bundle(path, tmp_path / "broken", {"scores": np.float16, "query/input_ids": np.float32})
+    status, _, err = run(step_cmd.main, [broken, path], capsys)
+    one_line_exit_2(status, err, "BUNDLE is broken", "scores holds float16", "the manifest says float64",
+                    "query/input_ids holds float32", "the manifest says int64")
+    as32 = rewrite_bundle(path, tmp_path / "as32", {n: np.float32 for n, a in tensors(path).items() if a.dtype.kind == "f"})
+    status, _, err = run(step_cmd.main, [as32, path], capsys)      # a float64 bundle whose files hold float32
+    one_line_exit_2(status, err, "BUNDLE is broken", "scores holds float32", "the manifest says float64")
+    m = manifest_of(as32)                                          # ... even where its tensor list says float32
+    m["tensors"] = [{**e, "dtype": "float32" if e["dtype"] == "float64" else e["dtype"]} for e in m["tensors"]]
+    (tmp_path / "as32" / bundle.MANIFEST).write_text(json.dumps(m), encoding="utf-8")
+    status, _, err = run(step_cmd.main, [as32, path], capsys)
+    one_line_exit_2(status, err, "BUNDLE is broken", "scores holds float32 in a float64 bundle")
+    t = tensors(path)
+    theirs = {"query/embeddings": t["query/embeddings"].astype(np.float16), "scores": t["scores"].astype(np.float32),
+              "query/input_ids": t["query/input_ids"].astype(np.float64), "loss": t["loss"]}
+    save_file(theirs, str(tmp_path / "theirs.safetensors"))
+    status, _, err = run(step_cmd.main, [path, str(tmp_path / "theirs.safetensors")], capsys)
+    one_line_exit_2(status, err, "query/embeddings is float16", "scores is float32", "query/input_ids is float64",
+                    "a float64 bundle takes float64 for floating tensors", "an integer or bool dtype for token ids")
+    assert "loss" not in err.split("bundle takes")[0]
+    path32 = make_bundle("xlmr", "float32")                        # float32 takes float32 and float64, ids int32
+    t = tensors(path32)
+    ok = {"scores": t["scores"].astype(np.float64), "query/input_ids": t["query/input_ids"].astype(np.int32),
+          "mask": t["mask"].astype(bool), "loss": t["loss"]}
+    save_file(ok, str(tmp_path / "ok.safetensors"))
+    status, out, _ = run(step_cmd.main, [path32, str(tmp_path / "ok.safetensors")], capsys)
+    assert status == 0 and "verdict: OK" in out
+
+
 # ----------------------------------------------------------------------------- (c), (d) with torch
 
 def example(name):
@@ -289,6 +344,17 @@ def example(name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.mark.parametrize("name,needs", [("torch_reference", "torch and transformers"),
+                                        ("sentence_transformers_mnrl", "torch and sentence-transformers")])
+def test_an_example_without_torch_says_what_it_needs(name, needs):
+    """Run where torch cannot be imported (None in sys.modules): one line, exit status 2."""
+    code = (f"import runpy, sys; sys.modules['torch'] = None; sys.argv = [{name!r}, '--help']; "
+            f"runpy.run_path({os.path.join(EXAMPLES, name + '.py')!r}, run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert f"needs {needs} (pip install" in done.stderr
 
 
 @pytest.fixture(scope="module")

@@ -10,15 +10,17 @@ is within tolerance when
 
     max|theirs - ours| <= tol * max(1, max|ours|)
 
-with the tolerance of its family (manifest.json says each and why; float32 tolerances when
-either side is float32). The first tensor out of tolerance is where the implementation
+with the tolerance of its family at the bundle's dtype (manifest.json says each and why).
+Floating tensors must have the bundle's dtype (a float32 bundle also takes float64), token
+ids and masks an integer or bool dtype; anything else is bad input, named before any comparison. The first tensor out of tolerance is where the implementation
 diverges: "first divergence: passage/encoder.layer.3.output".
 
 The word table's gradient and update may be given as the bundle's rows (the ids in
 rows/embeddings.word_embeddings.weight) or as the whole table.
 
 Exit status 0 when every provided tensor is within tolerance, 1 at a divergence, 2 for bad
-input (a bundle of another format version, a tensor of the wrong shape, a missing path).
+input (a bundle of another format version or whose tensors are not what its manifest says, a
+tensor of the wrong shape or dtype, a missing path).
 """
 import argparse
 import os
@@ -32,6 +34,9 @@ from .common import Parser
 
 PROG = "python -m minihbt.check step"
 SHOWN_MISSING = 12
+# The dtypes a submission's floating tensors may have, by the bundle's dtype: a float64 bundle's
+# tolerances (1e-9 and below) are out of float32's reach; a float32 bundle takes either.
+ACCEPTED = {"float64": ("float64",), "float32": ("float32", "float64")}
 
 
 class Row(NamedTuple):
@@ -83,11 +88,34 @@ def aligned(name, theirs, ours, manifest):
     return theirs
 
 
+def dtype_problems(manifest, ours, theirs):
+    """One line naming each tensor whose dtype the comparison cannot take, or None: first the
+    bundle's own tensors (a broken bundle: a dtype other than its manifest's entry), then THEIRS'.
+    Both follow one rule: floating tensors ACCEPTED[the bundle's dtype], token ids and masks an
+    integer or bool dtype."""
+    entries = {e["name"]: e for e in manifest["tensors"]}
+    floats = ACCEPTED[manifest["dtype"]]
+
+    def accepted(name, a):
+        return a.dtype.kind in "biu" if entries[name]["family"] == "tokens" else str(a.dtype) in floats
+
+    broken = [f"{name} holds {a.dtype}, the manifest says {entries[name]['dtype']}" for name, a in ours.items()
+              if str(a.dtype) != entries[name]["dtype"]]
+    broken += [f"{name} holds {a.dtype} in a {manifest['dtype']} bundle" for name, a in ours.items()
+               if str(a.dtype) == entries[name]["dtype"] and not accepted(name, a)]
+    if broken:
+        return f"BUNDLE is broken: {names_line(broken)}; export it again"
+    bad = [f"{name} is {a.dtype}" for name, a in theirs.items() if not accepted(name, a)]
+    if bad:
+        return (f"THEIRS: {names_line(bad)}; a {manifest['dtype']} bundle takes {' or '.join(floats)} for floating "
+                "tensors and an integer or bool dtype for token ids and masks")
+    return None
+
+
 def compare(entry, theirs, ours, manifest):
     """One Row: the error of THEIRS against the bundle for the tensor of manifest entry `entry`."""
     name = entry["name"]
-    coarse = manifest["dtype"] == "float32" or (theirs.dtype.kind == "f" and theirs.dtype.itemsize < 8)
-    tol = manifest["tolerances"]["float32" if coarse else "float64"][entry["family"]]
+    tol = manifest["tolerances"][manifest["dtype"]][entry["family"]]
     a, b = theirs.astype(np.float64), ours.astype(np.float64)
     max_abs = float(np.abs(a - b).max()) if a.size else 0.0
     scale = max(1.0, float(np.abs(b).max()) if b.size else 0.0)
@@ -129,6 +157,9 @@ def read_inputs(args):
 def main(argv=None):
     args = check_args(argv)
     manifest, ours, theirs, extra = read_inputs(args)
+    problem = dtype_problems(manifest, ours, theirs)
+    if problem:
+        raise cli.Stop(cli.EXIT_USAGE, f"error: {problem}")
     if not theirs:
         raise cli.Stop(cli.EXIT_USAGE, f"error: THEIRS {args.theirs}: none of its {len(extra)} tensors has a name of "
                                        f"the bundle (e.g. {names_line(extra[:3]) or 'none'}); see manifest.json")
