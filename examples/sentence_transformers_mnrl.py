@@ -32,12 +32,18 @@ import os
 import sys
 
 import numpy as np
-import torch
 from safetensors.numpy import save_file
-from sentence_transformers import SentenceTransformer
-from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
-from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
-from sentence_transformers.util import cos_sim
+
+try:
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    from sentence_transformers.util import cos_sim
+except ImportError as e:
+    print("examples/sentence_transformers_mnrl.py needs torch and sentence-transformers (pip install torch "
+          f"sentence-transformers): {e}", file=sys.stderr)
+    sys.exit(2)
 
 WORD = "embeddings.word_embeddings.weight"
 

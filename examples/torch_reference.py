@@ -25,10 +25,16 @@ import os
 import sys
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from safetensors.numpy import save_file
-from transformers import AutoModel, AutoTokenizer
+
+try:
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModel, AutoTokenizer
+except ImportError as e:
+    print(f"examples/torch_reference.py needs torch and transformers (pip install torch transformers): {e}",
+          file=sys.stderr)
+    sys.exit(2)
 
 SIDES = ("query", "passage")
 WORD = "embeddings.word_embeddings.weight"

@@ -136,10 +136,13 @@ def check_model_config(args, problems):
         problems.add(f"--model {args.model}: {cli.one_line(e)}")
         return
     positions = config.max_position_embeddings - (config.pad_token_id + 1 if config.family == "roberta" else 0)
+    args.lowered = []
     for flag, name, default in (("--max-query-len", "max_query_len", 64), ("--max-passage-len", "max_passage_len", 256)):
         value = getattr(args, name)
         if value is not None and value > positions:
             problems.bad_value(flag, value, f"an integer in [2, {positions}] for this model ({positions} positions)")
+        if value is None and default > positions:
+            args.lowered.append(f"{flag}'s default {default} lowered to this model's {positions} positions")
         setattr(args, name, min(default if value is None else value, positions))
 
 
@@ -258,4 +261,9 @@ def main(argv=None):
     bundle.write_bundle(args.out, build_manifest(model, s, args.dtype, triplets, batch_info), triplets, tensors, order)
     print(f"{args.out}: one step of {len(triplets)} triplets ({batch_info['kind'] or 'unknown kind'}, {args.dtype}), "
           f"loss {float(tensors['loss']):.6f}, gradient norm {float(tensors['grad_norm']):.4g}, {len(order)} tensors")
+    print(f"match manifest.json's settings, not the flags' defaults: max lengths {s.max_query_length}/"
+          f"{s.max_passage_length}, prefixes {model.prefixes['query']!r}/{model.prefixes['passage']!r}, pooling "
+          f"{model.pooling}, temperature {s.temperature}, candidates {s.candidates}, symmetric {s.symmetric}, lr {s.lr}, "
+          f"weight decay {s.weight_decay}, max grad norm {s.max_grad_norm}"
+          + "".join(f"; {note}" for note in args.lowered))
     return 0
