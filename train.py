@@ -40,8 +40,12 @@ from minihbt.checkpoint import (LOG_FILE, is_checkpoint, latest_checkpoint, load
                                 read_trainer_state, remove_partial_checkpoints, run_contents, save_checkpoint)
 from minihbt.cli import AT_LEAST_0, AT_LEAST_1, FRACTION, POSITIVE, Problems, Range, Stop, setting
 from minihbt.comm import CommError, SettingsMismatch, SingleProcess, from_environment
+from minihbt.config import ConfigError, ModelConfig
+from minihbt.data import language_from_filename
 
 PROG = "train.py"
+TRAINING_FILES = ("a SQuAD-format .json file whose name gives its language (de.json, arabic_dev.json; or LANG=PATH), "
+                  "a folder of them, or a .jsonl file of examples (lang, query, positive[, negatives, group])")
 
 
 @dataclass
@@ -104,12 +108,13 @@ CUDA_ONLY = ("tf32", "fused_kernels")
 
 
 class Plan(NamedTuple):
-    """resolve_args' answer; `given`: the settings set by the command line or --config; `comm`:
-    the ranks of a data-parallel run (minihbt.comm; one process: SingleProcess)."""
+    """resolve_args' answer; `made`: the folders it created for --out (removed again, if still
+    empty, when the run fails); `comm`: the ranks of a data-parallel run (minihbt.comm; one
+    process: SingleProcess)."""
     settings: TrainSettings
     checkpoint: Optional[str]
     overwrite: bool
-    given: frozenset
+    made: tuple
     comm: object
 
 
@@ -152,6 +157,7 @@ def resolve_args(argv):
     settings = cli.build_settings(TrainSettings, values, origins, problems)
     check_combinations(settings, given, problems)
     check_paths(settings, resume, overwrite, problems)
+    check_lengths(settings, checkpoint or settings.model, given, problems)
     cli.check_device("--device", settings.device, problems)
     comm = ranks(settings, resume, overwrite, problems)
     problems.stop_if_any()
@@ -159,7 +165,7 @@ def resolve_args(argv):
         cli.make_folder("--out", settings.out, problems)
     problems.stop_if_any()
     comm.barrier()
-    return Plan(settings, checkpoint, overwrite, given, comm)
+    return Plan(settings, checkpoint, overwrite, tuple(problems.created), comm)
 
 
 def ranks(s, resume, overwrite, problems):
@@ -261,9 +267,13 @@ def check_paths(s, resume, overwrite, problems):
         if s.model:
             cli.check_input_dir("--model", s.model, problems)
         for spec in s.train or []:
-            path = spec.split("=", 1)[1] if "=" in spec and not os.path.exists(spec) else spec
+            forced = "=" in spec and not os.path.exists(spec)
+            path = spec.split("=", 1)[1] if forced else spec
             if not os.path.exists(path):
                 problems.add(f"--train {spec}: no such file or folder")
+            elif os.path.isfile(path) and not (path.endswith(".jsonl") or path.endswith(".json") and
+                                               (forced or language_from_filename(path))):
+                problems.add(f"--train {spec}: not training data; expected {TRAINING_FILES}")
         found = run_contents(s.out)
         if found and not overwrite:
             problems.add(f"--out {s.out}: already holds a run ({', '.join(found)}); continue it with --resume "
@@ -279,23 +289,29 @@ def check_paths(s, resume, overwrite, problems):
                          "delete; copy it elsewhere first or choose another --out")
 
 
-def load_start_model(s, checkpoint, given, say):
-    """The model to train (the checkpoint's when resuming), with the truncation lengths
-    checked against its position table: a length set by the user must fit, a default is
-    lowered to the model's limit."""
+def check_lengths(s, model_dir, given, problems):
+    """A truncation length set by the user must fit the model's position table (read from its
+    config.json, before anything is loaded); a default longer than it is lowered at loading."""
+    try:
+        positions = ModelConfig.from_file(os.path.join(model_dir, "config.json")).max_length
+    except (ConfigError, TypeError):           # no model folder, or no readable config: said elsewhere or at loading
+        return
+    for name in ("max_query_len", "max_passage_len"):
+        if name in given and getattr(s, name) > positions:
+            problems.bad_value(cli.flag_of(name), getattr(s, name),
+                               f"an integer in [2, {positions}] for this model ({positions} positions)")
+
+
+def load_start_model(s, checkpoint, say):
+    """The model to train (the checkpoint's when resuming), a default truncation length longer
+    than its position table lowered to it (a length the user set was checked: check_lengths)."""
     import minihbt
     model = minihbt.load_model(checkpoint or s.model, device=s.device, pooling=s.pooling, tf32=s.tf32,
                                fused_kernels=s.fused_kernels)
-    problems = Problems()
     for name in ("max_query_len", "max_passage_len"):
-        value = getattr(s, name)
-        if value > model.max_length and name in given:
-            problems.bad_value(cli.flag_of(name), value, f"an integer in [2, {model.max_length}] for this model "
-                                                         f"({model.max_length} positions)")
-        elif value > model.max_length:
+        if getattr(s, name) > model.max_length:
             say(f"{cli.flag_of(name)}: the model has {model.max_length} positions; using {model.max_length}")
             setattr(s, name, model.max_length)
-    problems.stop_if_any()
     return model
 
 
@@ -342,8 +358,13 @@ def train(plan):
     a checkpoint every --save-every steps and on Ctrl-C/SIGTERM, and final/ at the end.
     Over N ranks (mpirun), every rank takes every step on its shard of the batch; rank 0
     alone writes the log, the batch log and the checkpoints; an error on one rank stops all."""
-    with plan.comm.abort_on_error():
-        return train_ranks(plan)
+    try:
+        with plan.comm.abort_on_error():
+            return train_ranks(plan)
+    except BaseException:
+        if plan.comm.is_root:
+            cli.remove_empty_folders(plan.made)
+        raise
 
 
 def train_ranks(plan):
@@ -353,7 +374,7 @@ def train_ranks(plan):
     s, comm = plan.settings, plan.comm
     say = (lambda *a: None) if s.quiet or not comm.is_root else (lambda *a: print(*a, file=sys.stderr))
     examples, sampler = read_batches(s, say)
-    model = load_start_model(s, plan.checkpoint, plan.given, say)
+    model = load_start_model(s, plan.checkpoint, say)
     optimizer = AdamW({k: model.params[k] for k in model.trainable_names()}, lr=s.lr, weight_decay=s.weight_decay,
                       backend=model.backend, pool=model.pool)
     step = load_training_state(plan.checkpoint, optimizer)["step"] if plan.checkpoint else 0

@@ -123,10 +123,12 @@ class GracefulStop:
 
 
 class Problems:
-    """One line per bad setting, reported all at once."""
+    """One line per bad setting, reported all at once; the folders that make_folder created
+    for the run are removed again when it is refused."""
 
     def __init__(self):
         self.lines = []
+        self.created = []
 
     def add(self, line):
         self.lines.append(line)
@@ -136,6 +138,7 @@ class Problems:
 
     def stop_if_any(self):
         if self.lines:
+            remove_empty_folders(self.created)
             raise Stop(EXIT_USAGE, *(f"error: {line}" for line in self.lines))
 
 
@@ -327,15 +330,27 @@ def check_output_file(flag, path, problems):
     make_folder(flag, os.path.dirname(os.path.abspath(path)), problems)
 
 
+def remove_empty_folders(folders):
+    """Remove `folders` (parents before children, as make_folder lists them) that are still empty."""
+    for folder in reversed(folders):
+        if os.path.isdir(folder) and not os.listdir(folder):
+            os.rmdir(folder)
+
+
 def make_folder(flag, path, problems):
     """Create folder `path` (and its parents) now, so the work cannot fail on it later."""
     if os.path.isfile(path):
         problems.add(f"{flag} {path}: a file; expected a folder")
         return
+    missing, parent = [], os.path.abspath(path)
+    while not os.path.exists(parent):
+        missing.insert(0, parent)
+        parent = os.path.dirname(parent)
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
         problems.add(f"{flag} {path}: cannot create this folder ({e.strerror or e})")
+    problems.created += [folder for folder in missing if os.path.isdir(folder)]
 
 
 def check_device(flag, device, problems):

@@ -43,6 +43,11 @@ class ModelConfig:
         """'roberta' (XLM-R, RoBERTa) or 'bert' (BERT, LaBSE, multilingual-E5)."""
         return FAMILIES[self.model_type]
 
+    @property
+    def max_length(self):
+        """Longest sequence the position table allows (RoBERTa positions start at pad_id + 1)."""
+        return self.max_position_embeddings - (self.pad_token_id + 1 if self.family == "roberta" else 0)
+
     @classmethod
     def from_dict(cls, d, source="config.json"):
         def need(field):

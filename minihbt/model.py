@@ -43,10 +43,8 @@ class Model:
 
     @property
     def max_length(self):
-        """Longest sequence the position table allows (RoBERTa positions start at pad_id + 1)."""
-        c = self.config
-        offset = c.pad_token_id + 1 if c.family == "roberta" else 0
-        return c.max_position_embeddings - offset
+        """Longest sequence the position table allows (config.ModelConfig.max_length)."""
+        return self.config.max_length
 
     def trainable_names(self):
         """Parameters a training step updates: all but the pooler, unless pooling uses it

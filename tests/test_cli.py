@@ -57,6 +57,7 @@ def paths(tmp_path_factory):
     (broken / "config.json").write_text('{"model_type": "xlm-roberta", ')
     (root / "empty").mkdir()
     (root / "file.txt").write_text("not a folder\n")
+    (root / "unknown.json").write_text('{"data": []}\n')
     p = {"model": TINY["xlmr"], "data": write_jsonl(root / "tiny.jsonl"), "run": str(root / "run"),
          "lareqa": demo.lareqa_files(world, str(root / "lareqa"), "eval"),
          "emodel": demo.make_model(world, str(root / "emodel")), "broken": str(broken),
@@ -125,7 +126,11 @@ CASES = [
     ("train", "--model {model} --train {data} --out {run}", 2, ["--out", "--resume {run}", "--overwrite"], True),
     ("train", "--model {model} --train {data} --out {file}", 2, ["--out", "file.txt"], True),
     ("train", TRAIN + " --device cuda", 2, ["--device cuda"], True),
-    ("train", TRAIN + " --max-query-len 200 --steps 1 --batch-size 4", 2, ["--max-query-len 200", "[2, 128]"], False),
+    ("train", TRAIN + " --max-query-len 200 --steps 1 --batch-size 4", 2, ["--max-query-len 200", "[2, 128]"], True),
+    ("train", "--model {model} --train {file} --out {tmp}/new", 2, ["--train", "file.txt", "not training data",
+                                                                    "SQuAD-format .json", ".jsonl"], True),
+    ("train", "--model {model} --train {tmp}/unknown.json --out {tmp}/new", 2, ["unknown.json", "not training data",
+                                                                                "LANG=PATH"], True),
     ("train", TRAIN + " --pooling pooler --steps 1 --batch-size 4", 1, ["pooler"], False),
     ("train", "--model {broken} --train {data} --out {tmp}/new --steps 1 --batch-size 4", 1, ["config.json"], False),
     ("evaluate", EVAL + " --batch-size 0", 2, ["--batch-size", ">= 1"], True),
@@ -145,6 +150,7 @@ CASES = [
     ("evaluate", EVAL + " --out {tmp}/r.json --report {tmp}/r.json", 2, ["--out", "--report"], True),
     ("evaluate", EVAL + " --device cuda", 2, ["--device cuda"], True),
     ("evaluate", EVAL + " --cache {file}", 2, ["--cache", "file.txt"], True),
+    ("evaluate", EVAL + " --out {tmp}/new/deeper/r.json --batch-size 0", 2, ["--batch-size"], True),
     ("evaluate", EVAL + " --max-length 100", 2, ["--max-length 100", "[2, 30]"], False),
     ("evaluate", "--model {broken} --data {lareqa}", 1, ["config.json"], False),
     ("download", "nonsense-name", 2, ["nonsense-name"], True),
@@ -203,6 +209,7 @@ def test_bad_invocation(paths, capsys, monkeypatch, program, args, status, words
     lines = err.strip().splitlines()
     assert lines[-1].startswith(f"{PROG_NAMES[program]}: error: "), err
     assert not os.path.exists(os.path.join(paths["tmp"], "new", "log.jsonl"))      # nothing was trained
+    assert not os.path.exists(os.path.join(paths["tmp"], "new"))                  # nor a folder made for the run
 
 
 def test_errors_are_one_line_per_problem_all_at_once(paths, capsys):

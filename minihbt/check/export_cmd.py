@@ -135,7 +135,7 @@ def check_model_config(args, problems):
     except ConfigError as e:
         problems.add(f"--model {args.model}: {cli.one_line(e)}")
         return
-    positions = config.max_position_embeddings - (config.pad_token_id + 1 if config.family == "roberta" else 0)
+    positions = config.max_length
     args.lowered = []
     for flag, name, default in (("--max-query-len", "max_query_len", 64), ("--max-passage-len", "max_passage_len", 256)):
         value = getattr(args, name)
