@@ -51,6 +51,8 @@ def check_args(args):
                              f"expected names from {','.join(present)}")
     if args.batch_size < 1:
         problems.bad_value("--batch-size", args.batch_size, "an integer >= 1")
+    if args.sample is not None and args.sample < 1:
+        problems.bad_value("--sample", args.sample, "an integer >= 1 (parallel question groups)")
     if args.max_length is not None and args.max_length < 2:
         problems.bad_value("--max-length", args.max_length, "an integer >= 2 (room for the special tokens)")
     if args.report and os.path.splitext(args.report)[1].lower() == ".png":
@@ -91,7 +93,7 @@ def cache_key(model, rs, args):
              "weights": [stat_digest(p) for p in checkpoint_files(model.path)],
              "data": [sha256_file(p) for p in rs.files], "pooling": model.pooling,
              "dtype": np.dtype(model.dtype).name, "max_length": args.max_length, "candidates": args.candidates,
-             "prefixes": [args.query_prefix, args.passage_prefix]}
+             "prefixes": [args.query_prefix, args.passage_prefix], "sample": args.sample}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -133,7 +135,7 @@ def encode_all(model, rs, args, comm):
 
 def markdown_report(res, args):
     L = res["languages"]
-    out = [f"# {res['dataset']}: {args.model}", "",
+    out = [f"# {res['dataset']}: {args.model}", ""] + ([f"**{res['sample']}**", ""] if "sample" in res else []) + [
            f"Candidates: {args.candidates}; {res['counts']['pooled_candidates']} pooled. "
            f"Dropped questions (answer in no sentence): {sum(res['counts']['dropped_no_sentence'].values())}.", "",
            "| | Mo. mAP | Mo. R@1 | Cr. mAP | Cr. R@1 | Mul. mAP | Mul. R@10 | bias |", "|---|---|---|---|---|---|---|---|"]
@@ -243,6 +245,9 @@ def main(argv=None):
     ap.add_argument("--center-languages", action="store_true",
                     help="training-free debiasing: subtract each language's mean query (candidate) embedding from its "
                          "queries (candidates), then re-normalise; no labels used (default off)")
+    ap.add_argument("--sample", type=int, default=None, metavar="N",
+                    help="a quick look: only the first N parallel question groups, ranked among the sentences of "
+                         "their paragraphs (a smaller ranking: the figures, marked as a sample, are not the whole set's)")
     ap.add_argument("--cache", default=os.path.join(os.getcwd(), ".minihbt-cache"),
                     help="directory for cached embeddings (default ./.minihbt-cache); '' to disable")
     args = ap.parse_args(argv)
@@ -250,10 +255,14 @@ def main(argv=None):
     check_args(args)
 
     import minihbt
-    from minihbt.data import load_lareqa
+    from minihbt.data import first_groups, load_lareqa
     from minihbt.evaluation import center_languages, evaluate
 
     rs = load_lareqa(args.data, languages=args.languages)
+    if args.sample is not None:
+        rs, groups = first_groups(rs, args.sample)
+        args.sample_note = (f"SAMPLE (--sample {args.sample}): the first {min(args.sample, groups)} of {groups} "
+                            f"parallel question groups, {len(rs.cand_text)} candidates; not the whole set's figures")
     model = minihbt.load_model(args.model, device=args.device, pooling=args.pooling)
     fit_max_length(model, args)
     t0 = time.perf_counter()
@@ -271,6 +280,9 @@ def main(argv=None):
     res["candidate_encoding"] = args.candidates
     res["seconds"] = {"encode": round(t1 - t0, 2), "retrieve_and_metrics": round(t2 - t1, 2),
                       "embeddings_from_cache": bool(getattr(args, "cached", False))}
+    if args.sample is not None:
+        res["sample"] = args.sample_note
+        print(args.sample_note)
     print(summary_table(res))
     write_outputs(res, args)
     return res

@@ -6,7 +6,7 @@ XQuAD and MLQA share across languages).
 """
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Tuple
 
 
@@ -55,6 +55,22 @@ class RetrievalSet:
     def candidates_of(self, lang):
         """Indices of the candidates in `lang`."""
         return [i for i, l in enumerate(self.cand_lang) if l == lang]
+
+
+def first_groups(rs, n):
+    """(rs cut to its first n parallel question groups, how many groups it has): the questions
+    whose id is among the first n (in file order, the first language first) and, as candidates,
+    the sentences of their gold sentences' paragraphs. A quick look: a smaller ranking, whose
+    figures are not the whole set's."""
+    ids = list(dict.fromkeys(qid for lang in rs.languages for qid, _ in rs.queries[lang]))
+    kept = set(ids[:n])
+    paragraphs = {(rs.cand_lang[i], rs.cand_context[i]) for (qid, _), i in rs.gold.items() if qid in kept}
+    keep = [i for i, key in enumerate(zip(rs.cand_lang, rs.cand_context)) if key in paragraphs]
+    new_index = {old: new for new, old in enumerate(keep)}
+    return replace(rs, cand_lang=[rs.cand_lang[i] for i in keep], cand_text=[rs.cand_text[i] for i in keep],
+                   cand_context=[rs.cand_context[i] for i in keep],
+                   queries={lang: [(q, t) for q, t in rs.queries[lang] if q in kept] for lang in rs.languages},
+                   gold={key: new_index[i] for key, i in rs.gold.items() if key[0] in kept}), len(ids)
 
 
 def _load_json(path):

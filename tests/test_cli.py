@@ -135,6 +135,7 @@ CASES = [
     ("train", "--model {broken} --train {data} --out {tmp}/new --steps 1 --batch-size 4", 1, ["config.json"], False),
     ("evaluate", EVAL + " --batch-size 0", 2, ["--batch-size", ">= 1"], True),
     ("evaluate", EVAL + " --batch-size x", 2, ["--batch-size"], True),
+    ("evaluate", EVAL + " --sample 0", 2, ["--sample", ">= 1"], True),
     ("evaluate", EVAL + " --max-length 1", 2, ["--max-length"], True),
     ("evaluate", EVAL + " --languages qa,", 2, ["--languages", "empty"], True),
     ("evaluate", EVAL + " --languages zz,qa", 2, ["--languages zz", "qa,qb,qc"], True),

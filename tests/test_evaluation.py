@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from minihbt.data import DataError, load_lareqa
+from minihbt.data import DataError, first_groups, load_lareqa
 from minihbt.evaluation import evaluate
 from conftest import TINY, shared_path
 
@@ -81,6 +81,24 @@ def test_reader_errors_and_dropped(tmp_path):
         load_lareqa(str(tmp_path / "missing"))
 
 
+def test_first_groups_keeps_their_questions_and_paragraphs(tmp_path):
+    """Three parallel groups in two paragraphs; the first two groups are the first paragraph's."""
+    d = str(tmp_path)
+    write_set(d, "aa", [para(["A0.", "A1."], [("q1", "qa1", 0), ("q2", "qa2", 4)]),
+                        para(["A2.", "A3.", "A4."], [("q3", "qa3", 4)])])
+    write_set(d, "bb", [para(["B0.", "B1.", "B2."], [("q2", "qb2", 4), ("q1", "qb1", 0)]),
+                        para(["B3."], [("q3", "qb3", 0)])])
+    rs = load_lareqa(d)                                    # candidates A0..A4 (0..4), B0..B3 (5..8)
+    small, groups = first_groups(rs, 2)
+    assert groups == 3
+    assert small.cand_text == ["A0.", "A1.", "B0.", "B1.", "B2."] and small.cand_lang == ["aa"] * 2 + ["bb"] * 3
+    assert small.queries == {"aa": [("q1", "qa1"), ("q2", "qa2")], "bb": [("q2", "qb2"), ("q1", "qb1")]}
+    assert small.gold == {("q1", "aa"): 0, ("q2", "aa"): 1, ("q2", "bb"): 3, ("q1", "bb"): 2}
+    assert all(small.cand_text[i] == rs.cand_text[rs.gold[key]] for key, i in small.gold.items())
+    whole, _ = first_groups(rs, 10)
+    assert whole.cand_text == rs.cand_text and whole.gold == rs.gold and whole.queries == rs.queries
+
+
 def test_protocol_on_hand_made_embeddings(tmp_path):
     """Two languages, two parallel questions; embeddings chosen so every figure is known."""
     d = str(tmp_path)
@@ -127,3 +145,14 @@ def test_evaluate_cli_on_tiny_model(tmp_path):
     assert len(os.listdir(cache)) == 1
     again = cli.main(argv)                                      # from the cache: identical numbers
     assert again["multi"]["map"] == res["multi"]["map"] and again["bias"] == res["bias"]
+
+
+def test_evaluate_sample_is_marked(tmp_path, capsys):
+    import evaluate as cli
+    data = need_shared("xquad-r")
+    out, report = tmp_path / "r.json", tmp_path / "r.md"
+    res = cli.main(["--model", TINY["xlmr"], "--data", data, "--languages", "de,en", "--sample", "5",
+                    "--out", str(out), "--report", str(report), "--cache", ""])
+    note = "SAMPLE (--sample 5): the first 5 of 1190 parallel question groups"
+    assert note in capsys.readouterr().out and note in json.loads(out.read_text())["sample"]
+    assert note in report.read_text() and res["counts"]["queries"] == {"de": 5, "en": 5}
