@@ -370,7 +370,7 @@ def train(plan):
 def train_ranks(plan):
     import minihbt
     from minihbt.rowgrad import AdamW
-    from tqdm.auto import tqdm
+    from minihbt.bars import progress_bar
     s, comm = plan.settings, plan.comm
     say = (lambda *a: None) if s.quiet or not comm.is_root else (lambda *a: print(*a, file=sys.stderr))
     examples, sampler = read_batches(s, say)
@@ -395,7 +395,8 @@ def train_ranks(plan):
     with cli.GracefulStop() as stop, open(os.path.join(s.out, LOG_FILE) if comm.is_root else os.devnull, "a",
                                           encoding="utf-8") as log, \
             BatchLog(s.batch_log if comm.is_root else None, sampler, step) as batch_log, \
-            tqdm(total=s.steps, initial=step, desc="train", unit="step", disable=s.quiet or not comm.is_root) as bar:
+            progress_bar(total=s.steps, initial=step, desc="train", unit="step",
+                         disable=s.quiet or not comm.is_root) as bar:
         epoch_batches = (None, None)                    # (epoch, its batches): an epoch is composed once
         while step < s.steps:
             epoch, index = divmod(step, len(sampler))

@@ -14,7 +14,7 @@ averaged over languages.
 `python -m minihbt.check metrics` print it.
 """
 import numpy as np
-from tqdm.auto import tqdm
+from .bars import progress_bar
 
 from . import metrics
 from .retrieval import rank_of_relevant
@@ -55,7 +55,7 @@ def _macro(per, keys):
 def _progress_bar(rs):
     langs = rs.languages
     total = sum(len(rs.queries[l]) for l in langs) * (len(langs) + (len(langs) > 1))   # Mo./Cr., then Mul.
-    return tqdm(total=total, desc="rank", unit="query")
+    return progress_bar(total=total, desc="rank", unit="query")
 
 
 def center_languages(query_emb, cand_emb, cand_lang):

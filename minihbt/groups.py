@@ -12,7 +12,7 @@ with GradCache; tests/test_fast_path.py checks it against step.py.
 import time
 
 import numpy as np
-from tqdm.auto import tqdm
+from .bars import progress_bar
 
 from . import encoder
 from . import kernels
@@ -69,7 +69,7 @@ def embed_sides(model, sides, keep_activations=False, max_tokens=None, max_texts
         ids, type_ids = ids + side_ids, type_ids + side_types
         seeds += side.seeds if side.seeds is not None else [None] * len(side_ids)
     lengths = [len(x) for x in ids]
-    bar = tqdm(total=sum(lengths), desc=progress, unit="tok", unit_scale=True) if progress else None
+    bar = progress_bar(total=sum(lengths), desc=progress, unit="tok", unit_scale=True) if progress else None
     emb = be.xp.empty((len(ids), model.config.hidden_size), dtype=model.dtype)
     caches = []
 

@@ -12,6 +12,7 @@ from urllib.error import HTTPError, URLError
 
 from tqdm import tqdm
 
+from .bars import progress_bar
 from .files import sha256_file
 from .sources import CHUNK, TIMEOUT, USER_AGENT
 
@@ -124,8 +125,8 @@ def fetch(url, dest, sha256=None, progress=True, force=False, timeout=TIMEOUT):
     length = resp.headers.get("Content-Length")
     total = offset + int(length) if length and length.isdigit() else None
     got, failure = offset, None
-    bar = tqdm(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
-               desc=os.path.basename(dest), disable=not progress, file=sys.stderr, leave=False)
+    bar = progress_bar(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
+                       desc=os.path.basename(dest), disable=not progress, file=sys.stderr, leave=False)
     with resp, bar, open(part, "ab" if offset else "wb") as f:
         while True:
             try:
