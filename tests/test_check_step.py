@@ -178,6 +178,21 @@ def test_the_update_is_step_train_step(make_bundle, kind):
         assert close(t["updated/" + name], p, 1e-12), name
 
 
+def test_a_clipping_bug_shows_in_float64_only(make_bundle, tmp_path, capsys):
+    """AdamW's first step moves each entry by about lr whatever the gradient's scale: an update
+    without clipping passes a float32 bundle (2 lr) and is named at the first update in float64."""
+    for dtype, verdict in (("float32", 0), ("float64", 1)):
+        path = make_bundle("xlmr", dtype)
+        model = minihbt.load_model(TINY["xlmr"], dtype=dtype)
+        names = [n for n in model.trainable_names() if n != WORD_TABLE]
+        opt = plain.AdamW({k: model.params[k] for k in model.trainable_names()}, lr=3e-5)
+        plain.train_step(model, opt, *split(TRIPLETS), max_grad_norm=0, max_query_length=64, max_passage_length=128)
+        save_file({"updated/" + n: np.ascontiguousarray(model.params[n]) for n in names}, str(tmp_path / f"{dtype}.st"))
+        status, out, _ = run(step_cmd.main, [path, str(tmp_path / f"{dtype}.st")], capsys)
+        assert status == verdict, out
+        assert (first_divergence(out) or "").startswith("updated/" if verdict else ""), out
+
+
 def test_a_bundle_from_the_data_is_train_py_s_batch(tmp_path):
     """--data --sampler --seed --batch-size --step: the batch of train.py's step, in batch.jsonl."""
     data = tmp_path / "tiny.jsonl"
