@@ -42,6 +42,7 @@ from minihbt.cli import AT_LEAST_0, AT_LEAST_1, FRACTION, POSITIVE, Problems, Ra
 from minihbt.comm import CommError, SettingsMismatch, SingleProcess, from_environment
 from minihbt.config import ConfigError, ModelConfig
 from minihbt.data import language_from_filename
+from minihbt.files import remove_empty_folders
 
 PROG = "train.py"
 TRAINING_FILES = ("a SQuAD-format .json file whose name gives its language (de.json, arabic_dev.json; or LANG=PATH), "
@@ -363,7 +364,7 @@ def train(plan):
             return train_ranks(plan)
     except BaseException:
         if plan.comm.is_root:
-            cli.remove_empty_folders(plan.made)
+            remove_empty_folders(plan.made)
         raise
 
 

@@ -6,15 +6,13 @@ train.py, evaluate.py and `python -m minihbt.download` share what is here:
   dataclass. `add_flags` turns the dataclass into argparse flags (the help text shows the
   default, so each default is written once), `read_config` reads a JSON file of the same
   settings, and `build_settings` checks every value against its type, choices and range.
-- `Problems` collects one line per bad setting, naming the flag and what is accepted;
-  `Problems.stop_if_any()` ends the program with all of them and exit status 2, argparse's
-  convention. Settings are checked before any model or data is loaded.
+- `Problems` collects one line per bad setting, naming the flag and what is accepted; `stop_if_any()`
+  ends the program with all of them, exit status 2 (argparse's), before any model or data is loaded.
 - `GracefulStop` turns the first Ctrl-C or SIGTERM into a request the training loop answers
   after its current step (save, then exit 128 + the signal's number).
-- `program(name)` wraps a program's main(argv): an error raised by the library (a damaged
-  checkpoint, a malformed data file, a missing GPU, a bad argument) reaches the user as one
-  line and exit status 1, Ctrl-C as exit status 130; `MINIHBT_DEBUG=1` in the environment
-  shows the traceback instead, for bug reports.
+- `program(name)` wraps a program's main(argv): a library error (a damaged checkpoint, a
+  malformed data file, a missing GPU) reaches the user as one line and exit status 1, Ctrl-C as
+  exit status 130; `MINIHBT_DEBUG=1` shows the traceback instead, for bug reports.
 """
 import argparse
 import difflib
@@ -28,6 +26,7 @@ import typing
 from dataclasses import dataclass, field, fields
 
 from .backend import Backend, DeviceError
+from .files import make_folders, remove_empty_folders
 
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 DEBUG_VARIABLE = "MINIHBT_DEBUG"
@@ -123,8 +122,7 @@ class GracefulStop:
 
 
 class Problems:
-    """One line per bad setting, reported all at once; the folders that make_folder created
-    for the run are removed again when it is refused."""
+    """One line per bad setting, reported all at once (the folders make_folder made then removed)."""
 
     def __init__(self):
         self.lines = []
@@ -330,27 +328,16 @@ def check_output_file(flag, path, problems):
     make_folder(flag, os.path.dirname(os.path.abspath(path)), problems)
 
 
-def remove_empty_folders(folders):
-    """Remove `folders` (parents before children, as make_folder lists them) that are still empty."""
-    for folder in reversed(folders):
-        if os.path.isdir(folder) and not os.listdir(folder):
-            os.rmdir(folder)
-
-
 def make_folder(flag, path, problems):
-    """Create folder `path` (and its parents) now, so the work cannot fail on it later."""
+    """Create folder `path` (and its parents) now, so the work cannot fail on it later; a refused
+    run removes them again (Problems.stop_if_any)."""
     if os.path.isfile(path):
         problems.add(f"{flag} {path}: a file; expected a folder")
         return
-    missing, parent = [], os.path.abspath(path)
-    while not os.path.exists(parent):
-        missing.insert(0, parent)
-        parent = os.path.dirname(parent)
     try:
-        os.makedirs(path, exist_ok=True)
+        problems.created += make_folders(path)
     except OSError as e:
         problems.add(f"{flag} {path}: cannot create this folder ({e.strerror or e})")
-    problems.created += [folder for folder in missing if os.path.isdir(folder)]
 
 
 def check_device(flag, device, problems):

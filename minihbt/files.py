@@ -155,3 +155,20 @@ def stat_digest(path):
     """A cheap fingerprint of a big file: sha256 of its name, size and modification time."""
     st = os.stat(path)
     return hashlib.sha256(f"{os.path.basename(path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
+
+
+def make_folders(path):
+    """os.makedirs(path, exist_ok=True); returns the folders it created, parents first."""
+    missing, parent = [], os.path.abspath(path)
+    while not os.path.exists(parent):
+        missing.insert(0, parent)
+        parent = os.path.dirname(parent)
+    os.makedirs(path, exist_ok=True)
+    return missing
+
+
+def remove_empty_folders(folders):
+    """Remove those of `folders` (parents before children, as make_folders lists them) that are empty."""
+    for folder in reversed(folders):
+        if os.path.isdir(folder) and not os.listdir(folder):
+            os.rmdir(folder)
