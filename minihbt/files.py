@@ -155,3 +155,10 @@ def stat_digest(path):
     """A cheap fingerprint of a big file: sha256 of its name, size and modification time."""
     st = os.stat(path)
     return hashlib.sha256(f"{os.path.basename(path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
+
+
+def value_digest(value):
+    """sha256 (32 hex digits) of a JSON-able value, keys sorted (arrays by their values, other
+    objects by repr): equal settings give equal digests on every process."""
+    as_json = json.dumps(value, sort_keys=True, default=lambda v: v.tolist() if hasattr(v, "tolist") else repr(v))
+    return hashlib.sha256(as_json.encode()).hexdigest()[:32]
