@@ -10,10 +10,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 FAKE_CUPY = os.environ.get("MINIHBT_FAKE_CUPY") == "1"
 if FAKE_CUPY:                  # `import cupy` finds the stand-in, here and in the programs tests start
     STAND_IN = os.path.join(HERE, "fake_cupy")
-    if any(name.split(".")[0] in ("cupy", "cupyx") for name in sys.modules):
+    if "cupy" in sys.modules and not getattr(sys.modules["cupy"], "STAND_IN", False):
         raise RuntimeError("MINIHBT_FAKE_CUPY=1, but a real CuPy was imported before tests/conftest.py")
-    sys.path.insert(0, STAND_IN)
-    os.environ["PYTHONPATH"] = os.pathsep.join([STAND_IN] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    if STAND_IN not in sys.path:                    # a worker started by a test has it from PYTHONPATH
+        sys.path.insert(0, STAND_IN)
+        os.environ["PYTHONPATH"] = os.pathsep.join([STAND_IN] + [p for p in [os.environ.get("PYTHONPATH")] if p])
     import cupy
     assert getattr(cupy, "STAND_IN", False), cupy.__file__
 FIXTURES = os.path.join(HERE, "fixtures")

@@ -16,7 +16,7 @@ Strict where CuPy is strict, so that code which would fail on a GPU fails here:
 - kernels (ElementwiseKernel, RawModule / RawKernel) check every launch against their
   signature: argument count, dtypes, C-contiguity of pointer arguments, the grid's bounds, and
   scalar types (a Python float for a `float` parameter is a bug: CuPy passes it as a double);
-  they compute with the NumPy reference each minihbt kernel has (kernels.KERNELS below) and
+  they compute with the NumPy reference each minihbt kernel has (_kernels.KERNELS) and
   write the rows the grid covers, nothing else;
 - `add.at`, atomic on a GPU, adds in a shuffled order, different on every call, so that a
   result depending on the order of atomic adds shows;
@@ -30,13 +30,14 @@ tests/test_kernels.py, never run here), TF32 (GEMMs are NumPy's), memory at real
 The surface (the names minihbt, its programs, benchmarks/gpu_check*.py and the tests use):
     module: ndarray, asarray, array, asnumpy, ascontiguousarray, empty, empty_like, zeros,
       zeros_like, ones, full, arange, concatenate, stack, where, broadcast_to, cumsum,
-      flatnonzero, argsort, argpartition, take_along_axis, unique, isfinite, allclose,
+      flatnonzero, argsort, argpartition, take_along_axis, unique, matmul, allclose,
       array_equal, finfo, iinfo, dtype, the dtypes, inf, nan, pi, newaxis, get_array_module,
       get_default_memory_pool, ElementwiseKernel, RawModule, RawKernel, __version__
     ufuncs (with out=, dtype=): add (and add.at), subtract, multiply, divide, true_divide,
       power, negative, exp, log, sqrt, tanh, abs, absolute, maximum, minimum, equal,
       not_equal, less, less_equal, greater, greater_equal, logical_and, logical_or,
-      logical_not, bitwise_and, bitwise_or, bitwise_xor, invert, left_shift, right_shift, sign
+      logical_not, bitwise_and, bitwise_or, bitwise_xor, invert, left_shift, right_shift, sign,
+      isfinite, isnan
     ndarray: shape, dtype, ndim, size, nbytes, itemsize, strides, T, flags, data.ptr, get,
       set, copy, astype, reshape, transpose, swapaxes, ravel, flatten, squeeze, view, fill,
       sum, mean, max, min, prod, any, all, argmax, argmin, std, var, cumsum, clip, dot,
