@@ -47,8 +47,8 @@ def train_steps(model_dir, device, dropout, batch, lengths, fused=False, tf32=Fa
         loss, grads = minihbt.loss_and_grads(model, queries, positives, negatives, temperature=0.05,
                                              dropout=dropout, seed=1000 + step, max_query_length=lengths[0],
                                              max_passage_length=lengths[1], return_numpy=False)
-        if grads0 is None:
-            grads0 = {k: to_numpy(grads[k]) for k in names}
+        if grads0 is None:              # copies: on the CPU to_numpy is the array itself, which clipping scales
+            grads0 = {k: to_numpy(grads[k]).copy() for k in names}
         clip_gradients(model, grads, 1.0)
         opt.step(model.params, grads)
         synchronize(model)

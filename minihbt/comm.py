@@ -15,9 +15,9 @@ part to the largest count (known after the counts exchange), the receivers drop 
 `NcclCommunicator.single()` is a one-rank NCCL communicator from a local unique id, without MPI.
 
 Sparse rows. A sparse table gradient (the embedding rows a batch touched) is sorted unique int64
-row ids [n_r] and values [n_r, H], n_r different per rank. `allgather_rows` exchanges the counts
-(checking H and dtype agree), then gathers ids and values: every rank gets all pairs in rank
-order, so the caller sums duplicate ids in one fixed order. It reports the bytes this rank sent
+row ids [n_r] (numpy, under NCCL too) and values [n_r, H], n_r different per rank. `allgather_rows` exchanges
+the counts (checking H and dtype agree), then gathers ids and values: every rank gets all pairs in rank order,
+and sums duplicate ids in one fixed order (rowgrad.sum_rows_in_order). It reports the bytes this rank sent
 (its rows, padded under NCCL) and received; a dense allreduce would move the whole table.
 
 Determinism. `allreduce_sum` gathers every rank's array and adds them in rank order on every
@@ -30,14 +30,15 @@ about 2 arrays' worth), holds N copies, does N-1 additions; `exact=False` uses t
 A rank failing alone must not leave the others in a collective: `abort` prints one line and
 calls MPI_Abort, which stops every rank; `abort_on_error` wraps a block in it."""
 import contextlib
-import hashlib
-import json
 import os
 import sys
 import warnings
 from collections import namedtuple
 
 import numpy as np
+
+from .backend import to_numpy
+from .files import value_digest
 
 try:                                   # optional: only multi-process runs need it (pip install .[mpi])
     import mpi4py
@@ -82,11 +83,6 @@ def one_line(text):
     return " ".join(str(text).split())                         # newlines and runs of spaces: one space
 
 
-def _digest(value):
-    as_json = json.dumps(value, sort_keys=True, default=lambda v: v.tolist() if hasattr(v, "tolist") else repr(v))
-    return hashlib.sha256(as_json.encode()).hexdigest()[:32]
-
-
 def _first_difference(tables):
     """The first key (in rank 0's order, then other ranks' extra keys) whose hash is not the same everywhere."""
     keys = list(dict.fromkeys(k for table in tables for k in table))
@@ -108,6 +104,7 @@ class _Collectives:
 
     rank, size = 0, 1
     _pads = False              # True where every rank's part is padded to the largest (NCCL)
+    _moved = staticmethod(lambda host: host)         # a numpy array as the arrays this communicator moves
 
     @property
     def is_root(self):
@@ -145,19 +142,21 @@ class _Collectives:
         return x if inplace else total
 
     def allgather_rows(self, ids, values):
-        """A sparse table gradient from every rank, concatenated in rank order (see GatheredRows)."""
+        """A sparse table gradient from every rank, concatenated in rank order (see GatheredRows);
+        the ids are numpy arrays, here and in the result, whichever arrays the communicator moves."""
         _check_rows(ids, values)
         counts = self._agreed_meta("allgather_rows", values)       # checks H and dtype agree
-        (all_ids, ids_sent), (all_values, values_sent) = self._gather(ids, counts), self._gather(values, counts)
+        all_ids, ids_sent = self._gather(self._moved(ids), counts)
+        all_values, values_sent = self._gather(values, counts)
         row_bytes = 8 + values.shape[1] * values.dtype.itemsize
         received = ((self.size - 1) * max(counts) if self._pads else sum(counts) - counts[self.rank]) * row_bytes
-        return GatheredRows(all_ids, all_values, counts, ids_sent + values_sent, received)
+        return GatheredRows(to_numpy(all_ids), all_values, counts, ids_sent + values_sent, received)
 
     def agree(self, settings):
         """Check that every rank holds the same settings (a dict); else every rank raises
         SettingsMismatch naming the first differing key and each rank's value."""
-        digests = {str(k): _digest(v) for k, v in settings.items()}
-        if len(set(self.allgather_object(_digest(digests)))) == 1:          # the order of the keys aside
+        digests = {str(k): value_digest(v) for k, v in settings.items()}
+        if len(set(self.allgather_object(value_digest(digests)))) == 1:          # the order of the keys aside
             return
         key = _first_difference(self.allgather_object(digests))
         mine = {str(k): v for k, v in settings.items()}
@@ -262,6 +261,7 @@ class NcclCommunicator(_Collectives):
     MpiCommunicator, or SingleProcess for `single()`). Built by `over` or `single`."""
 
     _pads = True
+    _moved = staticmethod(lambda host: cupy.asarray(host))
 
     def __init__(self, host, unique_id):
         self.host, self.rank, self.size = host, host.rank, host.size

@@ -172,3 +172,10 @@ def remove_empty_folders(folders):
     for folder in reversed(folders):
         if os.path.isdir(folder) and not os.listdir(folder):
             os.rmdir(folder)
+
+
+def value_digest(value):
+    """sha256 (32 hex digits) of a JSON-able value, keys sorted (arrays by their values, other
+    objects by repr): equal settings give equal digests on every process."""
+    as_json = json.dumps(value, sort_keys=True, default=lambda v: v.tolist() if hasattr(v, "tolist") else repr(v))
+    return hashlib.sha256(as_json.encode()).hexdigest()[:32]

@@ -16,7 +16,6 @@ from .bars import progress_bar
 
 from . import encoder
 from . import kernels
-from . import layers
 from . import packing
 from . import rowgrad
 from .backend import to_numpy
@@ -129,7 +128,8 @@ def backward_groups(model, caches, d_emb, grads, table, costs):
         own = {}
         d_e = encoder.backward_to_embeddings(be, config, model.pooling, d_emb[group], enc_cache, own, ops)  # [g, T, H]
         for name, ids, pad in encoder.embedding_tables(config, enc_cache.embeddings)[1:]:   # position, token type
-            encoder.accumulate(own, name, layers.embedding_backward(be, d_e, (ids, model.params[name].shape), pad))
+            rows = rowgrad.embedding_backward(be, to_numpy(ids), d_e, model.params[name].shape, pad)
+            encoder.accumulate(own, name, rowgrad.dense(be, rows))                 # layers' sums, in a fixed order
         return own, input_ids, d_e
 
     def add(result):

@@ -24,6 +24,8 @@ def embedding_backward(be, d_out, cache, padding_idx=None):
     `padding_idx` gets no gradient, as in torch.nn.Embedding(padding_idx=...)."""
     ids, shape = cache
     d_table = be.xp.zeros(shape, dtype=d_out.dtype)                           # [V, H]
+    # add.at adds in the order of (b, t) on the CPU; on a GPU its adds are atomic, in no fixed order
+    # (the fast path sums them in order: rowgrad.sum_rows_in_order)
     be.xp.add.at(d_table, ids.reshape(-1), d_out.reshape(-1, shape[1]))       # [B*T] rows of [B*T, H]
     if padding_idx is not None:
         d_table[padding_idx] = 0

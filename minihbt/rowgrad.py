@@ -30,11 +30,31 @@ def embedding_backward(be, ids, d_rows, shape, padding_idx=None):
     """The table gradient of out[k] = table[ids[k]]: d_table[v] = the sum of d_rows[k] over
     the k with ids[k] == v, added in the order of k; the row `padding_idx` gets none (as
     torch.nn.Embedding(padding_idx=...)). ids [K] (numpy), d_rows [K, H] -> RowGrad."""
-    rows, inverse = np.unique(np.asarray(ids).reshape(-1), return_inverse=True)
-    values = be.xp.zeros((len(rows), shape[1]), dtype=d_rows.dtype)                  # [n, H]
-    be.xp.add.at(values, be.asarray(inverse.reshape(-1)), d_rows.reshape(-1, shape[1]))
-    kept = rows != padding_idx
-    return RowGrad(rows[kept].astype(np.int64), values[be.asarray(kept)], tuple(shape))
+    ids = ids.reshape(-1)
+    used = np.flatnonzero(ids != padding_idx) if padding_idx is not None else np.arange(len(ids))   # [k]
+    rows, inverse = np.unique(ids[used], return_inverse=True)                                      # [n], [k]
+    values = sum_rows_in_order(be, inverse.reshape(-1), used, d_rows.reshape(-1, shape[1]), len(rows))
+    return RowGrad(rows.astype(np.int64), values, tuple(shape))
+
+
+def sum_rows_in_order(be, inverse, at, d_rows, n):
+    """out[r] = the sum of d_rows[at[j]] over the j with inverse[j] == r, added from 0 in the
+    order of j: np.add.at's sums, bit for bit, without its atomic adds (whose order a GPU does
+    not fix). The j of each r, in order, are its 0th, 1st, ... occurrence; step k adds the k-th
+    occurrence of every r at once (each r at most once a step, so no two adds meet).
+    inverse [k], at [k] (numpy ints), d_rows [K, H] -> [n, H]."""
+    order = np.argsort(inverse, kind="stable")                     # [k] the j grouped by r, in order within r
+    row = inverse[order]                                           # [k] their r, ascending
+    counts = np.bincount(inverse, minlength=n)                     # [n] occurrences of each r
+    occurrence = np.arange(len(order)) - (np.cumsum(counts) - counts)[row]     # [k] k of each j
+    by_step = np.argsort(occurrence, kind="stable")                # [k] every 0th occurrence, every 1st, ...
+    source, target = be.asarray(at[order[by_step]]), be.asarray(row[by_step])
+    out = be.xp.zeros((n, d_rows.shape[1]), dtype=d_rows.dtype)                # [n, H]
+    start = 0
+    for size in np.bincount(occurrence):                           # the r that have a k-th occurrence
+        out[target[start:start + size]] += d_rows[source[start:start + size]]
+        start += size
+    return out
 
 
 def dense(be, g):

