@@ -214,7 +214,6 @@ def forward_backward(runner, manifest, triplets, rank, world):
         named.update({f"encoder.layer.{i}.output": h for i, h in enumerate(kept["hidden"][1:])})
         for name, t in named.items():
             mine[f"{side}/{name}"], mine[f"grad/{side}/{name}"] = numpy(t), numpy(t.grad)
-    del wrapped                  # before the process group goes: a DDP wrapper outliving it hangs at exit
     return mine, [passages for _, passages, _ in items]
 
 
@@ -264,8 +263,8 @@ def run(rank, world, manifest, triplets, dtype, tmp):
             out["grad/" + name] = np.concatenate([m["grad/" + name] for m, _ in shards])[rows]
     out["rows/" + WORD] = np.unique(np.concatenate([out["query/input_ids"].ravel(), out["passage/input_ids"].ravel()]))
     out.update(update(runner, manifest, torch.from_numpy(out["rows/" + WORD])))
-    if world > 1:
-        del runner
+    if world > 1:            # the trainer's accelerator holds the DDP wrapper: freed after the process
+        del runner           # group, it hangs the process at exit
         gc.collect()
         dist.destroy_process_group()
     return out if rank == 0 else None
