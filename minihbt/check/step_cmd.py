@@ -18,9 +18,12 @@ diverges: "first divergence: passage/encoder.layer.3.output".
 The word table's gradient and update may be given as the bundle's rows (the ids in
 rows/embeddings.word_embeddings.weight) or as the whole table.
 
+A tensor of another shape than the bundle's (token ids of another length, say, from another
+tokenisation or prefix) is a divergence too, named with both shapes.
+
 Exit status 0 when every provided tensor is within tolerance, 1 at a divergence, 2 for bad
 input (a bundle of another format version or whose tensors are not what its manifest says, a
-tensor of the wrong shape or dtype, a missing path).
+tensor of a dtype the bundle does not take, a missing path, a file that cannot be read).
 """
 import argparse
 import os
@@ -46,6 +49,7 @@ class Row(NamedTuple):
     max_abs: float
     rel: float
     tol: float
+    shapes: str = ""                           # set when the shapes differ: "THEIRS [..], the bundle [..]"
 
     @property
     def ok(self):
@@ -77,14 +81,10 @@ def check_args(argv):
 
 
 def aligned(name, theirs, ours, manifest):
-    """THEIRS' tensor `name` in the bundle's shape (a whole word table cut to the bundle's rows),
-    or one line naming the tensor and both shapes, exit status 2."""
+    """THEIRS' tensor `name`, a whole word table cut to the bundle's rows."""
     stored = manifest.get("row_stored", {}).get(name)
     if stored and list(theirs.shape) == stored["full_shape"]:
         theirs = theirs[ours[stored["rows"]]]
-    if theirs.shape != ours[name].shape:
-        raise cli.Stop(cli.EXIT_USAGE, f"error: {name}: THEIRS has shape {list(theirs.shape)}, the bundle "
-                                       f"{list(ours[name].shape)}")
     return theirs
 
 
@@ -113,9 +113,13 @@ def dtype_problems(manifest, ours, theirs):
 
 
 def compare(entry, theirs, ours, manifest):
-    """One Row: the error of THEIRS against the bundle for the tensor of manifest entry `entry`."""
+    """One Row: the error of THEIRS against the bundle for the tensor of manifest entry `entry`;
+    a tensor of another shape is out of tolerance by an infinite error."""
     name = entry["name"]
     tol = manifest["tolerances"][manifest["dtype"]][entry["family"]]
+    if theirs.shape != ours.shape:
+        shapes = f"THEIRS {list(theirs.shape)}, the bundle {list(ours.shape)}"
+        return Row(name, entry["phase"], entry["family"], float("inf"), float("inf"), tol, shapes)
     a, b = theirs.astype(np.float64), ours.astype(np.float64)
     max_abs = float(np.abs(a - b).max()) if a.size else 0.0
     scale = max(1.0, float(np.abs(b).max()) if b.size else 0.0)
@@ -127,6 +131,9 @@ def print_table(rows, worst):
     width = max(len(r.name) for r in shown)
     print(f"{'':6}{'tensor':{width}}  {'max abs':>9}  {'rel':>9}  {'tol':>9}  family")
     for r in shown:
+        if r.shapes:
+            print(f"{'FAIL':6}{r.name:{width}}  shape: {r.shapes}")
+            continue
         print(f"{'ok' if r.ok else 'FAIL':6}{r.name:{width}}  {r.max_abs:9.2e}  {r.rel:9.2e}  {r.tol:9.2e}  {r.family}")
 
 
@@ -178,7 +185,8 @@ def main(argv=None):
     failed = [r for r in rows if not r.ok]
     if failed:
         r = failed[0]
-        print(f"first divergence: {r.name} ({r.phase}; max abs {r.max_abs:.3g}, rel {r.rel:.3g} > tol {r.tol:.3g})")
+        why = f"shape: {r.shapes}" if r.shapes else f"max abs {r.max_abs:.3g}, rel {r.rel:.3g} > tol {r.tol:.3g}"
+        print(f"first divergence: {r.name} ({r.phase}; {why})")
         print(f"verdict: DIVERGES; {len(failed)} of {len(rows)} provided tensors out of tolerance")
         return 1
     print(f"verdict: OK; all {len(rows)} provided tensors within tolerance ({bundle.RULE})")
