@@ -468,3 +468,13 @@ def test_a_mistake_is_named_where_it_first_shows(make_bundle, tmp_path, capsys, 
     status, first, text = theirs_verdict(torch_reference, path, tmp_path / "bug", capsys, "--bug", bug)
     assert status == 1 and first == where, text
 
+
+
+def test_tolerances_grow_below_the_temperature_they_were_set_at():
+    at = bundle.tolerances(3e-5)
+    assert at == bundle.tolerances(3e-5, 0.1)                      # never tighter above 0.05
+    low = bundle.tolerances(3e-5, 0.02)                             # 2.5x the scores' rounding
+    for dtype in ("float32", "float64"):
+        assert low[dtype]["scores"] == pytest.approx(2.5 * at[dtype]["scores"])
+        assert low[dtype]["grad"] == pytest.approx(6.25 * at[dtype]["grad"])
+        assert all(low[dtype][f] == at[dtype][f] for f in ("tokens", "hidden", "embedding", "param_grad", "updated"))

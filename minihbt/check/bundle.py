@@ -77,9 +77,11 @@ TOLERANCES = {
     "embedding": (1e-5, 1e-12, "pooled and L2-normalised embeddings: a mean of the last hidden states, so no larger "
                                "than their error; normalised vectors have entries below 1"),
     "scores": (1e-4, 1e-10, "scores and loss: cosines times 1/temperature (20 by default) amplify the embeddings' "
-                            "error 20-fold"),
+                            "error 20-fold; at a temperature below 0.05 this is multiplied by 0.05 / temperature"),
     "grad": (1e-5, 1e-11, "activation gradients: backward repeats the forward's rounding in reverse; their values "
-                          "are small (1/B of a softmax), so this is nearly an absolute bound"),
+                          "are small (1/B of a softmax), so this is nearly an absolute bound; at a temperature below "
+                          "0.05 it is multiplied by (0.05 / temperature)^2 (the scores' error, then d_q = d_scores c "
+                          "/ temperature)"),
     "param_grad": (1e-4, 1e-9, "parameter gradients: sums over every token of the batch (thousands of terms), each "
                                "with the activations' error; the key bias's exact 0 against torch's ~1e-9 float noise "
                                "passes because the bound is relative to max(1, max|ours|)"),
@@ -91,13 +93,22 @@ TOLERANCES = {
 }
 
 
+TOLERANCE_TEMPERATURE = 0.05      # the temperature TOLERANCES hold at (train.py's default)
+
+
 class BundleError(ValueError):
     """A bundle or THEIRS that cannot be read or compared; the message names the file or tensor."""
 
 
-def tolerances(lr):
-    """{dtype: {family: tol}} for a bundle of learning rate `lr` (float32 updates: 2 lr)."""
-    return {dtype: {family: (2.0 * lr if tols[i] is None else tols[i]) for family, tols in TOLERANCES.items()}
+def tolerances(lr, temperature=0.05):
+    """{dtype: {family: tol}} for a bundle of learning rate `lr` (float32 updates: 2 lr) and
+    `temperature`: below TOLERANCE_TEMPERATURE, where TOLERANCES were set, the scores' rounding
+    grows by t = TOLERANCE_TEMPERATURE / temperature and the activation gradients' by t^2 (d_scores
+    and then d_q = d_scores c / temperature), and their tolerances with them."""
+    t = max(1.0, TOLERANCE_TEMPERATURE / temperature)
+    growth = {"scores": t, "grad": t * t}
+    return {dtype: {family: (2.0 * lr if tols[i] is None else tols[i] * growth.get(family, 1.0))
+                    for family, tols in TOLERANCES.items()}
             for i, dtype in enumerate(("float32", "float64"))}
 
 

@@ -238,7 +238,7 @@ def build_manifest(model, s, dtype, triplets, batch_info):
         "trained": trained,
         "row_stored": {name: {"rows": bundle.WORD_ROWS, "full_shape": full} for name in bundle.ROW_STORED},
         "other_rows": "a word-table row not in rows/...: gradient 0, after the step p * (1 - lr * weight_decay)",
-        "rule": bundle.RULE, "tolerances": bundle.tolerances(s.lr),
+        "rule": bundle.RULE, "tolerances": bundle.tolerances(s.lr, s.temperature),
         "tolerance_why": {family: why for family, (_, _, why) in bundle.TOLERANCES.items()},
     }
 
