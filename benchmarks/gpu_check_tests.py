@@ -110,11 +110,13 @@ def stage1(args, rec):
 
 def fused_switches():
     """Which fused-kernel switches this checkout still has: the environment variable read by
-    minihbt/kernels.py, and train.py's flags."""
+    minihbt/kernels.py, and train.py's flags (as its --help lists them: they are made from its
+    settings' names, so its source never spells them)."""
     with open(os.path.join(ROOT, "minihbt", "kernels.py"), encoding="utf-8") as f:
         env = FUSED_ENV in f.read()
-    with open(os.path.join(ROOT, "train.py"), encoding="utf-8") as f:
-        flags = set(re.findall(r'"(--fused-kernels|--tf32)"', f.read()))
+    helptext = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=60).stdout
+    flags = set(re.findall(r"(--fused-kernels|--tf32)\b", helptext))
     return env, flags
 
 

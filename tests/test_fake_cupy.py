@@ -190,7 +190,10 @@ def smoke_stage(tmp_path, stage):
 def test_gpu_check_stage_smoke_on_the_stand_in(tmp_path, stage):
     """benchmarks/gpu_check.py's stage 2 (fused kernels, train.py --device cuda) and stage 5 (CPU
     against GPU training steps: its CPU gradients were once clipped in place before comparison)."""
-    smoke_stage(tmp_path, stage)
+    _, record = smoke_stage(tmp_path, stage)
+    if stage == 2:                        # train.py's switches found (once missed: its source never spells them)
+        names = [c["name"] for c in record["checks"]]
+        assert {"train.py fused losses vs plain", "train.py tf32 losses vs plain"} <= set(names), names
 
 
 def test_gpu_check_stage_1_smoke_runs_cuda_tests_on_the_stand_in(tmp_path):
