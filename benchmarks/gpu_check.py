@@ -14,7 +14,8 @@ probe    stage 0: the GPU, driver, CuPy, CUDA, torch versions; exit 3 with the o
          "gpu_check: no GPU (<reason>)" where CuPy sees no GPU.
 stage N  stages 1-5 (see gpu_check.sh), each recording into OUT/gpu_check.json as it goes.
 status   records the shell's outcome of a stage (finished, timed out, ...).
-summary  prints one line per stage and check, adds all_passed to OUT/gpu_check.json; exit
+summary  prints one line per stage and check (and per part that needs a GPU and did not run:
+         NEEDS-GPU, neither passed nor failed), adds all_passed to OUT/gpu_check.json; exit
          0 only if every stage finished and every check passed.
 Everything goes into OUT/gpu_check.json as it happens (the run tool returns at most 8
 files from $OUT; this run leaves two there: that and gpu_check.log).
@@ -126,8 +127,8 @@ def status(args):
 
 
 def summary(args):
-    """Prints one line per stage and per check; adds all_passed to OUT/gpu_check.json.
-    Exit 0 only where every stage finished and every check passed."""
+    """Prints one line per stage, per check and per part that needs a GPU (not run, not failed);
+    adds all_passed to OUT/gpu_check.json. Exit 0 only where every stage finished and every check passed."""
     from gpu_check_common import REPORT, write_json
     path = os.path.join(args.out, REPORT)
     if not os.path.exists(path):
@@ -135,16 +136,21 @@ def summary(args):
         return 1
     with open(path, encoding="utf-8") as f:
         report = json.load(f)
-    ok = True
+    ok, needs_gpu = True, 0
     for n, st in sorted(report["stages"].items()):
         ok &= st.get("status", "finished") == "finished" and all(c["passed"] for c in st.get("checks", []))
         timing = f", {st['seconds']} s of {st['limit_s']}" if "seconds" in st else ""
         print(f"stage {n} ({st.get('name', '?')}): {st.get('status', 'finished')}{timing}")
         for c in st.get("checks", []):
             print(f"  {'PASS' if c['passed'] else 'FAIL'} {c['name']}: {c['value']} ({c['tolerance']})")
+        for part in st.get("needs_gpu", []):
+            print(f"  NEEDS-GPU {part['name']}: {part['reason']}")
+            needs_gpu += 1
     report["all_passed"] = bool(ok)
     write_json(path, report)
-    print(f"gpu_check: {'all stages finished, all checks passed' if ok else 'NOT all passed'}; figures in {path}")
+    not_run = f"; {needs_gpu} NEEDS-GPU, not run" if needs_gpu else ""
+    print(f"gpu_check: {'all stages finished, all checks passed' if ok else 'NOT all passed'}{not_run}; "
+          f"figures in {path}")
     return 0 if ok else 1
 
 

@@ -74,8 +74,30 @@ class StageRecord:
         print(f"  check {'PASS' if passed else 'FAIL'}: {name}: {value} (tolerance/target: {tolerance})")
         self.save()
 
+    def needs_gpu(self, name, why):
+        """A part of the stage not run here because it needs a GPU: recorded as such, neither
+        passed nor failed (the PyTorch sides on the tests' CuPy stand-in)."""
+        self.data.setdefault("needs_gpu", []).append({"name": name, "reason": why})
+        print(f"  needs a GPU: {name}: {why}")
+        self.save()
+
     def save(self):
         update_report(self.out, self.stage, self.data)
+
+
+def torch_needs_gpu(device):
+    """Why the PyTorch side of a comparison on `device` cannot run here, or None where it can. On
+    the tests' CuPy stand-in (tests/fake_cupy: NumPy behind CuPy's API) there is no GPU, and
+    minihbt's side is not on one either. With a real CuPy the PyTorch side runs as always (a
+    torch without CUDA then fails its checks: that machine has a GPU)."""
+    if device != "cuda":
+        return None
+    import cupy
+    if not getattr(cupy, "STAND_IN", False):
+        return None
+    import torch
+    return (f"CuPy is the tests' stand-in (tests/fake_cupy), there is no GPU here "
+            f"(torch {torch.__version__}, CUDA {'available' if torch.cuda.is_available() else 'not available'})")
 
 
 def find_tokenizer():

@@ -4,7 +4,7 @@
                                     [--shape me5-small|xlmr-base] [--precision fp32,tf32,mixed]
                                     [--triplets N] [--query-len N] [--passage-len N] [--steps N]
                                     [--threads N] [--model DIR] [--matmul-size N] [--profile]
-                                    [--json PATH [--overwrite]]
+                                    [--sides minihbt,torch] [--json PATH [--overwrite]]
 
 CPU (the default): multilingual-e5-small (built from ../shared when --model is not given),
 float32, 32 triplets a batch, two cases (`--case both`, the default):
@@ -49,7 +49,8 @@ Both sides: mean pooling, InfoNCE over in-batch candidates at temperature 0.05, 
 gradient clipping at 1.0, AdamW over all parameters that get a gradient (the unused pooler
 excluded on both); see train_step_sides.py. After one warm-up step the mean of --steps steps
 is reported (--warmup-child: an untimed child runs one step of the first side before any side
-is timed). Needs torch + transformers for the peer (and CuPy for minihbt on cuda).
+is timed). Needs torch + transformers for the peer (and CuPy for minihbt on cuda). --sides minihbt
+times minihbt alone (where the peer cannot run: the GPU check on the tests' CuPy stand-in).
 """
 import argparse
 import contextlib
@@ -115,6 +116,8 @@ def parse_args(argv):
     a("--warmup-child", action="store_true", help="first run one step of the first side in an untimed child "
                                                    "(a test of whether the side timed first pays for its place)")
     a("--profile", action="store_true", help="profile one minihbt step of each case instead of the comparison")
+    a("--sides", default="minihbt,torch", help="the sides timed, comma-separated, of minihbt, torch "
+                                                "(default both)")
     a("--json", help="also write the figures to this JSON file")
     a("--overwrite", action="store_true", help="let --json replace an existing file")
     a("--child", choices=["minihbt", "torch", "profile"], help=argparse.SUPPRESS)
@@ -130,11 +133,14 @@ def resolve_settings(args):
     spec = args.case or ("xquad-long" if args.shape == "xlmr-base" else "both")
     args.cases = [c for part in spec.split(",") for c in (("xquad", "mlqa-hybrid") if part == "both" else (part,))]
     precisions = (args.precision or ("fp32,tf32,mixed" if gpu else "fp32")).split(",")
+    sides = args.sides.split(",")
     checks = [
         (any(c not in CASES for c in args.cases) or len(set(args.cases)) != len(args.cases),
          f"--case takes xquad, mlqa-hybrid, xquad-long or both, comma-separated, each once (got {spec!r})"),
         (any(p not in ("fp32", "tf32", "mixed") for p in precisions) or (not gpu and precisions != ["fp32"]),
          "--precision takes fp32, tf32, mixed, comma-separated (tf32 and mixed only with --device cuda)"),
+        (not sides or any(k not in dict(SIDES) for k in sides) or len(set(sides)) != len(sides),
+         f"--sides takes minihbt, torch, comma-separated, each once (got {args.sides!r})"),
         (args.triplets < 1, "--triplets takes an integer >= 1"),
         (not 2 <= args.query_len <= 512, "--query-len takes an integer in 2..512"),
         (args.passage_len is not None and not 2 <= args.passage_len <= 512, "--passage-len takes an integer in 2..512"),
@@ -150,7 +156,7 @@ def resolve_settings(args):
     for bad, message in checks:
         if bad:
             fail(message)
-    args.precisions = precisions
+    args.precisions, args.sides = precisions, sides
     args.passage_len = {c: args.passage_len or PASSAGE_LEN[c] for c in CASES}
     check_paths(args)
 
@@ -276,9 +282,10 @@ def make_cases(args, model_dir, tmp, config, n_nonembed):
 
 
 def compare(args, model_dir, cases, env, setup):
-    """Time both sides of every case (and precision), bracketed by the matmul reference; returns the record."""
+    """Time the sides (--sides) of every case and precision, bracketed by the matmul reference; returns the record."""
     reference = args.matmul_size and args.device == "cpu"
-    sides_run = SIDES + tuple((key, f"minihbt at {key[len('baseline '):]}") for key in args.baseline_dirs)
+    sides_run = tuple((key, name) for key, name in SIDES if key in args.sides) + tuple(
+        (key, f"minihbt at {key[len('baseline '):]}") for key in args.baseline_dirs)
     warmup = args.warmup_child
     progress = Progress(len(cases) * len(args.precisions) * len(sides_run) + (2 if reference else 0) + warmup)
     matmul = {}

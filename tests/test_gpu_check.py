@@ -2,6 +2,7 @@
 none (one line, exit 3, in the log too), its answers to bad options (one line naming the
 option, exit 2, nothing written), its refusal to overwrite a previous run, and the counting of
 pytest's JUnit XML that its stage 1 records."""
+import json
 import os
 import subprocess
 import sys
@@ -70,3 +71,23 @@ def test_junit_counts_by_outcome_and_cuda_id(tmp_path, monkeypatch):
     assert c["failures"] == [
         {"test": "tests.test_a::test_x[cuda]", "outcome": "failed", "message": "assert 1 == 2"},
         {"test": "tests.test_c::test_w", "outcome": "errors", "message": "fixture broke"}]
+
+
+def test_summary_lists_parts_that_need_a_gpu_apart_from_failures(tmp_path):
+    """A part recorded as needing a GPU (the PyTorch sides on the CuPy stand-in) is printed as
+    NEEDS-GPU and does not fail the run; a failed check still does."""
+    out = tmp_path / "out"
+    out.mkdir()
+    stage = {"name": "training step vs PyTorch", "checks": [
+        {"name": "train_step.py finished", "passed": True, "value": "exit code 0", "tolerance": "exit code 0"}],
+        "needs_gpu": [{"name": "the PyTorch side", "reason": "no GPU here"}]}
+    (out / "gpu_check.json").write_text(json.dumps({"stages": {"3": stage}}))
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "gpu_check.py"), "summary", "--out", str(out)]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "  NEEDS-GPU the PyTorch side: no GPU here" in res.stdout.splitlines()
+    assert "all checks passed; 1 NEEDS-GPU, not run" in res.stdout and "FAIL" not in res.stdout
+    stage["checks"][0]["passed"] = False
+    (out / "gpu_check.json").write_text(json.dumps({"stages": {"3": stage}}))
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1 and "NOT all passed" in res.stdout
