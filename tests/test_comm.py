@@ -306,7 +306,9 @@ def test_mpi_abort_stops_every_rank_within_seconds(tmp_path):
     ours = [line for line in (stdout + stderr).replace("\x00", "").splitlines() if "boom" in line]
     assert rc != 0
     assert seconds < 20, f"mpirun took {seconds:.1f} s to stop after the abort"
-    assert ours == ["minihbt rank 1/3: ValueError: boom on purpose and a second line"], stdout + stderr
+    # one line of ours; mpirun's banner, written by another process, may follow it on the same line
+    assert len(ours) == 1 and ours[0].startswith("minihbt rank 1/3: ValueError: boom on purpose and a second line"), \
+        stdout + stderr
     assert not list(tmp_path.glob("*-finished")), "a rank ran on past the failed one"
 
 
