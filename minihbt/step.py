@@ -130,6 +130,8 @@ def scheduled_lr(step, lr, warmup=0, schedule="constant", total=None):
     steps, then `constant` (lr from then on, so a run can be extended) or `linear` (decay to
     0 at step `total`)."""
     if schedule == "linear":
+        if total is None:
+            raise ValueError("schedule 'linear' needs total, the step at which the rate reaches 0")
         return linear_schedule(step, lr, warmup, total)
     if schedule != "constant":
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
@@ -137,7 +139,7 @@ def scheduled_lr(step, lr, warmup=0, schedule="constant", total=None):
 
 
 def linear_schedule(step, lr, warmup, total):
-    """Warm-up, then linear decay to 0 at step `total`; the first step has lr 0."""
+    """Warm-up, then linear decay to 0 at step `total`; with warm-up, the first step has lr 0."""
     if step < warmup:
         return lr * step / warmup
     return lr * max(0.0, (total - step) / max(1, total - warmup))
@@ -196,7 +198,10 @@ class AdamW:
                 "m": {k: to_numpy(a) for k, a in self.m.items()}, "v": {k: to_numpy(a) for k, a in self.v.items()}}
 
     def load_state_dict(self, state):
+        """What state_dict saved: the step count, the moments and the constants (as torch's AdamW)."""
         self.t = int(state["t"])
+        self.lr, self.betas, self.eps = state["lr"], tuple(state["betas"]), state["eps"]
+        self.weight_decay = state["weight_decay"]
         for k in self.m:
             self.m[k][...] = self.xp.asarray(state["m"][k])
             self.v[k][...] = self.xp.asarray(state["v"][k])
