@@ -18,7 +18,8 @@ from .weights import CheckpointError
 
 _LAZY = {"Model": "model", "load_model": "model", "encode": "model", "loss_and_grads": "fast_step"}
 
-__all__ = ["Backend", "load_model", "encode", "loss_and_grads", "Model", "ModelConfig", "CheckpointError", "ConfigError", "DeviceError"]
+__all__ = ["Backend", "load_model", "encode", "loss_and_grads", "Model", "ModelConfig", "CheckpointError", "ConfigError",
+           "DeviceError"]
 __version__ = "0.1.0"
 
 
