@@ -1,10 +1,7 @@
 """Data parallelism: a batch's triplets split over the ranks of a communicator (comm.py, the
-transport), the embeddings gathered back into the one-process order, and the gradients reduced.
-
-`Shard` says which triplets rank r embeds (`balanced` by their tokens, `triplet_tokens`) and why
-nothing is scaled by 1/N or N; `reduce_grads` sums the parameter gradients over the ranks (the
-word table's as rows); `Timer` counts the seconds and bytes of the collectives.
-fast_step.loss_and_grads uses them; tests/test_data_parallel.py checks N ranks against one process.
+transport; `Shard`, `balanced`, `triplet_tokens`), the embeddings gathered back in the one-process
+order and the gradients summed over the ranks (`reduce_grads`; `Timer` counts the collectives'
+seconds and bytes). fast_step.py uses it; tests/test_data_parallel.py checks N ranks = one process.
 """
 import time
 

@@ -1,11 +1,7 @@
-"""The fast training step: step.loss_and_grads with the same loss and gradients, made fast.
-
-The texts of both sides run in length groups side by side on the CPU's threads
-(length_groups.py), the word table's gradient stays as the rows the batch touched
-(rowgrad.py), GradCache (`chunk_size`) bounds the memory, and over several ranks every rank
-embeds its shard of the batch (data_parallel.py). tests/test_fast_path.py checks it against
-step.py, tests/test_data_parallel.py N ranks against one process.
-"""
+"""The fast training step: step.loss_and_grads's loss and gradients from length groups on the
+CPU's threads (length_groups.py), the word table's gradient as rows (rowgrad.py), GradCache
+(`chunk_size`) and a shard of the batch per rank (data_parallel.py). tests/test_fast_path.py
+checks it against step.py, tests/test_data_parallel.py N ranks against one process."""
 import numpy as np
 
 from . import encoder

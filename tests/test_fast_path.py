@@ -1,6 +1,6 @@
-"""The fast path (fast_step.py, length_groups.py, rowgrad.py, packing.py, the thread pool) against the plain path
-(step.py, encoder.py): the same loss, gradients, optimiser steps and embeddings, to rounding;
-and, at one commit, the same bits on any number of threads.
+"""The fast path (fast_step.py, length_groups.py, rowgrad.py, packing.py, the thread pool) against
+the plain path (step.py, encoder.py): the same loss, gradients, optimiser steps and embeddings,
+to rounding; and, at one commit, the same bits on any number of threads.
 
 Tolerance: per tensor, max|fast - plain| <= tol * max(1, max|plain|), tol 1e-10 in float64 and
 1e-5 in float32 (as tests/test_grad_parity.py compares with PyTorch).
