@@ -333,7 +333,7 @@ def read_batches(s, say):
 
 def train_step(model, optimizer, s, batch, step, comm=None):
     """One AdamW step on `batch` (over the ranks of `comm`, if given); returns the log record of the step."""
-    from minihbt.groups import loss_and_grads
+    from minihbt.fast_step import loss_and_grads
     from minihbt.rowgrad import clip_grad_norm
     from minihbt.step import scheduled_lr
     t0, stats = time.perf_counter(), {}
@@ -370,6 +370,7 @@ def train(plan):
 
 def train_ranks(plan):
     import minihbt
+    from minihbt.parallel import pool_for
     from minihbt.rowgrad import AdamW
     from minihbt.bars import progress_bar
     s, comm = plan.settings, plan.comm
@@ -377,7 +378,7 @@ def train_ranks(plan):
     examples, sampler = read_batches(s, say)
     model = load_start_model(s, plan.checkpoint, say)
     optimizer = AdamW({k: model.params[k] for k in model.trainable_names()}, lr=s.lr, weight_decay=s.weight_decay,
-                      backend=model.backend, pool=model.pool)
+                      backend=model.backend, pool=pool_for(model.backend))
     step = load_training_state(plan.checkpoint, optimizer)["step"] if plan.checkpoint else 0
     if plan.checkpoint:
         say(f"resuming {plan.checkpoint} at step {step}")

@@ -35,12 +35,13 @@ def child(args):
     import numpy as np
     import minihbt
     from minihbt import comm as comm_module, rowgrad
+    from minihbt.parallel import pool_for
     comm = comm_module.from_environment("cpu")
     with open(args.batch_file, encoding="utf-8") as f:
         batch = json.load(f)
     model = minihbt.load_model(args.model)
     opt = rowgrad.AdamW({k: model.params[k] for k in model.trainable_names()}, lr=3e-5, backend=model.backend,
-                        pool=model.pool)
+                        pool=pool_for(model.backend))
     timed = {"comm_seconds": 0.0, "table_bytes": 0, "dense_bytes": 0, "tokens": 0}
     for i in range(args.steps + 1):
         stats = {}
@@ -61,7 +62,7 @@ def child(args):
     seconds = (time.perf_counter() - start) / args.steps
     if comm.is_root:
         word = model.params["embeddings.word_embeddings.weight"]
-        print(json.dumps({"ranks": comm.size, "threads": model.pool.threads, "seconds": seconds,
+        print(json.dumps({"ranks": comm.size, "threads": pool_for(model.backend).threads, "seconds": seconds,
                           "tokens_per_second": timed["tokens"] / args.steps / seconds,
                           "comm_seconds": timed["comm_seconds"] / args.steps,
                           "table_mb": timed["table_bytes"] / args.steps / 1e6,

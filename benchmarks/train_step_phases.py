@@ -40,7 +40,8 @@ def main():
             print(f"train_step_phases.py: {message}", file=sys.stderr)
             sys.exit(2)
     import minihbt
-    from minihbt import groups
+    from minihbt import fast_step
+    from minihbt.parallel import pool_for
     from minihbt.encoder import WORD_TABLE
     from minihbt.rowgrad import AdamW, clip_grad_norm
 
@@ -50,13 +51,13 @@ def main():
     batch = build_batch(args.case, 32, inputs)
     model = minihbt.load_model(args.model)
     opt = AdamW({k: model.params[k] for k in model.trainable_names()}, lr=3e-5, weight_decay=0.01,
-                backend=model.backend, pool=model.pool)
+                backend=model.backend, pool=pool_for(model.backend))
     marks = []
 
     def mark(name):
         use = resource.getrusage(resource.RUSAGE_SELF)
         marks.append((name, time.perf_counter(), use.ru_utime + use.ru_stime))
-    embed_sides = groups.embed_sides
+    embed_sides = fast_step.embed_sides
 
     def timed_embed_sides(*a, **k):                    # the step's forward, and its backward closure
         mark("start")
@@ -68,8 +69,8 @@ def main():
             backward(d_emb, grads, table)
             mark("backward")
         return emb, timed_backward, n
-    groups.embed_sides = timed_embed_sides
-    print(f"case {args.case}, {model.pool.threads} threads; per phase: wall seconds, cores busy")
+    fast_step.embed_sides = timed_embed_sides
+    print(f"case {args.case}, {pool_for(model.backend).threads} threads; per phase: wall seconds, cores busy")
     for i in range(args.steps):
         marks.clear()
         stats = {}

@@ -25,6 +25,10 @@ def run_minihbt(model_dir, batch, args):
     try:                           # this checkout: the word table's gradient as rows (rowgrad.py)
         from minihbt.rowgrad import AdamW, clip_grad_norm
         rows_api = True
+        try:
+            from minihbt.parallel import pool_for
+        except ImportError:
+            pool_for = None
     except ImportError:            # a --baseline revision from before it
         from minihbt.optim import AdamW, clip_grad_norm
         rows_api = False
@@ -34,7 +38,8 @@ def run_minihbt(model_dir, batch, args):
     trainable = lambda m: {k: m.params[k] for k in m.trainable_names()}
     if rows_api:
         model = minihbt.load_model(model_dir, device=args.device, tf32=args.precision == "tf32")
-        opt = AdamW(trainable(model), lr=3e-5, weight_decay=0.01, backend=model.backend, pool=model.pool)
+        pool = pool_for(model.backend) if pool_for else model.pool      # a --baseline before parallel.pool_for
+        opt = AdamW(trainable(model), lr=3e-5, weight_decay=0.01, backend=model.backend, pool=pool)
         clip = lambda grads, **rows: clip_grad_norm(grads, 1.0)
     elif hasattr(minihbt, "Backend"):
         model = minihbt.load_model(model_dir, device=args.device, tf32=args.precision == "tf32")

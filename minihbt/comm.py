@@ -1,5 +1,5 @@
-"""The communicator of data-parallel training: who the other ranks are, how arrays reach them.
-The math modules never see it: the training loop hands it local gradients, gets global ones.
+"""The communicator of data-parallel training, transport only: who the other ranks are, how
+arrays reach them. What is sent, gathered and reduced is data_parallel.py's business.
 
 Why MPI. World size and rank come from the MPI launcher (`mpirun -np N python train.py ...`)
 through mpi4py: no home-made sockets, ports or rendezvous, and every cluster scheduler can start

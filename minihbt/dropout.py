@@ -13,9 +13,9 @@ element's index inside the text's own block: t * H + h for hidden states [len, H
 (head * 2048 + i) * 2048 + j for attention probabilities [heads, len, len]. Because e counts
 within the text's own block, a text (a step seed, a role and a place in the batch) gets the
 same masks whatever length group or GradCache chunk it is run in and however far it is
-padded; padded positions are always kept (they reach no output). NumPy computes it text by text over a thread pool; CuPy for the whole batch at
-once (one fused kernel when fused kernels are on). tests/test_dropout.py checks both against
-a pure-Python reference.
+padded; padded positions are always kept (they reach no output). NumPy computes it text by
+text, CuPy for the whole batch at once (array operations); tests/test_dropout.py checks both
+against a pure-Python reference.
 """
 import math
 

@@ -8,7 +8,10 @@
 
 `forward` runs a padded batch [B, T] through all of it and returns the caches; `backward`
 takes the embeddings' gradient and those caches and returns every parameter's gradient.
-`ops` is the module of operations: layers (the default), or kernels.FUSED on a GPU.
+`ops` is the module of operations: layers (the default), or kernels.FUSED on a GPU. `record`,
+if given, is called as record(name, array) with the hidden states after the embeddings and
+after each block, the pooled and the normalised embeddings, and in `backward` with the
+gradients of the same (python -m minihbt.check export builds its bundles from them).
 """
 from typing import NamedTuple
 
@@ -51,6 +54,10 @@ class Cache(NamedTuple):
     blocks: list
     pool: object
     normalize: tuple
+
+
+def no_record(name, array):
+    """The `record` of forward and backward when none is given: keeps nothing."""
 
 
 def accumulate(grads, name, g):
@@ -191,44 +198,55 @@ def pool_backward(be, mode, d_pooled, cache, grads, ops=layers):
     return ops.cls_pool_backward(be, d_first, shape)
 
 
-def hidden_forward(be, params, config, input_ids, attention_mask, token_type_ids, streams=None, ops=layers):
+def hidden_forward(be, params, config, input_ids, attention_mask, token_type_ids, streams=None, ops=layers,
+                   record=no_record):
     """Last hidden states [B, T, H] of a padded batch, and the embeddings' and blocks' caches.
     With `streams` (dropout.DropoutStreams) dropout is on."""
     p_hidden = config.hidden_dropout_prob if streams is not None else 0.0
     p_attn = config.attention_probs_dropout_prob if streams is not None else 0.0
     h, emb_cache = embeddings_forward(be, params, config, input_ids, token_type_ids, p_hidden, streams, ops)
+    record("embeddings", h)
     mask_bias = layers.mask_bias_from(be, attention_mask, h.dtype)                     # [B, 1, 1, T]
     blocks = []
     for i in range(config.num_hidden_layers):
         h, cache = block_forward(be, params, f"encoder.layer.{i}.", config, h, mask_bias, i, p_hidden, p_attn,
                                  streams, ops)
         blocks.append(cache)
+        record(f"encoder.layer.{i}.output", h)
     return h, emb_cache, blocks
 
 
-def forward(be, params, config, pooling, input_ids, attention_mask, token_type_ids, streams=None, ops=layers):
+def forward(be, params, config, pooling, input_ids, attention_mask, token_type_ids, streams=None, ops=layers,
+            record=no_record):
     """Padded token ids [B, T] (numpy) -> (L2-normalised embeddings [B, H], Cache)."""
     xp = be.xp
     ids, mask, types = xp.asarray(input_ids), xp.asarray(attention_mask), xp.asarray(token_type_ids)
-    hidden, emb_cache, blocks = hidden_forward(be, params, config, ids, mask, types, streams, ops)   # [B, T, H]
+    hidden, emb_cache, blocks = hidden_forward(be, params, config, ids, mask, types, streams, ops,
+                                               record)                                             # [B, T, H]
     pooled, pool_cache = pool_forward(be, params, pooling, hidden, mask, ops)                      # [B, H]
     emb, norm_cache = ops.l2_normalize_forward(be, pooled)                                         # [B, H]
+    record("pooled", pooled)
+    record("normalized", emb)
     return emb, Cache(emb_cache, blocks, pool_cache, norm_cache)
 
 
-def backward_to_embeddings(be, config, pooling, d_emb, cache, grads, ops=layers):
+def backward_to_embeddings(be, config, pooling, d_emb, cache, grads, ops=layers, record=no_record):
     """Back through forward down to the summed embeddings: d_emb [B, H] -> d_e [B, T, H];
     every parameter gradient but the three tables' into `grads`."""
+    record("normalized", d_emb)
     d_pooled = ops.l2_normalize_backward(be, d_emb, cache.normalize)                  # [B, H]
+    record("pooled", d_pooled)
     d_h = pool_backward(be, pooling, d_pooled, cache.pool, grads, ops)                 # [B, T, H]
     for i in reversed(range(config.num_hidden_layers)):
+        record(f"encoder.layer.{i}.output", d_h)
         d_h = block_backward(be, f"encoder.layer.{i}.", d_h, cache.blocks[i], grads, ops)
+    record("embeddings", d_h)
     return embeddings_sum_backward(be, d_h, cache.embeddings, grads, ops)
 
 
-def backward(be, params, config, pooling, d_emb, cache, grads, ops=layers):
+def backward(be, params, config, pooling, d_emb, cache, grads, ops=layers, record=no_record):
     """Back through forward: every parameter's gradient added into `grads` (name -> array)."""
-    d_e = backward_to_embeddings(be, config, pooling, d_emb, cache, grads, ops)       # [B, T, H]
+    d_e = backward_to_embeddings(be, config, pooling, d_emb, cache, grads, ops, record)   # [B, T, H]
     for name, ids, pad in embedding_tables(config, cache.embeddings):
         accumulate(grads, name, layers.embedding_backward(be, d_e, (ids, params[name].shape), pad))
     return grads

@@ -9,7 +9,7 @@ compares them on a GPU). One launch replaces several element-wise passes:
     gelu_grad        dx = dy * (cdf + x * phi(x))                   (ElementwiseKernel)
     add_layernorm    LayerNorm(x + residual), keeping xhat, rstd    (RawKernel, a block a row)
     layernorm_grad   dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat))   (RawKernel)
-    scaled_masked_softmax   softmax(s * scale + mask_bias), in place           (RawKernel)
+    masked_softmax   softmax(s + mask_bias), in place                      (RawKernel)
     softmax_grad     ds = p (dp - sum(dp p)), in place on dp                   (RawKernel)
     adamw            the whole AdamW update of one tensor                      (ElementwiseKernel)
 
@@ -64,13 +64,12 @@ def layernorm_grad(d_y, xhat, rstd, gamma):
     return d_x
 
 
-def scaled_masked_softmax(scores, scale, mask_bias):
-    """softmax(scores * scale + mask_bias) over the last axis, in place on contiguous scores
-    [B, N, T, S]; mask_bias [B, 1, 1, S]."""
+def masked_softmax(scores, mask_bias):
+    """softmax(scores + mask_bias) over the last axis, in place on contiguous scores [B, N, T, S]
+    (already scaled: layers.attention_forward scales q); mask_bias [B, 1, 1, S]."""
     B, N, T, S = scores.shape
     bias = cupy.ascontiguousarray(mask_bias).reshape(B, S)
-    _raw("scaled_masked_softmax")((B * N * T,), (_BLOCK,), (scores, bias, cupy.int32(S), cupy.int32(N * T),
-                                                           cupy.float32(scale)))
+    _raw("masked_softmax")((B * N * T,), (_BLOCK,), (scores, bias, cupy.int32(S), cupy.int32(N * T)))
     return scores
 
 
@@ -164,13 +163,12 @@ extern "C" __global__ void layernorm_bwd(const float* dy, const float* xhat, con
         dx[off + i] = (dy[off + i] * gamma[i] - a - xhat[off + i] * b) * rs;
 }
 
-extern "C" __global__ void scaled_masked_softmax(float* s, const float* bias, int S, int rows_per_batch,
-        float scale) {
+extern "C" __global__ void masked_softmax(float* s, const float* bias, int S, int rows_per_batch) {
     __shared__ float buf[33];
     size_t row = blockIdx.x, off = row * S;
     const float* br = bias + (row / rows_per_batch) * S;
     float m = NEG_INF;
-    for (int i = threadIdx.x; i < S; i += blockDim.x) { float v = s[off + i] * scale + br[i]; s[off + i] = v; m = fmaxf(m, v); }
+    for (int i = threadIdx.x; i < S; i += blockDim.x) { float v = s[off + i] + br[i]; s[off + i] = v; m = fmaxf(m, v); }
     m = block_reduce(m, true, buf);
     float z = 0.f;
     for (int i = threadIdx.x; i < S; i += blockDim.x) { float e = expf(s[off + i] - m); s[off + i] = e; z += e; }
@@ -231,7 +229,7 @@ def _gelu_backward(be, d_y, cache):
 
 
 def _softmax(be, scores, mask_bias):
-    return scaled_masked_softmax(cupy.ascontiguousarray(scores), 1.0, mask_bias)
+    return masked_softmax(cupy.ascontiguousarray(scores), mask_bias)
 
 
 def _softmax_grad(be, d_probs, probs):

@@ -4,7 +4,8 @@
     x_backward(be, d_out, cache)  -> d_in (, parameter gradients)
 
 `be` is the Backend: `be.xp` is numpy or cupy, so the same code runs on CPU and GPU, in
-float32 or float64. Inference simply drops the caches. Above every backward, its derivation.
+float32 or float64. Every operation takes it, also those that do not use it, so the encoder calls
+each alike whether `ops` is this module or kernels.FUSED. Inference simply drops the caches. Above every backward, its derivation.
 Shapes: B texts, T tokens, H hidden, F FFN width, N heads, D = H / N, V vocabulary rows.
 """
 import math
@@ -13,13 +14,9 @@ INV_SQRT2 = 1.0 / math.sqrt(2.0)
 INV_SQRT2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
-def embedding_forward(be, table, ids):
-    """Row gather. table [V, H], ids [B, T] -> [B, T, H]."""
-    return table[ids], (ids, table.shape)
-
-
 def embedding_backward(be, d_out, cache, padding_idx=None):
-    """out[b, t] = table[ids[b, t]], so d_table[v] = the sum of d_out[b, t] over the (b, t)
+    """Back through the row gather out = table[ids] (cache: ids [B, T], the table's shape [V, H]):
+    out[b, t] = table[ids[b, t]], so d_table[v] = the sum of d_out[b, t] over the (b, t)
     with ids[b, t] == v: a scatter-add into the rows that were used, 0 elsewhere. The row
     `padding_idx` gets no gradient, as in torch.nn.Embedding(padding_idx=...)."""
     ids, shape = cache

@@ -1,17 +1,14 @@
-"""A loaded encoder (config, parameters, tokenizer, backend, thread pool) and `encode`, the one
-way texts become embeddings at inference (through groups.embed_sides, the fast path).
+"""A loaded encoder (config, parameters, tokenizer, backend) and `encode`, the one way texts
+become embeddings at inference (through length_groups.embed_sides, the fast path).
 """
 import json
 import os
 
 import numpy as np
 
-from . import encoder
-from . import kernels
 from .backend import Backend, to_numpy
 from .config import ConfigError, ModelConfig
-from .groups import Side, embed_sides
-from .parallel import Pool
+from .length_groups import Side, embed_sides
 from .step import check_texts
 from .tokenizer import Tokenizer
 from .weights import default_pooling, load_weights, save_model
@@ -23,9 +20,8 @@ DEFAULT_PREFIXES = {"query": "query: ", "passage": "passage: "}
 class Model:
     """A loaded encoder. `params` maps HF tensor names to arrays of the backend's module."""
 
-    def __init__(self, config, params, tokenizer, backend, pooling="mean", raw_config=None, path=None, pool=None):
+    def __init__(self, config, params, tokenizer, backend, pooling="mean", raw_config=None, path=None):
         self.config, self.params, self.tokenizer, self.backend = config, params, tokenizer, backend
-        self.pool = pool or Pool(cuda=backend.is_cuda)          # the CPU threads the fast path runs on
         self.pooling = pooling
         self.prefixes = dict(DEFAULT_PREFIXES)
         self.raw_config = raw_config or config.to_dict()
@@ -50,18 +46,6 @@ class Model:
         """Parameters a training step updates: all but the pooler, unless pooling uses it
         (an unused pooler gets no gradient, and PyTorch's optimisers skip such tensors)."""
         return [k for k in self.params if self.pooling == "pooler" or not k.startswith("pooler.")]
-
-    def forward(self, input_ids, attention_mask, token_type_ids=None):
-        """Last hidden states [B, T, H] of padded token ids [B, T] (inference: no dropout)."""
-        types = np.zeros_like(input_ids) if token_type_ids is None else token_type_ids
-        hidden, _, _ = encoder.hidden_forward(self.backend, self.params, self.config, self.xp.asarray(input_ids),
-                                              self.xp.asarray(attention_mask), self.xp.asarray(types),
-                                              ops=kernels.ops_for(self.backend))
-        return hidden
-
-    def pool_hidden(self, hidden, attention_mask):
-        """[B, T, H] -> [B, H] by the model's pooling (not yet normalised)."""
-        return encoder.pool_forward(self.backend, self.params, self.pooling, hidden, self.xp.asarray(attention_mask))[0]
 
     def save(self, out_dir):
         """Write a Hugging Face directory (config.json, model.safetensors, tokenizer files and

@@ -12,10 +12,20 @@ import collections
 import contextlib
 import os
 import threading
+import weakref
 from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 
 from threadpoolctl import ThreadpoolController, threadpool_info
+
+_POOLS = weakref.WeakKeyDictionary()     # backend.Backend -> its Pool
+
+
+def pool_for(backend):
+    """The Pool the fast path of `backend` (each loaded model has its own) runs on, made on first use."""
+    if backend not in _POOLS:
+        _POOLS[backend] = Pool(cuda=backend.is_cuda)
+    return _POOLS[backend]
 
 
 class Pool:

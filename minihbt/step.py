@@ -86,17 +86,23 @@ def info_nce_backward(be, d_loss, cache):
     """loss = mean_i(lse_i - s_ii), s = q c^T / tau
     => ds = (softmax(s) - onehot) / B;  dq = ds c / tau;  dc = ds^T q / tau."""
     q, c, probs, temperature = cache
-    B = q.shape[0]
-    d_s = probs.copy()                                           # [B, M]
-    rows = be.xp.arange(B)
-    d_s[rows, rows] -= 1.0
-    d_s *= d_loss / (B * temperature)
+    d_s = probs_minus_target(be, probs)                          # [B, M]
+    d_s *= d_loss / (q.shape[0] * temperature)
     return d_s @ c, d_s.T @ q
 
 
+def probs_minus_target(be, probs):
+    """softmax(s) - onehot: each row's probabilities less 1 at its target, column i. [B, M]"""
+    d_s = probs.copy()
+    rows = be.xp.arange(probs.shape[0])
+    d_s[rows, rows] -= 1.0
+    return d_s
+
+
 def contrastive_loss(be, q, c, query_texts, candidate_texts, temperature=0.05, candidates="inbatch",
-                     symmetric=False):
-    """The loss and its gradients with respect to q [B, H] and c [M, H] (see module doc)."""
+                     symmetric=False, record=None):
+    """The loss and its gradients with respect to q [B, H] and c [M, H] (see module doc).
+    record(name, array), if given, receives the loss's tensors (record_loss)."""
     if candidates not in CANDIDATES:
         raise ValueError(f"candidates must be one of {CANDIDATES}, got {candidates!r}")
     if temperature <= 0:
@@ -106,15 +112,33 @@ def contrastive_loss(be, q, c, query_texts, candidate_texts, temperature=0.05, c
     loss, cache = info_nce_forward(be, q, c, mask, temperature)
     if not symmetric:
         d_q, d_c = info_nce_backward(be, 1.0, cache)
-        return float(loss), d_q, d_c
-    # passage -> query: positive i against all queries, target query i
-    mask_pq = candidate_mask(query_texts, query_texts)
-    loss_pq, cache_pq = info_nce_forward(be, c[:B], q, mask_pq, temperature)
-    d_q, d_c = info_nce_backward(be, 0.5, cache)
-    d_p, d_q2 = info_nce_backward(be, 0.5, cache_pq)
-    d_q += d_q2
-    d_c[:B] += d_p
-    return 0.5 * (float(loss) + float(loss_pq)), d_q, d_c
+        loss, cache_pq = float(loss), None
+    else:       # passage -> query: positive i against all queries, target query i
+        mask_pq = candidate_mask(query_texts, query_texts)
+        loss_pq, cache_pq = info_nce_forward(be, c[:B], q, mask_pq, temperature)
+        d_q, d_c = info_nce_backward(be, 0.5, cache)
+        d_p, d_q2 = info_nce_backward(be, 0.5, cache_pq)
+        d_q += d_q2
+        d_c[:B] += d_p
+        loss = 0.5 * (float(loss) + float(loss_pq))
+    if record is not None:
+        record_loss(be, record, loss, mask, cache, cache_pq)
+    return loss, d_q, d_c
+
+
+def record_loss(be, record, loss, mask, cache, cache_pq=None):
+    """record(name, array) of the scores s = q c^T / tau [B, M], their mask, the loss and
+    d loss / d s = (softmax(s) - onehot) / B (info_nce_backward's ds before its 1 / tau); with the
+    passage -> query term (cache_pq), half of that plus half of the term's, which scores
+    positive i against query j at s[j, i]."""
+    q, c, probs, temperature = cache
+    B = q.shape[0]
+    d_s = probs_minus_target(be, probs) / B                      # [B, M]
+    if cache_pq is not None:
+        d_s *= 0.5
+        d_s[:, :B] += 0.5 * probs_minus_target(be, cache_pq[2]).T / B
+    for name, x in (("scores", (q @ c.T) * (1.0 / temperature)), ("mask", mask), ("loss", loss), ("grad/scores", d_s)):
+        record(name, x)
 
 
 # ----------------------------------------------------------------------------- optimiser
@@ -130,6 +154,8 @@ def scheduled_lr(step, lr, warmup=0, schedule="constant", total=None):
     steps, then `constant` (lr from then on, so a run can be extended) or `linear` (decay to
     0 at step `total`)."""
     if schedule == "linear":
+        if total is None:
+            raise ValueError("schedule 'linear' needs total, the step at which the rate reaches 0")
         return linear_schedule(step, lr, warmup, total)
     if schedule != "constant":
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
@@ -137,7 +163,7 @@ def scheduled_lr(step, lr, warmup=0, schedule="constant", total=None):
 
 
 def linear_schedule(step, lr, warmup, total):
-    """Warm-up, then linear decay to 0 at step `total`; the first step has lr 0."""
+    """Warm-up, then linear decay to 0 at step `total`; with warm-up, the first step has lr 0."""
     if step < warmup:
         return lr * step / warmup
     return lr * max(0.0, (total - step) / max(1, total - warmup))
@@ -196,7 +222,10 @@ class AdamW:
                 "m": {k: to_numpy(a) for k, a in self.m.items()}, "v": {k: to_numpy(a) for k, a in self.v.items()}}
 
     def load_state_dict(self, state):
+        """What state_dict saved: the step count, the moments and the constants (as torch's AdamW)."""
         self.t = int(state["t"])
+        self.lr, self.betas, self.eps = state["lr"], tuple(state["betas"]), state["eps"]
+        self.weight_decay = state["weight_decay"]
         for k in self.m:
             self.m[k][...] = self.xp.asarray(state["m"][k])
             self.v[k][...] = self.xp.asarray(state["v"][k])

@@ -2,7 +2,7 @@
 
 step     minihbt.loss_and_grads over the ranks (minihbt.comm) for every case of CASES; each rank
          saves its loss and gradients to OUT/<case>-rank<r>.npz
-train20  20 clipped AdamW steps in float64 through the library (groups.loss_and_grads over the
+train20  20 clipped AdamW steps in float64 through the library (fast_step.loss_and_grads over the
          ranks, rowgrad.clip_grad_norm, rowgrad.AdamW); each rank saves its parameters
 real     multilingual-e5-small (argv: MODEL_DIR MLQA_R_DIR), float32, dropout on: the step of
          train_step.py's mlqa-hybrid batch (32 triplets) over the ranks; rank 0 also computes it in
@@ -18,7 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))                    # conftest: the fixtures
 
 import minihbt  # noqa: E402
-from minihbt import comm as comm_module, groups, rowgrad  # noqa: E402
+from minihbt import comm as comm_module, fast_step, rowgrad  # noqa: E402
+from minihbt.parallel import pool_for  # noqa: E402
 from minihbt.data import read_training_data  # noqa: E402
 from minihbt.sampler import HBTSampler  # noqa: E402
 from conftest import TINY  # noqa: E402
@@ -56,9 +57,9 @@ def train_batches(step):
 
 def train20(model, comm):
     params = {k: model.params[k] for k in model.trainable_names()}
-    opt = rowgrad.AdamW(params, lr=1e-3, weight_decay=0.1, backend=model.backend, pool=model.pool)
+    opt = rowgrad.AdamW(params, lr=1e-3, weight_decay=0.1, backend=model.backend, pool=pool_for(model.backend))
     for step in range(20):
-        _, grads = groups.loss_and_grads(model, *train_batches(step), dropout=True, seed=step, group_tokens=24,
+        _, grads = fast_step.loss_and_grads(model, *train_batches(step), dropout=True, seed=step, group_tokens=24,
                                          table_rows=True, comm=comm)
         rowgrad.clip_grad_norm(grads, 0.5)
         opt.step(model.params, grads, lr=1e-3 * (20 - step) / 20)
@@ -73,10 +74,10 @@ def real(comm, out, model_dir, data_dir):
              [list(t.negatives) for t in batch.triplets])
     model = minihbt.load_model(model_dir)
     kw = dict(dropout=True, seed=3, max_query_length=32, max_passage_length=96)
-    loss, grads = groups.loss_and_grads(model, *texts, comm=comm, **kw)
+    loss, grads = fast_step.loss_and_grads(model, *texts, comm=comm, **kw)
     if comm.rank:
         return
-    loss_one, grads_one = groups.loss_and_grads(model, *texts, **kw)
+    loss_one, grads_one = fast_step.loss_and_grads(model, *texts, **kw)
     errors = {k: float(np.abs(grads[k] - g).max() / max(1.0, float(np.abs(g).max()))) for k, g in grads_one.items()}
     with open(os.path.join(out, "real.json"), "w", encoding="utf-8") as f:
         json.dump({"kind": batch.kind, "loss": loss, "loss_one_process": loss_one, "errors": errors}, f)
@@ -89,7 +90,7 @@ def main(scenario, out, *args):
             for case in CASES:
                 kind, load, kw = case_options(case)
                 model = minihbt.load_model(TINY[kind], **load)
-                loss, grads = groups.loss_and_grads(model, *BATCH, comm=comm, **kw)
+                loss, grads = fast_step.loss_and_grads(model, *BATCH, comm=comm, **kw)
                 np.savez(os.path.join(out, f"{case}-rank{comm.rank}.npz"), loss=loss, **grads)
         elif scenario == "real":
             real(comm, out, *args)

@@ -67,7 +67,7 @@ def test_groups_follow_names_and_split_helpers_by_caller_time():
 
 def test_softmax_inside_attention_is_softmax_and_rowgrad_file_is_optimizer():
     attention = (os.path.join(PKG, "layers.py"), 30, "attention_forward")
-    softmax = (os.path.join(PKG, "kernels.py"), 40, "scaled_masked_softmax")
+    softmax = (os.path.join(PKG, "kernels.py"), 40, "masked_softmax")
     step = (os.path.join(PKG, "rowgrad.py"), 50, "step")
     result = profile_of({attention: (1, 1, 1.0, 3.0, {}), softmax: (1, 1, 2.0, 2.0, {attention: edge(2.0)}),
                          step: (1, 1, 4.0, 4.0, {})})

@@ -3,6 +3,8 @@ import inside a function (imports are where a reader looks for them), no module 
 lines and no function over 60. Read with `ast`, so the check is exact, not a style hint."""
 import ast
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -75,7 +77,8 @@ def test_the_check_sees_a_cycle_and_an_inner_import():
 # The plain path (the mathematics a learner reads, README "Read the code") and the speed
 # machinery (each mechanism in one module): the first never imports the second.
 PLAIN = ("layers.py", "encoder.py", "step.py", "dropout.py", "backend.py", "config.py")
-SPEED = {"minihbt.parallel", "minihbt.groups", "minihbt.rowgrad", "minihbt.packing", "minihbt.kernels"}
+SPEED = {"minihbt.parallel", "minihbt.length_groups", "minihbt.fast_step", "minihbt.data_parallel", "minihbt.rowgrad",
+         "minihbt.packing", "minihbt.kernels"}
 
 
 @pytest.mark.parametrize("rel", PLAIN)
@@ -91,3 +94,14 @@ def test_the_plain_path_is_three_files_of_at_most_about_900_lines():
 
 def test_the_speed_rule_sees_an_import():
     assert internal_imports("encoder.py", ast.parse("from . import parallel\n")) & SPEED == {"minihbt.parallel"}
+
+
+@pytest.mark.parametrize("module", ["minihbt.layers", "minihbt.encoder", "minihbt.step"])
+def test_the_plain_path_loads_alone(module):
+    """In a fresh interpreter, importing a plain-path module (the package face with it) loads no
+    speed module, no communicator, no progress bars and no BLAS thread control."""
+    code = f"import sys, {module}; print(' '.join(sorted(sys.modules)))"
+    loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                cwd=os.path.dirname(PACKAGE)).stdout.split())
+    assert module in loaded
+    assert not loaded & (SPEED | {"minihbt.comm", "minihbt.model", "tqdm", "threadpoolctl"})

@@ -1,5 +1,5 @@
 """Data-parallel training over MPI ranks is the one-process step: the exact answer to how the
-gradient flows back through the all-gather and how it is scaled (groups.loss_and_grads' docstring
+gradient flows back through the all-gather and how it is scaled (data_parallel.Shard's docstring
 derives it: no 1/N, no N; the parameter gradients summed over the ranks).
 
 Each test launches `mpirun -np 2` (tests/dp_worker.py is one rank, or train.py itself) and

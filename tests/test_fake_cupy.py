@@ -18,7 +18,8 @@ import pytest
 import minihbt
 from conftest import TINY
 from fixtures.spec import TEMPERATURE, TRIPLETS
-from minihbt import comm, encoder, groups, kernels, layers, rowgrad, step
+from minihbt import comm, encoder, kernels, layers, rowgrad, step
+from minihbt import fast_step as fast_step_module
 from thread_ranks import ThreadHost, World
 
 pytestmark = pytest.mark.skipif(not getattr(kernels.cupy, "STAND_IN", False),
@@ -28,7 +29,7 @@ Q, P, N = ([t[0] for t in TRIPLETS[:4]], [t[1] for t in TRIPLETS[:4]], [t[2] for
 
 def fast_step(fused=False, **kw):
     model = minihbt.load_model(TINY["xlmr"], device="cuda", fused_kernels=fused)
-    return groups.loss_and_grads(model, Q, P, N, temperature=TEMPERATURE, dropout=True, seed=7, **kw)
+    return fast_step_module.loss_and_grads(model, Q, P, N, temperature=TEMPERATURE, dropout=True, seed=7, **kw)
 
 
 def bits(grads):
@@ -52,7 +53,7 @@ def test_the_unplanted_fused_step_runs():
 
 
 def test_planted_missing_get_is_caught(monkeypatch):
-    plant(monkeypatch, groups, "loss_and_grads", "to_numpy(g) if not", "np.asarray(g) if not")
+    plant(monkeypatch, fast_step_module, "loss_and_grads", "to_numpy(g) if not", "np.asarray(g) if not")
     with pytest.raises(TypeError, match="Implicit conversion to a NumPy array"):
         fast_step()
 
@@ -110,7 +111,7 @@ def dp_run(ranks, steps=5):
         opt = rowgrad.AdamW(model.params, lr=1e-3, backend=model.backend)
         losses, first, weights = [], None, []
         for s, (q, p, n) in enumerate(batches):
-            loss, grads = groups.loss_and_grads(model, q, p, n, temperature=TEMPERATURE, dropout=True, seed=s,
+            loss, grads = fast_step_module.loss_and_grads(model, q, p, n, temperature=TEMPERATURE, dropout=True, seed=s,
                                                 table_rows=True, return_numpy=False, comm=c)
             if first is None:
                 first = {k: (rowgrad.dense(model.backend, g).get()) for k, g in grads.items()}

@@ -1,6 +1,6 @@
-"""The fast path (groups.py, rowgrad.py, packing.py, the thread pool) against the plain path
-(step.py, encoder.py): the same loss, gradients, optimiser steps and embeddings, to rounding;
-and, at one commit, the same bits on any number of threads.
+"""The fast path (fast_step.py, length_groups.py, rowgrad.py, packing.py, the thread pool) against
+the plain path (step.py, encoder.py): the same loss, gradients, optimiser steps and embeddings,
+to rounding; and, at one commit, the same bits on any number of threads.
 
 Tolerance: per tensor, max|fast - plain| <= tol * max(1, max|plain|), tol 1e-10 in float64 and
 1e-5 in float32 (as tests/test_grad_parity.py compares with PyTorch).
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import minihbt
-from minihbt import groups, rowgrad, step
+from minihbt import fast_step, length_groups, rowgrad, step
+from minihbt.parallel import pool_for
 from minihbt.encoder import WORD_TABLE
 from conftest import TINY
 from fixtures.spec import TRIPLETS
@@ -47,7 +48,7 @@ def test_fast_step_equals_the_plain_step(kind, dtype, dropout, group_tokens, chu
     kw = dict(temperature=0.05, dropout=dropout, seed=5, candidates="paper" if chunk else "inbatch",
               symmetric=bool(chunk))
     loss, grads = step.loss_and_grads(model, *MIXED, **kw)
-    loss_f, grads_f = groups.loss_and_grads(model, *MIXED, group_tokens=group_tokens, chunk_size=chunk,
+    loss_f, grads_f = fast_step.loss_and_grads(model, *MIXED, group_tokens=group_tokens, chunk_size=chunk,
                                             table_rows=True, **kw)
     tol = TOL[dtype]
     assert abs(loss - loss_f) <= tol * max(1.0, abs(loss))
@@ -59,18 +60,18 @@ def test_fast_step_equals_the_plain_step(kind, dtype, dropout, group_tokens, chu
 
 @pytest.mark.parametrize("kind", ["xlmr", "bert"])
 def test_ten_clipped_adamw_steps_fast_and_plain(kind):
-    """Ten steps of the fast path (groups, RowGrad, rowgrad.AdamW on the thread pool) and of
+    """Ten steps of the fast path (length groups, RowGrad, rowgrad.AdamW on the thread pool) and of
     step.train_step from the same weights, in float64: every parameter within 1e-10."""
     runs = []
     for fast in (False, True):
         model = minihbt.load_model(TINY[kind], dtype="float64", pooling="mean")
         params = {k: model.params[k] for k in model.trainable_names()}
         kw = dict(lr=1e-3, weight_decay=0.1, backend=model.backend)
-        opt = rowgrad.AdamW(params, pool=model.pool, **kw) if fast else step.AdamW(params, **kw)
+        opt = rowgrad.AdamW(params, pool=pool_for(model.backend), **kw) if fast else step.AdamW(params, **kw)
         for i in range(10):
             batch = [x[i % 3:] for x in MIXED]
             if fast:
-                _, grads = groups.loss_and_grads(model, *batch, dropout=True, seed=i, group_tokens=24, table_rows=True)
+                _, grads = fast_step.loss_and_grads(model, *batch, dropout=True, seed=i, group_tokens=24, table_rows=True)
                 norm = rowgrad.clip_grad_norm(grads, 0.5)
                 opt.step(model.params, grads, lr=1e-3 * (10 - i) / 10)
             else:
@@ -112,28 +113,27 @@ def test_the_row_gradient_names_the_batch_tokens_but_the_padding_row(kind):
     """The word table's RowGrad holds exactly the batch's token ids, less the pad_token_id row,
     which torch never trains (nn.Embedding(padding_idx=...)); a second backward is refused."""
     model = minihbt.load_model(TINY[kind])
-    _, grads = groups.loss_and_grads(model, *ARGS, dropout=True, seed=4, group_tokens=16, table_rows=True)
+    _, grads = fast_step.loss_and_grads(model, *ARGS, dropout=True, seed=4, group_tokens=16, table_rows=True)
     texts = ["query: " + q for q in ARGS[0]] + ["passage: " + p for p in ARGS[1] + [n for ns in ARGS[2] for n in ns]]
     ids, _ = model.tokenizer.encode(texts, max_length=512)
     used = {i for x in ids for i in x} - {model.config.pad_token_id}
     assert grads[WORD_TABLE].ids.tolist() == sorted(used) and np.abs(grads[WORD_TABLE].values).min(axis=1).all() >= 0
-    _, backward, _ = groups.embed_sides(model, [groups.Side(ARGS[0], 32)], keep_activations=True)
+    _, backward, _ = length_groups.embed_sides(model, [length_groups.Side(ARGS[0], 32)], keep_activations=True)
     backward(np.zeros((len(ARGS[0]), model.config.hidden_size), np.float32), {}, [])
     with pytest.raises(RuntimeError, match="backward was already called"):
         backward(np.zeros((len(ARGS[0]), model.config.hidden_size), np.float32), {}, [])
 
 
 def test_length_groups_respect_the_token_budget():
-    from minihbt.groups import length_groups
     lengths = [5, 17, 3, 17, 9, 1, 12]
-    groups = length_groups(lengths, max_tokens=34)
+    groups = length_groups.length_groups(lengths, max_tokens=34)
     assert sorted(i for g in groups for i in g) == list(range(7))
     for g in groups:
         assert len(g) * max(lengths[i] for i in g) <= 34 or len(g) == 1
         assert lengths[g[0]] == max(lengths[i] for i in g)                # padded to its first text
     assert [list(g) for g in groups] == [[1, 3], [6, 4], [0, 2, 5]]
-    assert [list(g) for g in length_groups(lengths, max_texts=3)] == [[1, 3, 6], [4, 0, 2], [5]]
-    assert [list(g) for g in length_groups(lengths)] == [[1, 3, 6, 4, 0, 2, 5]]
+    assert [list(g) for g in length_groups.length_groups(lengths, max_texts=3)] == [[1, 3, 6], [4, 0, 2], [5]]
+    assert [list(g) for g in length_groups.length_groups(lengths)] == [[1, 3, 6, 4, 0, 2, 5]]
 
 
 
@@ -141,14 +141,14 @@ def _step_and_encode(model, threads, blas_threads):
     """A training step's loss and gradients and an encode, on `threads` minihbt threads with
     NumPy's BLAS on `blas_threads` outside minihbt's own limits."""
     from threadpoolctl import threadpool_limits
-    model.pool.threads = threads
+    pool_for(model.backend).threads = threads
     with threadpool_limits(limits=blas_threads, user_api="blas"):
-        loss, grads = groups.loss_and_grads(model, *REAL, dropout=True, seed=3, group_tokens=96, table_rows=True)
+        loss, grads = fast_step.loss_and_grads(model, *REAL, dropout=True, seed=3, group_tokens=96, table_rows=True)
         total = rowgrad.clip_grad_norm(grads, 1e-3)
         params = {k: v.copy() for k, v in model.params.items()}
-        opt = rowgrad.AdamW(params, lr=1e-3, pool=model.pool)
+        opt = rowgrad.AdamW(params, lr=1e-3, pool=pool_for(model.backend))
         opt.step(params, grads)
-        loss_c, grads_c = groups.loss_and_grads(model, *REAL, dropout=True, seed=3, group_tokens=96, chunk_size=5)
+        loss_c, grads_c = fast_step.loss_and_grads(model, *REAL, dropout=True, seed=3, group_tokens=96, chunk_size=5)
         emb = minihbt.encode(model, REAL[1] + REAL[0], batch_size=5)
     grads[WORD_TABLE] = rowgrad.dense(model.backend, grads[WORD_TABLE])
     return loss, grads, total, emb, loss_c, grads_c, params
@@ -200,7 +200,7 @@ def test_inference_on_the_real_tokens_only_agrees_with_the_padded_forward(me5_di
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_fast_step_equals_the_plain_step_on_cuda(fused):
-    """The fast path (groups, RowGrad, fused kernels or not) against the plain path on a GPU,
+    """The fast path (length groups, RowGrad, fused kernels or not) against the plain path on a GPU,
     float32 tolerances; skipped, with the reason, where CuPy sees no GPU."""
     from conftest import CUDA_SKIP
     if CUDA_SKIP is not None:
@@ -208,6 +208,6 @@ def test_fast_step_equals_the_plain_step_on_cuda(fused):
     for kind in ("xlmr", "bert"):
         model = minihbt.load_model(TINY[kind], device="cuda", fused_kernels=fused)
         loss, grads = step.loss_and_grads(model, *MIXED, dropout=True, seed=5)
-        loss_f, grads_f = groups.loss_and_grads(model, *MIXED, dropout=True, seed=5, group_tokens=24)
+        loss_f, grads_f = fast_step.loss_and_grads(model, *MIXED, dropout=True, seed=5, group_tokens=24)
         assert abs(loss - loss_f) <= 1e-5 * max(1.0, abs(loss))
         assert_close(grads_f, grads, 1e-5 if not fused else 1e-4)

@@ -123,8 +123,8 @@ def test_embedding(rng):
     table = rng.standard_normal((6, 4))
     ids = np.array([[0, 2, 2], [5, 1, 2]])
     R = rng.standard_normal((2, 3, 4))
-    f = lambda: (L.embedding_forward(be, table, ids)[0] * R).sum()
-    d = L.embedding_backward(be, R, L.embedding_forward(be, table, ids)[1])
+    f = lambda: (table[ids] * R).sum()                          # the encoder's row gather
+    d = L.embedding_backward(be, R, (ids, table.shape))
     assert (d[[3, 4]] == 0).all()                               # unused rows get nothing
     check(d, f, table)
 

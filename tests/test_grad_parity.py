@@ -95,7 +95,7 @@ def test_the_padding_row_is_not_trained_as_in_torch(tmp_path):
     fixture: tiny-bert with pad_token_id set to [CLS], the id that starts each of its texts;
     torch's loss and whole word-table gradient (that row 0) against the plain and the fast path."""
     import shutil
-    from minihbt import groups
+    from minihbt import fast_step
     ref = np.load(os.path.join(TINY["bert"], "pad_quirk.npz"))
     quirk = shutil.copytree(TINY["bert"], tmp_path / "tiny-bert-pad-quirk")
     config = json.loads((quirk / "config.json").read_text())
@@ -103,7 +103,7 @@ def test_the_padding_row_is_not_trained_as_in_torch(tmp_path):
     model = minihbt.load_model(str(quirk), pooling="mean")
     cls_row = int(ref["pad_token_id"])
     g_torch = ref["word_grad"]
-    for compute in (loss_and_grads, groups.loss_and_grads):
+    for compute in (loss_and_grads, fast_step.loss_and_grads):
         loss, grads = compute(model, *split(TRIPLETS), temperature=TEMPERATURE)
         assert abs(loss - float(ref["loss"])) <= 1e-5
         g = grads["embeddings.word_embeddings.weight"]

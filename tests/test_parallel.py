@@ -108,7 +108,7 @@ def test_map_ordered_with_a_window_starts_in_order_and_keeps_at_most_window_in_f
     before anything runs, and so is a window that is not a positive integer."""
     import time
     from concurrent.futures import ThreadPoolExecutor
-    from minihbt.groups import costliest_last_window
+    from minihbt.length_groups import costliest_last_window
     submitted, in_flight, most = [], set(), []
     lock = threading.Lock()
 

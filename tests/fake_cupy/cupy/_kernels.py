@@ -69,13 +69,13 @@ def layernorm_bwd(grid, block, dy, xhat, rstd, gamma, dx, H):
     _flat(dx, rows, H)[...] = layers.layernorm_backward(_cpu(), _flat(dy, rows, H), cache)[0]
 
 
-def scaled_masked_softmax(grid, block, s, bias, S, rows_per_batch, scale):
-    rows = _rows(grid, block, int(S), "scaled_masked_softmax", dict(s=s))
+def masked_softmax(grid, block, s, bias, S, rows_per_batch):
+    rows = _rows(grid, block, int(S), "masked_softmax", dict(s=s))
     batches = -(-rows // int(rows_per_batch))
-    _rows((batches,), block, int(S), "scaled_masked_softmax", dict(bias=bias))
+    _rows((batches,), block, int(S), "masked_softmax", dict(bias=bias))
     from minihbt import layers
     mask_bias = _flat(bias, batches, S)[np.arange(rows) // rows_per_batch]                  # [rows, S]
-    _flat(s, rows, S)[...] = layers.softmax_forward(_cpu(), _flat(s, rows, S) * scale, mask_bias)
+    _flat(s, rows, S)[...] = layers.softmax_forward(_cpu(), _flat(s, rows, S), mask_bias)
 
 
 def softmax_bwd(grid, block, dp, p, S):
@@ -103,7 +103,7 @@ def minihbt_adamw(g, decay, one_minus_b1, b2, one_minus_b2, inv_bc2_sqrt, eps, s
     p -= (m / (v ** 0.5 * inv_bc2_sqrt + eps)) * step_size
 
 
-KERNELS = {f.__name__: f for f in (add_layernorm_fwd, layernorm_bwd, scaled_masked_softmax, softmax_bwd,
+KERNELS = {f.__name__: f for f in (add_layernorm_fwd, layernorm_bwd, masked_softmax, softmax_bwd,
                                    minihbt_gelu, minihbt_gelu_grad, minihbt_adamw)}
 
 
