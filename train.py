@@ -35,7 +35,7 @@ from typing import List, NamedTuple, Optional
 import numpy as np
 
 from minihbt import cli, demo
-from minihbt.check.batchlog import BatchLog
+from minihbt.batchlog import BatchLog
 from minihbt.checkpoint import (LOG_FILE, is_checkpoint, latest_checkpoint, load_training_state, prepare_run_folder,
                                 read_trainer_state, remove_partial_checkpoints, run_contents, save_checkpoint)
 from minihbt.cli import AT_LEAST_0, AT_LEAST_1, FRACTION, POSITIVE, Problems, Range, Stop, setting
