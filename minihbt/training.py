@@ -1,14 +1,10 @@
 """The training loop: batches, model and optimiser, one AdamW step per batch, checkpoints.
 
-    result = train(TrainSettings(model=..., train=[...], steps=200, out="runs/hbt"))
-
-`TrainSettings` holds every setting of a run (train.py turns it into flags, the study and the
-demo fill it in); `train(settings, comm)` runs it, over the ranks of `comm` (minihbt.comm)
-or in one process, and returns where the model went. Exact resume: batches are a pure
-function of (seed, epoch), dropout of (seed, step), and each checkpoint saves the optimiser
-state; `train(settings, resume_from=CHECKPOINT)` continues bit for bit. The first Ctrl-C or
-SIGTERM finishes the step, saves a checkpoint and raises `Stopped` (a second one stops at
-once); a non-finite loss raises `NonFiniteLoss`, the last good checkpoint kept.
+`TrainSettings` holds every setting of a run (train.py's flags; the study and the demo fill it
+in). `train(settings, comm)` runs it over the ranks of `comm` (or in one process) and returns
+Trained; resuming from a checkpoint continues bit for bit (train.py's docstring says how). The
+first Ctrl-C or SIGTERM finishes the step, saves and raises Stopped; a non-finite loss raises
+NonFiniteLoss, the last good checkpoint kept.
 """
 import json
 import math
