@@ -26,10 +26,12 @@ import time
 
 import numpy as np
 
-from minihbt import cli
+import minihbt
+from minihbt import cli, data
 from minihbt.comm import CommError, from_environment
-from minihbt.evaluation import not_applicable, number, summary_table
+from minihbt.evaluation import center_languages, evaluate, not_applicable, number, summary_table
 from minihbt.files import atomic_path, sha256_file, source_digest, stat_digest, write_json, write_text
+from minihbt.weights import checkpoint_files
 
 DEFAULT_MAX_LENGTH = 512
 
@@ -85,9 +87,6 @@ def fit_max_length(model, args):
 
 
 def cache_key(model, rs, args):
-    import minihbt
-    from minihbt.weights import checkpoint_files
-
     parts = {"minihbt": minihbt.__version__, "code": source_digest(), "device": model.device, "config": sha256_file(os.path.join(model.path, "config.json")),
              "tokenizer": sha256_file(os.path.join(model.path, "tokenizer.json")),
              "weights": [stat_digest(p) for p in checkpoint_files(model.path)],
@@ -100,8 +99,6 @@ def cache_key(model, rs, args):
 def encode_shard(model, texts, comm, pairs=None, **kw):
     """minihbt.encode of `texts`, split over the ranks of `comm` (rank r encodes the r-th of N
     contiguous slices) and gathered in order on every rank."""
-    import minihbt
-
     lo, hi = comm.rank * len(texts) // comm.size, (comm.rank + 1) * len(texts) // comm.size
     part = minihbt.encode(model, texts[lo:hi], pairs=pairs[lo:hi] if pairs is not None else None, **kw)
     return comm.allgather(part) if comm.size > 1 else part
@@ -165,7 +162,7 @@ def markdown_report(res, args):
 
 
 def heatmap(res, path):
-    try:
+    try:                                        # matplotlib is optional: without it, no heatmap
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -253,14 +250,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     comm = ranks(args.device)
     check_args(args)
-
-    import minihbt
-    from minihbt.data import first_groups, load_lareqa
-    from minihbt.evaluation import center_languages, evaluate
-
-    rs = load_lareqa(args.data, languages=args.languages)
+    rs = data.load_lareqa(args.data, languages=args.languages)
     if args.sample is not None:
-        rs, groups = first_groups(rs, args.sample)
+        rs, groups = data.first_groups(rs, args.sample)
         args.sample_note = (f"SAMPLE (--sample {args.sample}): the first {min(args.sample, groups)} of {groups} "
                             f"parallel question groups, {len(rs.cand_text)} candidates; not the whole set's figures")
     model = minihbt.load_model(args.model, device=args.device, pooling=args.pooling)

@@ -11,7 +11,7 @@ one AdamW step on the InfoNCE loss (cosine / temperature, in-batch candidates, d
 masked), with global-norm clipping and a warm-up. Checkpoints are Hugging Face
 directories that open in transformers and sentence-transformers.
 
-Settings: defaults (TrainSettings below) < a JSON --config file (long names, dashes or
+Settings: defaults (TrainSettings, minihbt/training.py) < a JSON --config file (long names, dashes or
 underscores) < the command line, all checked before anything is loaded; a bad one gets one
 line naming the flag and what it accepts (exit status 2). MINIHBT_DEBUG=1 shows the
 traceback behind any one-line error. A new run refuses an --out that holds a run: continue
@@ -24,88 +24,24 @@ SIGTERM finishes the step, saves a checkpoint and exits (130 or 143; a second on
 A non-finite loss stops the run with a message; the last good checkpoint stays.
 """
 import argparse
-import json
-import math
 import os
 import sys
-import time
-from dataclasses import asdict, dataclass, fields
-from typing import List, NamedTuple, Optional
+from dataclasses import asdict, fields
+from typing import NamedTuple, Optional
 
-import numpy as np
-
-from minihbt import cli, demo
-from minihbt.check.batchlog import BatchLog
-from minihbt.checkpoint import (LOG_FILE, is_checkpoint, latest_checkpoint, load_training_state, prepare_run_folder,
-                                read_trainer_state, remove_partial_checkpoints, run_contents, save_checkpoint)
-from minihbt.cli import AT_LEAST_0, AT_LEAST_1, FRACTION, POSITIVE, Problems, Range, Stop, setting
+from minihbt import cli, demo, training
+from minihbt.checkpoint import is_checkpoint, latest_checkpoint, read_trainer_state, remove_partial_checkpoints, run_contents
+from minihbt.cli import Problems, Stop
 from minihbt.comm import CommError, SettingsMismatch, SingleProcess, from_environment
 from minihbt.config import ConfigError, ModelConfig
 from minihbt.data import language_from_filename
 from minihbt.files import remove_empty_folders
+from minihbt.training import RESUMABLE, TrainSettings, check_combinations
 
 PROG = "train.py"
 TRAINING_FILES = ("a SQuAD-format .json file whose name gives its language (de.json, arabic_dev.json; or LANG=PATH), "
                   "a folder of them, or a .jsonl file of examples (lang, query, positive[, negatives, group])")
-
-
-@dataclass
-class TrainSettings:
-    """Every setting of a training run: the flags, the --config keys, and what each
-    checkpoint saves for --resume. Each default is written once, here."""
-    model: Optional[str] = setting(None, "Hugging Face model directory to start from (config.json, safetensors, "
-                                         "tokenizer.json); required unless --resume", metavar="DIR")
-    train: Optional[List[str]] = setting(None, "training data, repeatable, one source each (batches never mix "
-                                               "sources): a SQuAD-format .json file, a folder of them, or a .jsonl "
-                                               "file; LANG=PATH forces the language (see README). Required unless "
-                                               "--resume", repeat=True, metavar="PATH")
-    sampler: str = setting("hybrid", "batch composition", choices=("xx", "xy", "hybrid"))
-    alpha: float = setting(0.5, "hybrid: probability of a monolingual (xx) batch", accepted=FRACTION,
-                           note=", the paper's best")
-    xx_weighting: str = setting("uniform", "xx and hybrid: draw the batch language uniformly (the paper's rule) or "
-                                           "in proportion to its data", choices=("uniform", "proportional"))
-    batch_size: int = setting(100, "triplets per batch", accepted=AT_LEAST_1, note=", as in the paper")
-    max_negatives: int = setting(1, "hard negatives per triplet, other sentences of the paragraph", accepted=AT_LEAST_0)
-    lr: float = setting(3e-5, "peak learning rate", accepted=POSITIVE, note=", as in the paper")
-    weight_decay: float = setting(0.01, "AdamW weight decay, not on biases and LayerNorm", accepted=AT_LEAST_0)
-    warmup: int = setting(0, "linear warm-up steps from 0 to --lr", accepted=AT_LEAST_0)
-    schedule: str = setting("constant", "after warm-up: constant (runs can be extended with --resume) or linear "
-                                        "decay to 0 at --decay-steps", choices=("constant", "linear"))
-    decay_steps: Optional[int] = setting(None, "with --schedule linear: the step at which lr reaches 0, more than "
-                                               "--warmup and at least --steps", accepted=AT_LEAST_1,
-                                         default_text="--steps")
-    steps: int = setting(1000, "total optimiser steps of the run", accepted=AT_LEAST_1)
-    max_query_len: int = setting(64, "query truncation in tokens, at most the model's positions", accepted=Range(2),
-                                 note=", or the model's limit if lower")
-    max_passage_len: int = setting(256, "passage truncation in tokens, at most the model's positions",
-                                   accepted=Range(2), note=", or the model's limit if lower")
-    temperature: float = setting(0.05, "InfoNCE temperature on cosine scores", accepted=POSITIVE)
-    candidates: str = setting("inbatch", "inbatch: all positives and negatives of the batch; paper: own positive "
-                                         "+ all negatives (Eq. 1)", choices=("inbatch", "paper"))
-    symmetric: bool = setting(False, "add the passage->query loss term")
-    max_grad_norm: float = setting(1.0, "clip the global gradient norm to this; 0 disables", accepted=AT_LEAST_0)
-    grad_cache_chunk: int = setting(0, "GradCache: embed N texts at a time, so memory is bounded by N, not the "
-                                       "batch; same gradients; 0 = off", accepted=AT_LEAST_0)
-    pooling: Optional[str] = setting(None, "pooling", choices=("mean", "cls", "pooler"),
-                                     default_text="the checkpoint's own, else mean")
-    seed: int = setting(0, "seed of batches and dropout", accepted=AT_LEAST_0)
-    device: str = setting("cpu", "cpu (NumPy) or cuda (CuPy)", choices=("cpu", "cuda"))
-    tf32: bool = setting(False, "cuda only: float32 GEMMs on TF32 tensor cores (faster, ~1e-3 relative error)")
-    fused_kernels: bool = setting(False, "cuda only: fused CuPy kernels for bias+GELU, residual+LayerNorm, softmax "
-                                         "and AdamW (not yet verified on a GPU, see minihbt/kernels.py)")
-    out: str = setting(os.path.join("runs", "hbt"), "run directory: checkpoint-N/, final/ (Hugging Face directories "
-                       "with optimizer.npz and trainer_state.json beside the weights), log.jsonl", metavar="DIR")
-    save_every: int = setting(500, "checkpoint every N steps; 0 = only at the end", accepted=AT_LEAST_0)
-    quiet: bool = setting(False, "no progress bar or messages")
-    batch_log: Optional[str] = setting(None, "write each batch a step is taken on to FILE, one JSON line a step "
-                                             "(docs/batch-log.md), for `python -m minihbt.check batches`; a new run "
-                                             "refuses an existing FILE unless --overwrite, a resumed one rewrites it",
-                                       metavar="FILE")
-
-
-RESUMABLE = ("steps", "save_every", "device", "tf32", "fused_kernels", "quiet")     # the rest stay as saved
 RESUMABLE_FLAGS = ", ".join(cli.flag_of(name) for name in RESUMABLE)
-CUDA_ONLY = ("tf32", "fused_kernels")
 
 
 class Plan(NamedTuple):
@@ -190,18 +126,6 @@ def ranks(s, resume, overwrite, problems):
     return comm
 
 
-def setting_problems(argv):
-    """The problems of a fresh run's settings on their own (types, ranges, combinations; no
-    paths, device or existing runs): for programs that plan many runs, e.g. study.py."""
-    args = vars(build_parser().parse_args(argv))
-    for name in ("config", "resume", "overwrite", "demo", "demo_seeds"):
-        args.pop(name)
-    problems = Problems()
-    settings = cli.build_settings(TrainSettings, args, {k: "" for k in args}, problems)
-    check_combinations(settings, frozenset(args), problems)
-    return problems.lines
-
-
 def resume_settings(run_dir, values, origins, problems):
     """(checkpoint, values, origins) to continue the run in `run_dir`: its saved settings,
     with the RESUMABLE ones the user gave; any other change is a problem."""
@@ -235,28 +159,6 @@ def resume_settings(run_dir, values, origins, problems):
     origin = f" (saved in {os.path.join(checkpoint, 'trainer_state.json')})"
     merged = {**saved, **{k: values[k] for k in RESUMABLE if k in values}, "out": run_dir}
     return checkpoint, merged, {k: origins.get(k, origin) if k in values else origin for k in merged}
-
-
-def check_combinations(s, given, problems):
-    """Settings that are fine alone but wrong together, or set where nothing reads them."""
-    if "decay_steps" in given and s.decay_steps is not None and s.schedule != "linear":
-        problems.add(f"--decay-steps {s.decay_steps}: only with --schedule linear (the constant schedule never "
-                     "decays)")
-    if s.schedule == "linear":
-        decay = s.decay_steps or s.steps
-        if decay <= s.warmup:
-            problems.add(f"--warmup {s.warmup}: expected less than the step where the linear schedule reaches 0 "
-                         f"(--decay-steps, default --steps: {decay}); else lr is 0 after warm-up")
-        elif decay < s.steps:
-            problems.add(f"--decay-steps {decay}: expected at least --steps {s.steps} (else steps {decay}.."
-                         f"{s.steps - 1} train at lr 0)")
-    if "alpha" in given and s.sampler != "hybrid":
-        problems.add(f"--alpha {s.alpha}: only with --sampler hybrid (the probability of an xx batch)")
-    if "xx_weighting" in given and s.sampler == "xy":
-        problems.add("--xx-weighting: only with --sampler xx or hybrid (xy batches have no single language)")
-    for name in CUDA_ONLY:
-        if name in given and getattr(s, name) and s.device != "cuda":
-            problems.add(f"{cli.flag_of(name)}: only with --device cuda")
 
 
 def check_paths(s, resume, overwrite, problems):
@@ -303,128 +205,17 @@ def check_lengths(s, model_dir, given, problems):
                                f"an integer in [2, {positions}] for this model ({positions} positions)")
 
 
-def load_start_model(s, checkpoint, say):
-    """The model to train (the checkpoint's when resuming), a default truncation length longer
-    than its position table lowered to it (a length the user set was checked: check_lengths)."""
-    import minihbt
-    model = minihbt.load_model(checkpoint or s.model, device=s.device, pooling=s.pooling, tf32=s.tf32,
-                               fused_kernels=s.fused_kernels)
-    for name in ("max_query_len", "max_passage_len"):
-        if getattr(s, name) > model.max_length:
-            say(f"{cli.flag_of(name)}: the model has {model.max_length} positions; using {model.max_length}")
-            setattr(s, name, model.max_length)
-    return model
-
-
-def read_batches(s, say):
-    """The training examples of every --train source, and the batch sampler over them."""
-    from minihbt.data import read_training_data
-    from minihbt.sampler import HBTSampler
-    examples = []
-    for spec in s.train:
-        found, report = read_training_data(spec)
-        examples += found
-        for line in report:
-            say(line)
-    sampler = HBTSampler(examples, s.batch_size, sampler=s.sampler, alpha=s.alpha, seed=s.seed,
-                         xx_language_weighting=s.xx_weighting, max_negatives=s.max_negatives)
-    return examples, sampler
-
-
-def train_step(model, optimizer, s, batch, step, comm=None):
-    """One AdamW step on `batch` (over the ranks of `comm`, if given); returns the log record of the step."""
-    from minihbt.fast_step import loss_and_grads
-    from minihbt.rowgrad import clip_grad_norm
-    from minihbt.step import scheduled_lr
-    t0, stats = time.perf_counter(), {}
-    loss, grads = loss_and_grads(
-        model, [t.query for t in batch.triplets], [t.positive for t in batch.triplets],
-        [list(t.negatives) for t in batch.triplets], temperature=s.temperature, candidates=s.candidates,
-        symmetric=s.symmetric, dropout=True, seed=int(np.random.SeedSequence([s.seed, step]).generate_state(1)[0]),
-        max_query_length=s.max_query_len, max_passage_length=s.max_passage_len,
-        chunk_size=s.grad_cache_chunk or None, return_numpy=False, stats=stats, table_rows=True, comm=comm)
-    if not math.isfinite(loss):
-        return {"step": step + 1, "loss": loss}
-    norm = clip_grad_norm(grads, s.max_grad_norm) if s.max_grad_norm else float("nan")
-    lr = scheduled_lr(step, s.lr, s.warmup, s.schedule, s.decay_steps or s.steps)
-    optimizer.step(model.params, grads, lr=lr)
-    seconds = time.perf_counter() - t0
-    tokens = sum(comm.allgather_object(stats["tokens"])) if comm is not None else stats["tokens"]
-    return {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": norm, "kind": batch.kind, "lang": batch.lang,
-            "source": batch.source, "tokens": tokens, "seconds": round(seconds, 4)}
-
-
 def train(plan):
-    """The training recipe: batches, model and optimiser, then one AdamW step per batch,
-    a checkpoint every --save-every steps and on Ctrl-C/SIGTERM, and final/ at the end.
-    Over N ranks (mpirun), every rank takes every step on its shard of the batch; rank 0
-    alone writes the log, the batch log and the checkpoints; an error on one rank stops all."""
+    """Run the plan with minihbt.training; a stop by Ctrl-C or SIGTERM ends the program with
+    128 + the signal's number. A failed run leaves no empty folder that resolve_args made."""
     try:
-        with plan.comm.abort_on_error():
-            return train_ranks(plan)
-    except BaseException:
+        return training.train(plan.settings, plan.comm, plan.checkpoint, plan.overwrite).path
+    except BaseException as e:
         if plan.comm.is_root:
             remove_empty_folders(plan.made)
+        if isinstance(e, training.Stopped):
+            raise Stop(128 + e.signum, str(e)) from None
         raise
-
-
-def train_ranks(plan):
-    import minihbt
-    from minihbt.parallel import pool_for
-    from minihbt.rowgrad import AdamW
-    from minihbt.bars import progress_bar
-    s, comm = plan.settings, plan.comm
-    say = (lambda *a: None) if s.quiet or not comm.is_root else (lambda *a: print(*a, file=sys.stderr))
-    examples, sampler = read_batches(s, say)
-    model = load_start_model(s, plan.checkpoint, say)
-    optimizer = AdamW({k: model.params[k] for k in model.trainable_names()}, lr=s.lr, weight_decay=s.weight_decay,
-                      backend=model.backend, pool=pool_for(model.backend))
-    step = load_training_state(plan.checkpoint, optimizer)["step"] if plan.checkpoint else 0
-    if plan.checkpoint:
-        say(f"resuming {plan.checkpoint} at step {step}")
-    for line in (prepare_run_folder(s.out, step, plan.overwrite) if comm.is_root else []):
-        say(line)
-    comm.barrier()
-    say(f"{len(examples)} examples, {len(sampler)} batches per epoch of {s.batch_size}; {model}"
-        + (f"; {comm.size} ranks, {s.batch_size // comm.size} triplets each" if comm.size > 1 else ""))
-
-    def save(name):
-        state = {"step": step, "settings": asdict(s), "sampler": sampler.state_dict(), "minihbt": minihbt.__version__}
-        path = save_checkpoint(s.out, name, model, optimizer, state) if comm.is_root else None
-        comm.barrier()                                  # the other ranks go on once rank 0 has saved
-        return path
-
-    with cli.GracefulStop() as stop, open(os.path.join(s.out, LOG_FILE) if comm.is_root else os.devnull, "a",
-                                          encoding="utf-8") as log, \
-            BatchLog(s.batch_log if comm.is_root else None, sampler, step) as batch_log, \
-            progress_bar(total=s.steps, initial=step, desc="train", unit="step",
-                         disable=s.quiet or not comm.is_root) as bar:
-        epoch_batches = (None, None)                    # (epoch, its batches): an epoch is composed once
-        while step < s.steps:
-            epoch, index = divmod(step, len(sampler))
-            if epoch_batches[0] != epoch:
-                epoch_batches = (epoch, sampler.batches(epoch))
-            batch = epoch_batches[1][index]
-            record = train_step(model, optimizer, s, batch, step, comm)
-            if not math.isfinite(record["loss"]):
-                raise Stop(1, f"error: the loss is {record['loss']} at step {step} (batch {index} of epoch {epoch}, "
-                              f"{batch.kind}); stopping. The last good checkpoint is kept in {s.out}; try a lower "
-                              "--lr or --warmup.")
-            step += 1
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            batch_log.add(batch)
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                            tok_s=f"{record['tokens'] / max(record['seconds'], 1e-4):.0f}", kind=batch.kind)
-            signum = max(comm.allgather_object(stop.signum or 0)) or None   # read once; every rank stops alike
-            if step < s.steps and (signum or s.save_every and step % s.save_every == 0):
-                path = save(f"checkpoint-{step}")
-            if signum and step < s.steps:                       # on the last step, final/ is saved below
-                raise Stop(128 + signum, f"stopped at step {step}; saved {path}; continue with --resume {s.out}")
-        path = save("final")
-    say(f"done: {step} steps; model in {path}")
-    return path
 
 
 @cli.program(PROG)
@@ -432,7 +223,7 @@ def main(argv=None):
     """Train (see the module docstring) or, with no arguments or --demo/--demo-seeds, run the demo."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or any(a.startswith("--demo") for a in argv):
-        return demo.main(argv, train_fn=main)
+        return demo.main(argv)
     return train(resolve_args(argv))
 
 

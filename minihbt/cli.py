@@ -8,8 +8,6 @@ train.py, evaluate.py and `python -m minihbt.download` share what is here:
   settings, and `build_settings` checks every value against its type, choices and range.
 - `Problems` collects one line per bad setting, naming the flag and what is accepted; `stop_if_any()`
   ends the program with all of them, exit status 2 (argparse's), before any model or data is loaded.
-- `GracefulStop` turns the first Ctrl-C or SIGTERM into a request the training loop answers
-  after its current step (save, then exit 128 + the signal's number).
 - `program(name)` wraps a program's main(argv): a library error (a damaged checkpoint, a
   malformed data file, a missing GPU) reaches the user as one line and exit status 1, Ctrl-C as
   exit status 130; `MINIHBT_DEBUG=1` shows the traceback instead, for bug reports.
@@ -20,7 +18,6 @@ import functools
 import json
 import math
 import os
-import signal
 import sys
 import typing
 from dataclasses import dataclass, field, fields
@@ -92,33 +89,6 @@ def one_line(error):
     if expected:
         return text
     return f"{type(error).__name__}: {text} (an internal error; {DEBUG_VARIABLE}=1 shows the traceback)"
-
-
-class GracefulStop:
-    """While active, the first Ctrl-C or SIGTERM (what batch schedulers send before killing
-    a job) only sets `signum`: the loop finishes its step, saves and exits with 128 + signum.
-    A second signal stops at once. On the last step the loop ends normally (its final save is
-    the one a stop would make); `GracefulStop.last_signum` then tells a caller that runs more
-    work after it (the study runner) that a stop was asked for."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-    last_signum = None          # the signal the latest GracefulStop block received (None: none)
-
-    def __enter__(self):
-        self.signum = GracefulStop.last_signum = None
-        self.previous = {sig: signal.signal(sig, self.handle) for sig in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def handle(self, signum, frame):
-        if self.signum is not None:
-            raise KeyboardInterrupt if signum == signal.SIGINT else Stop(128 + signum, "terminated")
-        self.signum = GracefulStop.last_signum = signum
-        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        print(f"\n{name}: finishing this step, then saving a checkpoint (again to abort)", file=sys.stderr)
 
 
 class Problems:

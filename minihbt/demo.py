@@ -31,6 +31,7 @@ from .config import ModelConfig
 from .data import load_lareqa
 from .evaluation import evaluate
 from .files import write_json
+from .training import TrainSettings, train
 from .weights import expected_shapes, save_weights
 
 DEMO_STEPS = 300
@@ -130,10 +131,10 @@ def make_model(world, out_dir, seed=0, hidden=64, layers=2, heads=4, ffn=128):
     return out_dir
 
 
-def run(train_fn, out_dir, seeds=(0,), steps=DEMO_STEPS, batch_size=32, samplers=("xx", "xy", "hybrid"), lr=3e-3,
-        log=print, **world_options):
-    """Build the world, train one model per sampler with `train_fn` (train.py's main, given
-    its argv), evaluate; returns {seed: {sampler: results}}."""
+def run(out_dir, seeds=(0,), steps=DEMO_STEPS, batch_size=32, samplers=("xx", "xy", "hybrid"), lr=3e-3, log=print,
+        **world_options):
+    """Build the world, train one model per sampler (minihbt.training), evaluate; returns
+    {seed: {sampler: results}}."""
     table = {}
     for seed in seeds:
         world = make_world(seed, **world_options)
@@ -146,10 +147,11 @@ def run(train_fn, out_dir, seeds=(0,), steps=DEMO_STEPS, batch_size=32, samplers
         for sampler in samplers:
             log(f"seed {seed} {sampler:6s}  training {steps} steps ...")
             t0 = time.perf_counter()
-            final = train_fn(["--model", init, "--train", train_dir, "--sampler", sampler,
-                              "--batch-size", str(batch_size), "--steps", str(steps), "--lr", str(lr),
-                              "--warmup", str(steps // 10), "--max-negatives", "1", "--seed", str(seed),
-                              "--save-every", "0", "--out", os.path.join(base, sampler), "--overwrite", "--quiet"])
+            settings = TrainSettings(model=init, train=[train_dir], sampler=sampler, batch_size=batch_size,
+                                     steps=steps, lr=lr, warmup=steps // 10, max_negatives=1, seed=seed, save_every=0,
+                                     out=os.path.join(base, sampler), quiet=True)
+            os.makedirs(settings.out, exist_ok=True)
+            final = train(settings, overwrite=True).path
             model = load_model(final)
             q = {l: encode(model, [t for _, t in rs.queries[l]], kind="query") for l in rs.languages}
             c = encode(model, rs.cand_text, kind="passage")
@@ -196,9 +198,9 @@ def parse_seeds(text, problems):
 
 
 @cli.program("train.py")
-def main(argv, train_fn=None):
+def main(argv):
     """`python train.py [--demo] [--demo-seeds 0,1,2] [--steps N] [--out DIR]`: train three tiny
-    models per seed with `train_fn` (train.py's main) and print their table. Training flags
+    models per seed and print their table. Training flags
     are refused: the demo would ignore them."""
     args, rest = build_parser().parse_known_args(argv)
     problems = cli.Problems()
@@ -217,7 +219,7 @@ def main(argv, train_fn=None):
     print(f"minihbt demo: a synthetic parallel world ({DESCRIPTION}); a tiny XLM-R-shaped encoder trained from "
           f"scratch for {args.steps} steps with each batch type, then evaluated (runs in {args.out}/)")
     t0 = time.perf_counter()
-    table = run(train_fn, args.out, seeds=seeds, steps=args.steps)
+    table = run(args.out, seeds=seeds, steps=args.steps)
     print()
     print(format_table(table))
     print(f"\n{time.perf_counter() - t0:.0f} s. X-X batches leave the languages unaligned (low Cr./Mul. mAP, large "

@@ -21,7 +21,7 @@ from conftest import TINY, shared_path
 from minihbt.check import __main__ as dispatcher
 from minihbt.check import batches as check_batches
 from minihbt.check import fit, log_cmd
-from minihbt.check.batchlog import BatchLog, batch_record, read_batch_log, sampler_batches, write_batch_log
+from minihbt.batchlog import BatchLog, batch_record, read_batch_log, sampler_batches, write_batch_log
 from minihbt.data import Example, read_training_data
 from minihbt.sampler import HBTSampler
 

@@ -21,7 +21,7 @@ import minihbt
 from minihbt import step as plain
 from minihbt.check import __main__ as dispatcher
 from minihbt.check import bundle, export_cmd, step_cmd
-from minihbt.check.batchlog import sampler_batches
+from minihbt.batchlog import sampler_batches
 from minihbt.data import read_training_data
 from minihbt.encoder import WORD_TABLE
 from minihbt.files import sha256_file

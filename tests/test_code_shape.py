@@ -1,6 +1,7 @@
 """The shape of the library's code, as README promises it: minihbt/ has no import cycle and no
 import inside a function (imports are where a reader looks for them), no module over 350
-lines and no function over 60. Read with `ast`, so the check is exact, not a style hint."""
+lines and no function over 60; the programs (train.py, evaluate.py, study.py) import inside a
+function only an optional dependency. Read with `ast`, so the check is exact, not a style hint."""
 import ast
 import os
 import subprocess
@@ -67,11 +68,31 @@ def test_module_and_function_sizes_and_no_imports_inside_functions(rel):
             assert not inner, f"{rel}: import inside {node.name} at line(s) {inner}"
 
 
+ROOT = os.path.dirname(PACKAGE)
+PROGRAMS = ("train.py", "evaluate.py", "study.py")
+OPTIONAL = {"matplotlib", "matplotlib.pyplot"}          # a program works without them (evaluate.py's heatmap)
+
+
+def inner_imports(tree):
+    """The modules imported inside a function of `tree`."""
+    return {a.name if isinstance(n, ast.Import) else n.module for f in ast.walk(tree)
+            if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+            for n in ast.walk(f) if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names}
+
+
+@pytest.mark.parametrize("program", PROGRAMS)
+def test_programs_import_at_the_top_but_optional_dependencies(program):
+    with open(os.path.join(ROOT, program), encoding="utf-8") as f:
+        assert inner_imports(ast.parse(f.read())) <= OPTIONAL
+
+
 def test_the_check_sees_a_cycle_and_an_inner_import():
     """The checks above can fail: they do on code that has the defects."""
     tree = ast.parse("def f():\n    import os\n")
     assert any(isinstance(n, ast.Import) for n in ast.walk(tree.body[0]))
     assert internal_imports("layers.py", ast.parse("from . import model\n")) == {"minihbt.model"}
+    assert inner_imports(ast.parse("def f():\n    import matplotlib\n    from minihbt import data\n")) == {
+        "matplotlib", "minihbt"}
 
 
 # The plain path (the mathematics a learner reads, README "Read the code") and the speed

@@ -6,7 +6,6 @@ import re
 
 import threadpoolctl
 
-import train
 from minihbt import demo
 from minihbt.data import load_lareqa
 
@@ -30,7 +29,7 @@ def test_world_is_parallel_with_disjoint_vocabularies(tmp_path):
 
 
 def test_shortened_demo_shows_the_effect(tmp_path):
-    table = demo.run(train.main, str(tmp_path), seeds=(0,), steps=150, n_entities=24, log=lambda *a: None)[0]
+    table = demo.run(str(tmp_path), seeds=(0,), steps=150, n_entities=24, log=lambda *a: None)[0]
     xx, xy, hy = table["xx"], table["xy"], table["hybrid"]
     for r in (xy, hy):
         assert r["cross"]["map"] > xx["cross"]["map"] + 0.3
@@ -92,7 +91,7 @@ def test_readme_demo_table_is_what_the_demo_prints(tmp_path):
     Every seed-0 figure of README.md within TOLERANCE of what the demo prints on this machine's
     BLAS kernels. When the training code changes the numbers, regenerate the README table with
     `python train.py --demo --demo-seeds 0,1,2` and check the paragraph around it still holds."""
-    table = demo.run(train.main, str(tmp_path), seeds=(0,), log=lambda *a: None)
+    table = demo.run(str(tmp_path), seeds=(0,), log=lambda *a: None)
     printed = demo.format_table(table).splitlines()[2:]            # without the header
     assert len(printed) == 3
     kernels = [(i["internal_api"], i.get("architecture")) for i in threadpoolctl.threadpool_info()]

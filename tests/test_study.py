@@ -16,10 +16,10 @@ import pytest
 
 import study
 import train
-from minihbt import demo
+from minihbt import demo, training
 from minihbt.parallel import blas_info, blas_threads
 from minihbt.files import exclusive_lock, live_processes, presence
-from minihbt.study import load_study, paper
+from minihbt.study import grid as study_grid, load_study, paper
 from minihbt.study.runner import Interrupted
 from minihbt.study.data import DirectionBootstrap, StudyResults
 from minihbt.study.perquery import METRICS, RankFile, unit_values
@@ -125,7 +125,7 @@ def test_finished_runs_are_skipped(grid, monkeypatch):
 
     def boom(*a, **k):
         raise AssertionError("a finished run was trained or encoded again")
-    monkeypatch.setattr(train, "main", boom)
+    monkeypatch.setattr(training, "train", boom)
     monkeypatch.setattr("minihbt.encode", boom)
     assert study.main(flags(config, out) + ["--only", "direction=A"]) == 0
     assert before == {p: (out / "results" / "tiny" / "A" / p).read_bytes() for p in before}
@@ -246,7 +246,7 @@ def test_resume_after_training_evaluates_only(grid, tmp_path, monkeypatch, capsy
 
     def boom(*a, **k):
         raise AssertionError("trained again")
-    monkeypatch.setattr(train, "main", boom)
+    monkeypatch.setattr(training, "train", boom)
     assert study.main(flags(config, tmp_path) + ["--only", "A/xy-seed1"]) == 0
     assert result(tmp_path, "A/xy-seed1")["results"] == result(out, "A/xy-seed1")["results"]
 
@@ -411,7 +411,7 @@ def test_a_recipe_train_py_would_refuse_is_refused_before_any_run(world, tmp_pat
 
     def boom(*a, **k):
         raise AssertionError("trained although the settings are refused")
-    monkeypatch.setattr(train, "main", boom)
+    monkeypatch.setattr(training, "train", boom)
     with pytest.raises(SystemExit) as e:
         study.main(flags(config, tmp_path))
     err = capsys.readouterr().err
@@ -468,7 +468,7 @@ def test_a_run_whose_holder_stops_is_taken_over_at_the_end(grid, tmp_path, monke
 
 def test_a_run_finished_by_another_process_meanwhile_is_not_run_again(grid, tmp_path, monkeypatch, capsys):
     config, out, st = grid
-    made = study.make_progress
+    made = study_grid.make_progress
 
     def then_another_process_finishes_it(*a, **k):                   # after this process planned A/xy-seed1
         progress = made(*a, **k)
@@ -479,8 +479,8 @@ def test_a_run_finished_by_another_process_meanwhile_is_not_run_again(grid, tmp_
 
     def boom(*a, **k):
         raise AssertionError("trained again")
-    monkeypatch.setattr(study, "make_progress", then_another_process_finishes_it)
-    monkeypatch.setattr(train, "main", boom)
+    monkeypatch.setattr(study_grid, "make_progress", then_another_process_finishes_it)
+    monkeypatch.setattr(training, "train", boom)
     assert study.main(flags(config, tmp_path) + ["--only", "A/xy-seed1"]) == 0
     err = capsys.readouterr().err
     assert "A/xy-seed1: finished by another study process, skipped | 1/1 runs done, grid done" in err
@@ -550,16 +550,16 @@ def test_progress_shares_the_time_left_among_processes():
 
 def test_a_stop_during_the_last_training_step_stops_before_the_evaluation(grid, tmp_path, monkeypatch, capsys):
     config, out, st = grid
-    step = train.train_step
+    step = training.train_step
 
     def sigterm_in_the_last_step(model, optimizer, s, batch, i, *comm):
         if i == STEPS - 1:
-            os.kill(os.getpid(), signal.SIGTERM)                      # lands inside train.py's GracefulStop
+            os.kill(os.getpid(), signal.SIGTERM)                      # lands inside the training loop's GracefulStop
         return step(model, optimizer, s, batch, i, *comm)
 
     def boom(*a, **k):
         raise AssertionError("evaluated after a stop")
-    monkeypatch.setattr(train, "train_step", sigterm_in_the_last_step)
+    monkeypatch.setattr(training, "train_step", sigterm_in_the_last_step)
     monkeypatch.setattr("minihbt.study.runner.evaluate_run", boom)
     previous = signal.getsignal(signal.SIGTERM)
     try:
@@ -571,7 +571,7 @@ def test_a_stop_during_the_last_training_step_stops_before_the_evaluation(grid, 
     assert e.value.code == 143 and "A/xx-seed1: trained; stopped before its evaluation" in err
     assert (tmp_path / "runs" / "tiny" / "A" / "xx-seed1" / "final").is_dir()
     monkeypatch.undo()
-    monkeypatch.setattr(train, "main", boom)                          # the same command only evaluates now
+    monkeypatch.setattr(training, "train", boom)                          # the same command only evaluates now
     assert study.main(flags(config, tmp_path) + ["--only", "A/xx-seed1"]) == 0
     assert result(tmp_path, "A/xx-seed1")["results"] == result(out, "A/xx-seed1")["results"]
 

@@ -27,7 +27,7 @@ from .. import cli
 from ..data import DataError
 from ..sampler import HBTSampler
 from . import fit
-from .batchlog import LogError, read_batch_log
+from ..batchlog import LogError, read_batch_log
 from .common import Parser, add_sampler_flags, check_sampler_flags, read_sources
 from .rules import RULES, DataIndex, batch_problems
 

@@ -28,7 +28,7 @@ from ..sampler import SAMPLERS
 from ..step import CANDIDATES
 from ..weights import checkpoint_files
 from . import bundle
-from .batchlog import sampler_batches
+from ..batchlog import sampler_batches
 from .common import Parser, build_sampler, check_sampler_flags
 from .golden import StepSettings, record_step
 

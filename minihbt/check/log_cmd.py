@@ -10,7 +10,7 @@ import argparse
 import os
 
 from .. import cli
-from .batchlog import sampler_batches, write_batch_log
+from ..batchlog import sampler_batches, write_batch_log
 from .common import Parser, add_sampler_flags, build_sampler, check_sampler_flags
 
 PROG = "python -m minihbt.check log"

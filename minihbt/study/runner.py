@@ -1,8 +1,8 @@
-"""One run of the study: train (train.py's main, resumable), evaluate plain and centred, write its files.
+"""One run of the study: train (minihbt.training, resumable), evaluate plain and centred, write its files.
 
 Each stage can be interrupted and picked up again:
 1. training, in runs/study/<name>/<direction>/<condition>-seed<k>/: an interrupted run goes
-   on with train.py --resume (bit-for-bit the run an uninterrupted one would have been);
+   from its latest checkpoint (bit-for-bit the run an uninterrupted one would have been);
    it is finished when final/ holds the planned step;
 2. embeddings.npz in the same directory (tied to the model files), so a stop during the
    metrics does not encode again;
@@ -17,16 +17,16 @@ import shlex
 import shutil
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
-from .. import CheckpointError, ConfigError, DeviceError, __version__, encode, load_model
+from .. import CheckpointError, ConfigError, DeviceError, __version__, encode, load_model, training
 from ..parallel import blas_info
-from ..checkpoint import STATE_FILE, latest_checkpoint
-from ..cli import GracefulStop
+from ..checkpoint import latest_checkpoint, read_trainer_state, remove_partial_checkpoints
 from ..data import DataError, load_lareqa
 from ..evaluation import DEFINITIONS, center_languages, evaluate
+from ..training import Stopped, TrainSettings, make_settings
 from ..files import atomic_path, sha256_file, source_digest, stat_digest, write_json
 from ..weights import checkpoint_files
 from .config import SettingError, languages_in
@@ -54,7 +54,6 @@ class Interrupted(Exception):
 @dataclass
 class Context:
     study: object
-    train_main: object                     # train.py's main(argv)
     progress: object
     device: str = "cpu"
     keep_models: bool = False
@@ -130,36 +129,44 @@ def _train_state(run_dir):
         return {"train_seconds": 0.0, "train_steps": 0, "sessions": 0}
 
 
+def train_settings(study, run, device):
+    """The TrainSettings of a trained run (a problem with them: SettingError)."""
+    values = {**study.train_settings(run), "model": study.model, "train": list(study.directions[run.direction].train),
+              "seed": run.seed, "out": study.run_dir(run), "quiet": True, "device": device}
+    settings, problems = make_settings(values)
+    if problems:
+        raise SettingError(f"{run.id}: train.py would refuse its settings: {problems[0]}")
+    return settings
+
+
 def train(ctx, run):
     """Train the run (or resume it, or find it trained); returns its final/ directory."""
     study, out = ctx.study, ctx.study.run_dir(run)
     steps = study.train_settings(run)["steps"]
+    if os.path.isdir(out):
+        remove_partial_checkpoints(out)           # a cut save may have left the latest as .old-NAME
     ckpt = latest_checkpoint(out)
     start = 0
     if ckpt:
-        with open(os.path.join(ckpt, STATE_FILE), encoding="utf-8") as f:
-            state = json.load(f)
+        state = read_trainer_state(ckpt)
         start = state["step"]
         if os.path.basename(ckpt) == "final" and start == steps:
             return ckpt
-        # --quiet is a saved setting that --resume may not change (a run begun by hand may lack it)
-        argv = ["--resume", out, "--steps", str(steps)] + (["--quiet"] if state["settings"].get("quiet") else [])
+        saved = {k: v for k, v in state["settings"].items() if k in {f.name for f in fields(TrainSettings)}}
+        settings = TrainSettings(**{**saved, "steps": steps, "device": ctx.device, "out": out})
     else:
-        argv = study.train_argv(run, out) + ["--quiet"]
+        settings = train_settings(study, run, ctx.device)
         if os.path.isdir(out):      # no checkpoint: what a hard kill left (a log, no weights) is the study's own
             shutil.rmtree(out)      # a fresh start: its log and earlier times do not count
     os.makedirs(out, exist_ok=True)
     log = os.path.join(out, "log.jsonl")
     ctx.progress.training(log, start, steps)
     t0 = time.perf_counter()
-    GracefulStop.last_signum = None
     try:
-        final = ctx.train_main(argv + ["--device", ctx.device])
-    except SystemExit as e:
-        if e.code in (130, 143):                    # Ctrl-C or SIGTERM: train.py saved a checkpoint first
-            raise Interrupted(f"{run.id}: training stopped at a saved checkpoint", code=e.code) from None
-        raise RunError(f"{run.id}: training failed: {e.code}") from None
-    except (CheckpointError, ConfigError, DeviceError, OSError) as e:
+        trained = training.train(settings, resume_from=ckpt)
+    except Stopped as e:                            # Ctrl-C or SIGTERM: the loop saved a checkpoint first
+        raise Interrupted(f"{run.id}: training stopped at a saved checkpoint", code=128 + e.signum) from None
+    except (CheckpointError, ConfigError, DeviceError, ValueError, OSError) as e:
         raise RunError(f"{run.id}: training failed: {e}") from None
     finally:
         seconds, done = time.perf_counter() - t0, max(0, count_steps(log) - start)
@@ -172,9 +179,9 @@ def train(ctx, run):
         for name in os.listdir(out):
             if name.startswith("checkpoint-"):
                 shutil.rmtree(os.path.join(out, name))
-    if GracefulStop.last_signum:    # asked during the last step: train.py finished it and saved final/
-        raise Interrupted(f"{run.id}: trained; stopped before its evaluation", code=128 + GracefulStop.last_signum)
-    return final
+    if trained.signum:              # asked during the last step: the loop finished it and saved final/
+        raise Interrupted(f"{run.id}: trained; stopped before its evaluation", code=128 + trained.signum)
+    return trained.path
 
 
 def _embedding_key(study, model_path, rs, device):

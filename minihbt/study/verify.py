@@ -2,7 +2,7 @@
 
 The run is trained and evaluated again, with the settings its JSON records, in a scratch
 directory (runs/study/.verify/), and every figure of both evaluations (plain and centred),
-the per-query ranks and the loss curve are compared with the stored ones. train.py is
+the per-query ranks and the loss curve are compared with the stored ones. Training is
 deterministic (batches a pure function of the seed and epoch, dropout of the seed and step)
 and so is the evaluation, so on the same machine kind and commit the figures agree to
 the tolerance (1e-6; in practice exactly).
@@ -15,6 +15,8 @@ import shutil
 import numpy as np
 
 from ..files import exclusive_lock
+from ..parallel import blas_threads
+from .config import SettingError
 from .runner import RunError, execute
 
 
@@ -83,3 +85,17 @@ def verify(ctx, run, tolerance=1e-6):
     ok = (not result["missing"] and result["max_difference"] <= tolerance and result["ranks_identical"]
           and result["loss_max_difference"] <= tolerance)
     return ok, result, saved
+
+
+def check_same_blas_threads(study, run, flag_value):
+    """A run made before minihbt's results stopped depending on the thread count reproduces bit
+    for bit only on as many BLAS threads as it was made with (else SettingError)."""
+    with open(study.result_path(run), encoding="utf-8") as f:
+        record = json.load(f)
+    if (record.get("minihbt") or {}).get("same_bits_any_threads"):
+        return                                        # made by code whose results do not depend on it
+    made = (record.get("machine") or {}).get("blas") or {}
+    if made.get("threads") and made["threads"] != blas_threads():
+        raise SettingError(f"--verify {flag_value}: the run was made with {made['threads']} BLAS thread(s), this "
+                           f"process has {blas_threads()} (float32 sums round differently); run it as "
+                           f"OPENBLAS_NUM_THREADS={made['threads']} python study.py ...")

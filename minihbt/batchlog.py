@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from typing import Tuple
 
-from ..files import atomic_path
+from .files import atomic_path
 
 KINDS = ("xx", "xy")
 
