@@ -17,82 +17,115 @@ are reported as not applicable. Every setting is checked before the model or the
 loaded; a bad one is answered with one line naming the flag (exit status 2), an error while
 working with one line (exit status 1; MINIHBT_DEBUG=1 shows the traceback).
 """
-import argparse
 import hashlib
 import json
 import os
 import sys
 import time
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
 import minihbt
 from minihbt import cli, data
+from minihbt.cli import AT_LEAST_1, Range, setting
 from minihbt.comm import CommError, from_environment
 from minihbt.evaluation import center_languages, evaluate, not_applicable, number, summary_table
 from minihbt.files import atomic_path, sha256_file, source_digest, stat_digest, write_json, write_text
 from minihbt.weights import checkpoint_files
 
+PROG = "evaluate.py"
 DEFAULT_MAX_LENGTH = 512
 
 
-def check_args(args):
-    """Every setting, before anything is loaded: one line per problem, exit status 2.
-    Normalises --languages to a de-duplicated list of languages present in --data."""
+@dataclass
+class EvalSettings:
+    """Every setting of an evaluation, a flag each; each default is written once, here."""
+    model: str = setting(None, "Hugging Face model directory (config.json, safetensors, tokenizer.json)",
+                         required=True)
+    data: str = setting(None, "LAReQA directory with {lang}.json files (xquad-r or mlqa-r)", required=True)
+    languages: Optional[str] = setting(None, "comma-separated subset, e.g. ar,de,en, or one language for Mo. only",
+                                       default_text="every {lang}.json in --data")
+    out: Optional[str] = setting(None, "write the results JSON here", default_text="none")
+    report: Optional[str] = setting(None, "write a Markdown report here; a heatmap PNG goes beside it when "
+                                          "matplotlib is installed", default_text="none")
+    candidates: str = setting("sentence", "encode a candidate as its sentence alone or as the (sentence, "
+                                          "paragraph) pair, as LAReQA does", choices=("sentence", "pair"))
+    batch_size: int = setting(64, "encoding batch size", accepted=AT_LEAST_1)
+    max_length: Optional[int] = setting(None, "max tokens per text, at most the model's positions", accepted=Range(2),
+                                        default_text=f"{DEFAULT_MAX_LENGTH}, or the model's limit if lower")
+    query_prefix: Optional[str] = setting(None, "prefix for questions", default_text="the model's 'query: '")
+    passage_prefix: Optional[str] = setting(None, "prefix for candidates", default_text="the model's 'passage: '")
+    pooling: Optional[str] = setting(None, "pooling", choices=("mean", "cls", "pooler"),
+                                     default_text="the checkpoint's sentence-transformers config, else mean")
+    device: str = setting("cpu", "cpu (NumPy) or cuda (CuPy)", choices=("cpu", "cuda"))
+    center_languages: bool = setting(False, "training-free debiasing: subtract each language's mean query "
+                                            "(candidate) embedding from its queries (candidates), then re-normalise; "
+                                            "no labels used")
+    sample: Optional[int] = setting(None, "a quick look: only the first N parallel question groups, ranked among "
+                                          "the sentences of their paragraphs (a smaller ranking: the figures, marked "
+                                          "as a sample, are not the whole set's)", accepted=AT_LEAST_1, metavar="N")
+    cache: str = setting(".minihbt-cache", "directory for cached embeddings; '' to disable")
+
+
+def check_args(argv):
+    """(settings, languages, comm): every setting checked before anything is loaded, one line per
+    problem, exit status 2; `languages`: --languages as a de-duplicated list of languages present
+    in --data (None: all of them); `comm`: the ranks of this launch."""
     problems = cli.Problems()
-    cli.check_input_dir("--model", args.model, problems)
-    if cli.check_input_dir("--data", args.data, problems):
-        present = sorted(f[:-5] for f in os.listdir(args.data) if f.endswith(".json"))
+    s, _ = cli.parse_settings(cli.parser(PROG, __doc__, EvalSettings), EvalSettings, argv, problems)
+    comm = ranks(s.device)
+    languages = None
+    cli.check_input_dir("--model", s.model, problems)
+    if cli.check_input_dir("--data", s.data, problems):
+        present = sorted(f[:-5] for f in os.listdir(s.data) if f.endswith(".json"))
         if not present:
-            problems.add(f"--data {args.data}: no {{lang}}.json files in it (expected e.g. data/xquad-r)")
-        elif args.languages is not None:
-            args.languages = cli.parse_list("--languages", args.languages, problems)
-            missing = [lang for lang in args.languages if lang not in present]
+            problems.add(f"--data {s.data}: no {{lang}}.json files in it (expected e.g. data/xquad-r)")
+        elif s.languages is not None:
+            languages = cli.parse_list("--languages", s.languages, problems)
+            missing = [lang for lang in languages if lang not in present]
             if missing:
-                problems.add(f"--languages {','.join(missing)}: no {'.json, '.join(missing)}.json in {args.data}; "
+                problems.add(f"--languages {','.join(missing)}: no {'.json, '.join(missing)}.json in {s.data}; "
                              f"expected names from {','.join(present)}")
-    if args.batch_size < 1:
-        problems.bad_value("--batch-size", args.batch_size, "an integer >= 1")
-    if args.sample is not None and args.sample < 1:
-        problems.bad_value("--sample", args.sample, "an integer >= 1 (parallel question groups)")
-    if args.max_length is not None and args.max_length < 2:
-        problems.bad_value("--max-length", args.max_length, "an integer >= 2 (room for the special tokens)")
-    if args.report and os.path.splitext(args.report)[1].lower() == ".png":
-        problems.add(f"--report {args.report}: the heatmap goes to a .png beside the report; name the report .md")
-    if args.out and args.report and os.path.abspath(args.out) == os.path.abspath(args.report):
-        problems.add(f"--out and --report are both {args.out}; expected two different files")
-    cli.check_device("--device", args.device, problems)
+    if s.report and os.path.splitext(s.report)[1].lower() == ".png":
+        problems.add(f"--report {s.report}: the heatmap goes to a .png beside the report; name the report .md")
+    if s.out and s.report and os.path.abspath(s.out) == os.path.abspath(s.report):
+        problems.add(f"--out and --report are both {s.out}; expected two different files")
+    cli.check_device("--device", s.device, problems)
     problems.stop_if_any()
-    for flag, path in (("--out", args.out), ("--report", args.report)):
+    for flag, path in (("--out", s.out), ("--report", s.report)):
         if path:
             cli.check_output_file(flag, path, problems)
-    if args.cache:
-        cli.make_folder("--cache", args.cache, problems)
+    if s.cache:
+        cli.make_folder("--cache", s.cache, problems)
     problems.stop_if_any()
+    return s, languages, comm
 
 
-def fit_max_length(model, args):
+def fit_max_length(model, s):
     """--max-length against the model's position table: a length the user gave must fit;
     the default is lowered to the model's limit where that is shorter."""
-    if args.max_length is None:
-        args.max_length = min(DEFAULT_MAX_LENGTH, model.max_length)
+    if s.max_length is None:
         if model.max_length < DEFAULT_MAX_LENGTH:
             print(f"--max-length: the model has {model.max_length} positions; using {model.max_length}",
                   file=sys.stderr)
-    elif args.max_length > model.max_length:
+        return min(DEFAULT_MAX_LENGTH, model.max_length)
+    if s.max_length > model.max_length:
         problems = cli.Problems()
-        problems.bad_value("--max-length", args.max_length, f"an integer in [2, {model.max_length}] for this model "
-                                                            f"({model.max_length} positions)")
+        problems.bad_value("--max-length", s.max_length, f"an integer in [2, {model.max_length}] for this model "
+                                                         f"({model.max_length} positions)")
         problems.stop_if_any()
+    return s.max_length
 
 
-def cache_key(model, rs, args):
+def cache_key(model, rs, s):
     parts = {"minihbt": minihbt.__version__, "code": source_digest(), "device": model.device, "config": sha256_file(os.path.join(model.path, "config.json")),
              "tokenizer": sha256_file(os.path.join(model.path, "tokenizer.json")),
              "weights": [stat_digest(p) for p in checkpoint_files(model.path)],
              "data": [sha256_file(p) for p in rs.files], "pooling": model.pooling,
-             "dtype": np.dtype(model.dtype).name, "max_length": args.max_length, "candidates": args.candidates,
-             "prefixes": [args.query_prefix, args.passage_prefix], "sample": args.sample}
+             "dtype": np.dtype(model.dtype).name, "max_length": s.max_length, "candidates": s.candidates,
+             "prefixes": [s.query_prefix, s.passage_prefix], "sample": s.sample}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -104,36 +137,35 @@ def encode_shard(model, texts, comm, pairs=None, **kw):
     return comm.allgather(part) if comm.size > 1 else part
 
 
-def encode_all(model, rs, args, comm):
-    """Query embeddings per language and candidate embeddings, from the cache when present;
+def encode_all(model, rs, s, comm):
+    """(query embeddings per language, candidate embeddings, whether from the cache), from the cache when present;
     over several ranks each encodes its share of every list (rank 0 writes the cache)."""
     path = None
-    if args.cache:
-        path = os.path.join(args.cache, f"{rs.name}-{cache_key(model, rs, args)}.npz")
+    if s.cache:
+        path = os.path.join(s.cache, f"{rs.name}-{cache_key(model, rs, s)}.npz")
         if os.path.exists(path):
             with np.load(path) as z:
                 print(f"embeddings from cache {path}", file=sys.stderr)
-                args.cached = True
-                return {l: z["q_" + l] for l in rs.languages}, z["candidates"]
-    kw = dict(batch_size=args.batch_size, max_length=args.max_length, progress=comm.is_root)
+                return {l: z["q_" + l] for l in rs.languages}, z["candidates"], True
+    kw = dict(batch_size=s.batch_size, max_length=s.max_length, progress=comm.is_root)
     queries = {}
     for lang in rs.languages:
         texts = [q for _, q in rs.queries[lang]]
         queries[lang] = encode_shard(model, texts, comm, kind="query",
-                                     prefix=True if args.query_prefix is None else args.query_prefix, **kw)
-    pairs = rs.cand_context if args.candidates == "pair" else None
+                                     prefix=True if s.query_prefix is None else s.query_prefix, **kw)
+    pairs = rs.cand_context if s.candidates == "pair" else None
     cands = encode_shard(model, rs.cand_text, comm, kind="passage", pairs=pairs,
-                         prefix=True if args.passage_prefix is None else args.passage_prefix, **kw)
+                         prefix=True if s.passage_prefix is None else s.passage_prefix, **kw)
     if path and comm.is_root:
         with atomic_path(path) as tmp:
             np.savez(tmp, candidates=cands, **{"q_" + l: e for l, e in queries.items()})
-    return queries, cands
+    return queries, cands, False
 
 
-def markdown_report(res, args):
+def markdown_report(res, s):
     L = res["languages"]
-    out = [f"# {res['dataset']}: {args.model}", ""] + ([f"**{res['sample']}**", ""] if "sample" in res else []) + [
-           f"Candidates: {args.candidates}; {res['counts']['pooled_candidates']} pooled. "
+    out = [f"# {res['dataset']}: {s.model}", ""] + ([f"**{res['sample']}**", ""] if "sample" in res else []) + [
+           f"Candidates: {s.candidates}; {res['counts']['pooled_candidates']} pooled. "
            f"Dropped questions (answer in no sentence): {sum(res['counts']['dropped_no_sentence'].values())}.", "",
            "| | Mo. mAP | Mo. R@1 | Cr. mAP | Cr. R@1 | Mul. mAP | Mul. R@10 | bias |", "|---|---|---|---|---|---|---|---|"]
     for lang in L:
@@ -196,13 +228,13 @@ def heatmap(res, path):
     return True
 
 
-def write_outputs(res, args):
+def write_outputs(res, s):
     """The results JSON (--out), the Markdown report and its heatmap (--report), each atomically."""
-    if args.out:
-        write_json(args.out, res, indent=1)
-    if args.report:
-        write_text(args.report, markdown_report(res, args))
-        heatmap(res, os.path.splitext(args.report)[0] + ".png")
+    if s.out:
+        write_json(s.out, res, indent=1)
+    if s.report:
+        write_text(s.report, markdown_report(res, s))
+        heatmap(res, os.path.splitext(s.report)[0] + ".png")
 
 
 def ranks(device):
@@ -216,67 +248,36 @@ def ranks(device):
     return comm
 
 
-@cli.program("evaluate.py")
+@cli.program(PROG)
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="evaluate.py", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="Hugging Face model directory (config.json, safetensors, tokenizer.json)")
-    ap.add_argument("--data", required=True, help="LAReQA directory with {lang}.json files (xquad-r or mlqa-r)")
-    ap.add_argument("--languages", help="comma-separated subset, e.g. ar,de,en, or one language for Mo. only "
-                                        "(default: every {lang}.json in --data)")
-    ap.add_argument("--out", help="write the results JSON here (default: none)")
-    ap.add_argument("--report", help="write a Markdown report here; a heatmap PNG goes beside it when matplotlib is "
-                                     "installed (default: none)")
-    ap.add_argument("--candidates", choices=["sentence", "pair"], default="sentence",
-                    help="encode a candidate as its sentence alone (default) or as the (sentence, paragraph) pair, "
-                         "as LAReQA does")
-    ap.add_argument("--batch-size", type=int, default=64, help="encoding batch size, >= 1 (default 64)")
-    ap.add_argument("--max-length", type=int, default=None,
-                    help=f"max tokens per text, >= 2 and at most the model's positions (default {DEFAULT_MAX_LENGTH}, "
-                         "or the model's limit if lower)")
-    ap.add_argument("--query-prefix", default=None, help="prefix for questions (default: the model's 'query: ')")
-    ap.add_argument("--passage-prefix", default=None, help="prefix for candidates (default: the model's 'passage: ')")
-    ap.add_argument("--pooling", choices=["mean", "cls", "pooler"], default=None,
-                    help="pooling (default: the checkpoint's sentence-transformers config, else mean)")
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cpu (NumPy, default) or cuda (CuPy)")
-    ap.add_argument("--center-languages", action="store_true",
-                    help="training-free debiasing: subtract each language's mean query (candidate) embedding from its "
-                         "queries (candidates), then re-normalise; no labels used (default off)")
-    ap.add_argument("--sample", type=int, default=None, metavar="N",
-                    help="a quick look: only the first N parallel question groups, ranked among the sentences of "
-                         "their paragraphs (a smaller ranking: the figures, marked as a sample, are not the whole set's)")
-    ap.add_argument("--cache", default=os.path.join(os.getcwd(), ".minihbt-cache"),
-                    help="directory for cached embeddings (default ./.minihbt-cache); '' to disable")
-    args = ap.parse_args(argv)
-    comm = ranks(args.device)
-    check_args(args)
-    rs = data.load_lareqa(args.data, languages=args.languages)
-    if args.sample is not None:
-        rs, groups = data.first_groups(rs, args.sample)
-        args.sample_note = (f"SAMPLE (--sample {args.sample}): the first {min(args.sample, groups)} of {groups} "
-                            f"parallel question groups, {len(rs.cand_text)} candidates; not the whole set's figures")
-    model = minihbt.load_model(args.model, device=args.device, pooling=args.pooling)
-    fit_max_length(model, args)
+    s, languages, comm = check_args(argv)
+    rs = data.load_lareqa(s.data, languages=languages)
+    if s.sample is not None:
+        rs, groups = data.first_groups(rs, s.sample)
+        sample_note = (f"SAMPLE (--sample {s.sample}): the first {min(s.sample, groups)} of {groups} "
+                       f"parallel question groups, {len(rs.cand_text)} candidates; not the whole set's figures")
+    model = minihbt.load_model(s.model, device=s.device, pooling=s.pooling)
+    s.max_length = fit_max_length(model, s)
     t0 = time.perf_counter()
-    queries, cands = encode_all(model, rs, args, comm)
+    queries, cands, cached = encode_all(model, rs, s, comm)
     if not comm.is_root:                                    # mpirun: rank 0 computes the metrics, once
         return None
-    if args.center_languages:                               # post hoc: the cache keeps the raw embeddings
+    if s.center_languages:                               # post hoc: the cache keeps the raw embeddings
         queries, cands = center_languages(queries, cands, rs.cand_lang)
     t1 = time.perf_counter()
     res = evaluate(rs, queries, cands, progress=True)
-    res["center_languages"] = args.center_languages
+    res["center_languages"] = s.center_languages
     t2 = time.perf_counter()
     res["not_applicable"] = not_applicable(res)
-    res["model"] = os.path.abspath(args.model)
-    res["candidate_encoding"] = args.candidates
+    res["model"] = os.path.abspath(s.model)
+    res["candidate_encoding"] = s.candidates
     res["seconds"] = {"encode": round(t1 - t0, 2), "retrieve_and_metrics": round(t2 - t1, 2),
-                      "embeddings_from_cache": bool(getattr(args, "cached", False))}
-    if args.sample is not None:
-        res["sample"] = args.sample_note
-        print(args.sample_note)
+                      "embeddings_from_cache": cached}
+    if s.sample is not None:
+        res["sample"] = sample_note
+        print(sample_note)
     print(summary_table(res))
-    write_outputs(res, args)
+    write_outputs(res, s)
     return res
 
 

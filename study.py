@@ -20,12 +20,14 @@ skipped, and weights and optimizer state are deleted after evaluation unless --k
 Several processes may run one grid side by side (e.g. one per core, each on one BLAS thread):
 each locks the run it works on and skips the runs another one holds or has finished.
 """
-import argparse
-import math
 import os
 import shlex
 import sys
+from dataclasses import dataclass
+from typing import List, Optional
 
+from minihbt import cli
+from minihbt.cli import setting
 from minihbt.files import LOCKING
 from minihbt.study import SettingError, grid, load_study, select_runs, verify
 from minihbt.study.config import check_inputs
@@ -33,55 +35,56 @@ from minihbt.study.data import ReportError
 from minihbt.study.report import write_report
 from minihbt.study.runner import Context, Interrupted, RunError, check_existing, git_info
 
+PROG = "study.py"
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CONFIG = os.path.join(HERE, "study", "hbt-me5-small.json")
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"study.py: {message} (see --help)\n")
+@dataclass
+class StudySettings:
+    """study.py's flags; each default is written once, here."""
+    config: str = setting(DEFAULT_CONFIG, "the study's JSON config", default_text="study/hbt-me5-small.json")
+    model: Optional[str] = setting(None, "start model directory, in place of the config's `model`",
+                                   default_text="the config's")
+    data_root: Optional[str] = setting(None, "directory holding the datasets, in place of the config's `data_root`",
+                                       default_text="the config's")
+    results: Optional[str] = setting(None, "results root; files go to RESULTS/<name>/",
+                                     default_text="results/study in the repository")
+    runs: Optional[str] = setting(None, "run directories root", default_text="runs/study in the repository")
+    only: Optional[List[str]] = setting(None, "run only these runs, repeatable: a run id (A/xy-seed1, A/base) or "
+                                              "key=value terms joined by commas (direction=A,condition=xy,seed=1)",
+                                        repeat=True, metavar="SELECTION", default_text="the whole grid")
+    dry_run: bool = setting(False, "print the plan (each run's state and command) and the estimated time; run nothing")
+    report: bool = setting(False, "write RESULTS/<name>/REPORT.md and its figures from the result files alone; run "
+                                  "nothing")
+    verify: Optional[str] = setting(None, "re-run one finished run (its id, e.g. A/hybrid-seed0) from nothing in a "
+                                          "scratch directory and compare every figure with its stored result (to "
+                                          "1e-6)", metavar="RUN")
+    keep_models: bool = setting(False, "keep each run's weights, optimizer state and embeddings (else deleted once "
+                                       "the run is evaluated; a checkpoint of multilingual-e5-small with its "
+                                       "optimizer state is 1.4 GB)")
+    device: str = setting("cpu", "cpu (NumPy) or cuda (CuPy)", choices=("cpu", "cuda"))
+    progress_every: float = setting(60.0, "print the progress line every SECONDS while a run works (0: only when a "
+                                          "phase changes)", metavar="SECONDS")
 
 
-def build_parser():
-    ap = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = ap.add_argument
-    a("--config", default=DEFAULT_CONFIG, help="the study's JSON config (default study/hbt-me5-small.json)")
-    a("--model", help="start model directory, in place of the config's `model` (default: the config's)")
-    a("--data-root", help="directory holding the datasets, in place of the config's `data_root` "
-                           "(default: the config's)")
-    a("--results", help="results root (default results/study in the repository); files go to RESULTS/<name>/")
-    a("--runs", help="run directories root (default runs/study in the repository)")
-    a("--only", action="append", metavar="SELECTION",
-      help="run only these runs, repeatable: a run id (A/xy-seed1, A/base) or key=value terms joined by commas "
-           "(direction=A,condition=xy,seed=1); default: the whole grid")
-    a("--dry-run", action="store_true", help="print the plan (each run's state and command) and the estimated time; "
-                                             "run nothing")
-    a("--report", action="store_true", help="write RESULTS/<name>/REPORT.md and its figures from the result files "
-                                            "alone; run nothing")
-    a("--verify", metavar="RUN", help="re-run one finished run (its id, e.g. A/hybrid-seed0) from nothing in a "
-                                      "scratch directory and compare every figure with its stored result (to 1e-6)")
-    a("--keep-models", action="store_true", help="keep each run's weights, optimizer state and embeddings "
-                                                 "(default: deleted once the run is evaluated; a checkpoint of "
-                                                 "multilingual-e5-small with its optimizer state is 1.4 GB)")
-    a("--device", choices=["cpu", "cuda"], default="cpu", help="cpu (NumPy, default) or cuda (CuPy)")
-    a("--progress-every", type=float, default=60.0, metavar="SECONDS",
-      help="print the progress line every SECONDS while a run works (default 60; 0: only when a phase changes)")
-    return ap
-
-
-def check_flags(args):
-    """Combinations and ranges argparse cannot check; raises SettingError."""
-    if not (math.isfinite(args.progress_every) and args.progress_every >= 0):
-        raise SettingError(f"--progress-every: expected a number of seconds >= 0, got {args.progress_every}")
+def check_flags(argv):
+    """The settings, their combinations and paths, all checked before the study is read."""
+    problems = cli.Problems()
+    args, _ = cli.parse_settings(cli.parser(PROG, __doc__, StudySettings), StudySettings, argv, problems)
+    if not 0 <= args.progress_every < float("inf"):     # by hand: the message says "seconds"
+        problems.add(f"--progress-every: expected a number of seconds >= 0, got {args.progress_every}")
     modes = [f for f, on in (("--report", args.report), ("--verify", args.verify), ("--dry-run", args.dry_run)) if on]
     if len(modes) > 1:
-        raise SettingError(f"{modes[0]} and {modes[1]} cannot be combined")
+        problems.add(f"{modes[0]} and {modes[1]} cannot be combined")
     if args.only and (args.report or args.verify):
         why = "the report covers every run" if args.report else "--verify names its run"
-        raise SettingError(f"--only does not combine with {modes[0]} ({why})")
+        problems.add(f"--only does not combine with {modes[0]} ({why})")
     for flag, path in (("--config", args.config), ("--model", args.model), ("--data-root", args.data_root)):
         if path is not None and not os.path.exists(path):
-            raise SettingError(f"{flag} {path}: not found")
+            problems.add(f"{flag} {path}: not found")
+    problems.stop_if_any()
+    return args
 
 
 def reproduce_flags(study, args):
@@ -157,10 +160,10 @@ def report(study, args):
     return 0
 
 
+@cli.program(PROG)
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args = check_flags(argv)
     try:
-        check_flags(args)
         study = load_study(args.config, HERE, model=args.model, data_root=args.data_root, results_root=args.results,
                            runs_root=args.runs)
         runs = select_runs(study, [args.verify] if args.verify else args.only)
@@ -178,8 +181,7 @@ def main(argv=None):
         check_inputs(study, runs if args.verify else pending)
         grid.check_train_settings(study, runs if args.verify else pending, args.device)
     except SettingError as e:
-        print(f"study.py: {e}", file=sys.stderr)
-        sys.exit(2)
+        raise cli.Stop(cli.EXIT_USAGE, f"error: {e}") from None
     ctx = Context(study, None, device=args.device, keep_models=args.keep_models, flags=reproduce_flags(study, args),
                   git=git_info(HERE))
     if args.verify:

@@ -23,7 +23,6 @@ checkpoint, bit for bit the run that would have happened without the stop. Ctrl-
 SIGTERM finishes the step, saves a checkpoint and exits (130 or 143; a second one aborts).
 A non-finite loss stops the run with a message; the last good checkpoint stays.
 """
-import argparse
 import os
 import sys
 from dataclasses import asdict, fields
@@ -56,10 +55,9 @@ class Plan(NamedTuple):
 
 
 def build_parser():
-    ap = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.parser(PROG, __doc__, TrainSettings)
     ap.add_argument("--config", metavar="FILE", help="JSON file setting any of these settings (command-line flags "
                                                      "win); checked before anything is loaded")
-    cli.add_flags(ap, TrainSettings)
     ap.add_argument("--resume", metavar="DIR", help="continue the run in DIR (the run folder, not one of its "
                                                     "checkpoints) from its latest checkpoint up to --steps; its "
                                                     f"settings are reused, only {RESUMABLE_FLAGS} may change")

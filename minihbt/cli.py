@@ -1,11 +1,12 @@
 """The programs' edge: settings declared once, checked together, and errors as one line.
 
-train.py, evaluate.py and `python -m minihbt.download` share what is here:
+Every program (train.py, evaluate.py, study.py, the check kit, the download, the demo) uses it:
 
 - `setting(default, help, accepted=..., choices=...)` declares one field of a settings
-  dataclass. `add_flags` turns the dataclass into argparse flags (the help text shows the
-  default, so each default is written once), `read_config` reads a JSON file of the same
-  settings, and `build_settings` checks every value against its type, choices and range.
+  dataclass. `parser` turns dataclasses into argparse flags (the help text shows the default,
+  so each default is written once), `read_config` reads a JSON file of the same settings, and
+  `build_settings` (with `parse_settings`, for a command line) checks every value against its
+  type, choices and range.
 - `Problems` collects one line per bad setting, naming the flag and what is accepted; `stop_if_any()`
   ends the program with all of them, exit status 2 (argparse's), before any model or data is loaded.
 - `program(name)` wraps a program's main(argv): a library error (a damaged checkpoint, a
@@ -147,13 +148,15 @@ AT_LEAST_0, AT_LEAST_1, POSITIVE, FRACTION = Range(0), Range(1), Range(0, strict
 
 # ----------------------------------------------------------------------------- settings dataclasses
 
-def setting(default, help, *, accepted=None, choices=None, metavar=None, repeat=False, note="", default_text=None):
+def setting(default, help, *, accepted=None, choices=None, metavar=None, repeat=False, note="", default_text=None,
+            required=False, positional=False):
     """One field of a settings dataclass. The help text is `help`, then the accepted range and
     the default in parentheses: "(>= 1; default 100{note})"; `default_text` replaces the
     default's value there (e.g. "the checkpoint's own"). `accepted`: a Range; `choices`: the
-    allowed strings; `repeat`: the flag may be given several times (a list)."""
+    allowed strings; `repeat`: the flag may be given several times (a list; a positional: one
+    or more); `required`: argparse demands it; `positional`: no flag (always required)."""
     meta = dict(help=help, accepted=accepted, choices=choices, metavar=metavar, repeat=repeat, note=note,
-                default_text=default_text)
+                default_text=default_text, required=required, positional=positional)
     return field(default=default, metadata=meta)
 
 
@@ -180,12 +183,15 @@ def help_text(f):
 
 
 def add_flags(parser, cls):
-    """One argparse flag per field of `cls`. Flags not given stay out of the namespace
-    (argparse.SUPPRESS), so the caller knows exactly what the command line set."""
+    """One argparse flag (or positional) per field of `cls`. Flags not given stay out of the
+    namespace (argparse.SUPPRESS), so the caller knows exactly what the command line set."""
     for f in fields(cls):
         base, _ = field_kind(cls, f)
         meta = f.metadata
-        kw = dict(default=argparse.SUPPRESS, help=help_text(f))
+        if meta["positional"]:
+            parser.add_argument(f.name, metavar=meta["metavar"], help=meta["help"], nargs="+" if meta["repeat"] else None)
+            continue
+        kw = dict(default=argparse.SUPPRESS, help=help_text(f), required=meta["required"])
         if base is bool:
             kw["action"] = "store_true"
         elif meta["repeat"]:
@@ -194,6 +200,29 @@ def add_flags(parser, cls):
             kw.update(type=base, choices=meta["choices"],
                       metavar=meta["metavar"] or {int: "N", float: "X"}.get(base) if not meta["choices"] else None)
         parser.add_argument(flag_of(f.name), **kw)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose own errors (an unknown flag, a bad choice) are one line, exit status 2."""
+
+    def error(self, message):
+        raise Stop(EXIT_USAGE, f"error: {message} (see --help)")
+
+
+def parser(prog, description, *classes, epilog=None):
+    """A Parser with the flags of every settings dataclass in `classes`."""
+    ap = Parser(prog=prog, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for cls in classes:
+        add_flags(ap, cls)
+    return ap
+
+
+def parse_settings(ap, cls, argv, problems):
+    """(settings, given) from the command line `argv`: `ap` parses it (argparse's own errors
+    end the program at once), build_settings checks every value (unfit ones go to `problems`);
+    `given` holds the names the command line set."""
+    values = vars(ap.parse_args(argv))
+    return build_settings(cls, values, {}, problems), frozenset(values)
 
 
 def expected_text(cls, f):
@@ -236,7 +265,8 @@ def build_settings(cls, values, origins, problems):
             value = [value]
         base, _ = field_kind(cls, f)
         if not value_fits(cls, f, value):
-            problems.bad_value(flag_of(f.name), value, expected_text(cls, f), origins.get(f.name, ""))
+            shown = f.metadata["metavar"] if f.metadata["positional"] else flag_of(f.name)
+            problems.bad_value(shown, value, expected_text(cls, f), origins.get(f.name, ""))
             continue
         kept[f.name] = float(value) if base is float and value is not None else value
     return cls(**kept)

@@ -19,14 +19,15 @@ languages unaligned (low Cr. and Mul. mAP, large language bias), X-Y batches ali
 hybrid batches align too; whether hybrid keeps more monolingual quality than X-Y is what
 the seeds' spread decides (README.md).
 """
-import argparse
 import os
 import time
+from dataclasses import dataclass
 
 import numpy as np
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 from . import cli, encode, load_model
+from .cli import AT_LEAST_1, setting
 from .config import ModelConfig
 from .data import load_lareqa
 from .evaluation import evaluate
@@ -175,17 +176,14 @@ def format_table(table):
 
 # ----------------------------------------------------------------------------- the entry point
 
-def build_parser():
-    ap = argparse.ArgumentParser(prog="train.py --demo", allow_abbrev=False,
-                                 description="The built-in demo: HBT's effect on a synthetic parallel world "
-                                             "(see minihbt/demo.py).")
-    ap.add_argument("--demo", action="store_true", help="run the demo (also what `python train.py` alone does)")
-    ap.add_argument("--demo-seeds", default=DEMO_SEEDS, metavar="SEEDS",
-                    help=f"comma-separated world/model seeds, distinct integers >= 0 (default {DEMO_SEEDS})")
-    ap.add_argument("--steps", type=int, default=DEMO_STEPS, help=f"training steps per model (default {DEMO_STEPS})")
-    ap.add_argument("--out", default=os.path.join("runs", "demo"), metavar="DIR",
-                    help="folder for the worlds, models and runs (default runs/demo); rerunning replaces them")
-    return ap
+@dataclass
+class DemoSettings:
+    """The demo's flags; train.py's others are refused (the demo would ignore them)."""
+    demo: bool = setting(False, "run the demo (also what `python train.py` alone does)")
+    demo_seeds: str = setting(DEMO_SEEDS, "comma-separated world/model seeds, distinct integers >= 0", metavar="SEEDS")
+    steps: int = setting(DEMO_STEPS, "training steps per model", accepted=AT_LEAST_1)
+    out: str = setting(os.path.join("runs", "demo"), "folder for the worlds, models and runs; rerunning replaces "
+                                                     "them", metavar="DIR")
 
 
 def parse_seeds(text, problems):
@@ -202,8 +200,12 @@ def main(argv):
     """`python train.py [--demo] [--demo-seeds 0,1,2] [--steps N] [--out DIR]`: train three tiny
     models per seed and print their table. Training flags
     are refused: the demo would ignore them."""
-    args, rest = build_parser().parse_known_args(argv)
+    ap = cli.parser("train.py --demo", "The built-in demo: HBT's effect on a synthetic parallel world (see "
+                                       "minihbt/demo.py).", DemoSettings)
+    ap.allow_abbrev = False                                 # --step is train.py's --steps only if written out
+    namespace, rest = ap.parse_known_args(argv)
     problems = cli.Problems()
+    args = cli.build_settings(DemoSettings, vars(namespace), {}, problems)
     for item in rest:
         if item.startswith("-"):
             problems.add(f"{item.split('=')[0]}: not used by the demo, which takes only --demo-seeds, --steps and "
@@ -211,8 +213,6 @@ def main(argv):
     if rest and not any(item.startswith("-") for item in rest):
         problems.add(f"unexpected argument {rest[0]!r}: the demo takes only --demo-seeds, --steps and --out")
     seeds = parse_seeds(args.demo_seeds, problems)
-    if args.steps < 1:
-        problems.bad_value("--steps", args.steps, "an integer >= 1")
     problems.stop_if_any()
     cli.make_folder("--out", args.out, problems)
     problems.stop_if_any()

@@ -17,15 +17,16 @@ checksum are skipped; ``--force`` downloads them again.
 ``--from DIR`` copies from a local mirror instead of the network, with the same checks. Python API: ``fetch``, ``download_model``,
 ``download_dataset``; every failure is a ``DownloadError`` with a message meant for people.
 """
-import argparse
 import json
 import os
 import re
 import sys
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
+from typing import List, Optional
 
-from .cli import EXIT_USAGE, Problems, make_folder, program
+from .cli import EXIT_USAGE, Problems, build_settings, make_folder, parser, program, setting
 from .sources import (DATASETS, ENV_GITHUB, ENV_HF, GITHUB_RAW, HF_ENDPOINT, MODELS, OPTIONAL_MODEL_FILES,
                       REQUIRED_MODEL_FILES, TIMEOUT, WEIGHTS_FILE, WEIGHTS_INDEX)
 from .transfer import DownloadError, copy_file, fetch
@@ -176,23 +177,27 @@ examples:
 """
 
 
-def build_parser():
-    p = argparse.ArgumentParser(
-        prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Download models (Hugging Face) and evaluation datasets (pinned GitHub commits), "
-                    "verified, atomic and resumable.", epilog=_epilog())
-    p.add_argument("names", nargs="+", metavar="NAME", help="model alias, owner/name repo id, or dataset")
-    p.add_argument("--dir", help="output directory (only with a single NAME)")
-    p.add_argument("--from", dest="mirror", metavar="LOCAL_DIR",
-                   help="copy from this local mirror instead of the network (see below)")
-    p.add_argument("--force", action="store_true", help="download again files already present")
-    p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
-    return p
+@dataclass
+class DownloadSettings:
+    names: List[str] = setting(None, "model alias, owner/name repo id, or dataset", positional=True, repeat=True,
+                               metavar="NAME")
+    dir: Optional[str] = setting(None, "output directory (only with a single NAME)")
+    force: bool = setting(False, "download again files already present")
+    quiet: bool = setting(False, "no progress bars or messages")
 
 
-def check_args(args, names):
-    """Every argument, before anything is fetched: one line per problem."""
+def check_args(argv):
+    """(settings, --from, names, problems): every argument checked before anything is fetched,
+    one line per problem in the Problems."""
     problems = Problems()
+    ap = parser(PROG, "Download models (Hugging Face) and evaluation datasets (pinned GitHub commits), verified, "
+                      "atomic and resumable.", DownloadSettings, epilog=_epilog())
+    ap.add_argument("--from", dest="mirror", metavar="LOCAL_DIR",       # a Python keyword: no field of that name
+                    help="copy from this local mirror instead of the network (see below)")
+    namespace = vars(ap.parse_args(argv))
+    mirror = namespace.pop("mirror", None)
+    args = build_settings(DownloadSettings, namespace, {}, problems)
+    names = list(dict.fromkeys(args.names or []))       # a name given twice is fetched once
     models = [n for n in names if n not in DATASETS]
     for n in models:
         try:
@@ -201,30 +206,28 @@ def check_args(args, names):
             problems.add(f"NAME {n!r}: {e}")
     if args.dir and len(names) > 1:
         problems.add(f"--dir {args.dir}: takes a single NAME; run once per model or dataset.")
-    if args.mirror:
-        if not os.path.isdir(args.mirror):
-            problems.add(f"--from {args.mirror}: no such directory.")
+    if mirror:
+        if not os.path.isdir(mirror):
+            problems.add(f"--from {mirror}: no such directory.")
         elif len(models) > 1:
             problems.add("--from with a model is one model directory; give one model per run.")
         for n in names:
-            if n in DATASETS and os.path.isdir(args.mirror) and not os.path.isdir(os.path.join(args.mirror, n)):
-                problems.add(f"--from {args.mirror}: no {n}/ folder in it; expected a folder laid out like "
+            if n in DATASETS and os.path.isdir(mirror) and not os.path.isdir(os.path.join(mirror, n)):
+                problems.add(f"--from {mirror}: no {n}/ folder in it; expected a folder laid out like "
                              f"../shared/data, with {n}/ inside.")
-        if models and os.path.isdir(args.mirror) and not os.path.isfile(os.path.join(args.mirror, "config.json")):
-            problems.add(f"--from {args.mirror}: no config.json in it; for a model, --from is a Hugging Face "
+        if models and os.path.isdir(mirror) and not os.path.isfile(os.path.join(mirror, "config.json")):
+            problems.add(f"--from {mirror}: no config.json in it; for a model, --from is a Hugging Face "
                          "model directory.")
     if not problems.lines and args.dir:
         make_folder("--dir", args.dir, problems)
-    return problems
+    return args, mirror, names, problems
 
 
 @program(PROG)
 def main(argv=None):
     """Command-line entry point; returns the exit status (0 ok, 1 error, 2 bad arguments,
     130 interrupted)."""
-    args = build_parser().parse_args(argv)
-    names = list(dict.fromkeys(args.names))         # a name given twice is fetched once
-    problems = check_args(args, names)
+    args, mirror, names, problems = check_args(argv)
     for line in problems.lines:
         print(f"{PROG}: error: {line}", file=sys.stderr)
     if problems.lines:
@@ -233,9 +236,9 @@ def main(argv=None):
     try:
         for n in names:
             if n in DATASETS:
-                out = download_dataset(n, args.dir, mirror=args.mirror, progress=progress, force=args.force)
+                out = download_dataset(n, args.dir, mirror=mirror, progress=progress, force=args.force)
             else:
-                out = download_model(n, args.dir, mirror=args.mirror, progress=progress, force=args.force)
+                out = download_model(n, args.dir, mirror=mirror, progress=progress, force=args.force)
             print(f"{n}: {out}")
     except (DownloadError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -20,36 +20,35 @@ HBT's batch rules, on the training data the batches were drawn from:
 Exit status 0 when every rule holds, 1 when one is broken (each broken rule in one line),
 2 for bad input (a log that is not JSON lines, a log source not among --data, a bad flag).
 """
-import argparse
 import os
+from dataclasses import dataclass
 
 from .. import cli
+from ..batchlog import LogError, read_batch_log
+from ..cli import setting
 from ..data import DataError
 from ..sampler import HBTSampler
 from . import fit
-from ..batchlog import LogError, read_batch_log
-from .common import Parser, add_sampler_flags, check_sampler_flags, read_sources
+from .common import SamplerSettings, check_sampler_flags, read_sources
 from .rules import RULES, DataIndex, batch_problems
 
 PROG = "python -m minihbt.check batches"
 
 
-def build_parser():
-    ap = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("log", metavar="LOG", help="the batch log to check: one JSON object per line, one line per "
-                                               "batch, in the order trained on (docs/batch-log.md)")
-    add_sampler_flags(ap)
-    return ap
+@dataclass
+class BatchesSettings(SamplerSettings):
+    log: str = setting(None, "the batch log to check: one JSON object per line, one line per batch, in the order "
+                             "trained on (docs/batch-log.md)", positional=True, metavar="LOG")
 
 
 def check_args(argv):
     """The settings, checked before anything is read: one line per problem, exit status 2."""
-    args = build_parser().parse_args(argv)
     problems = cli.Problems()
+    args, given = cli.parse_settings(cli.parser(PROG, __doc__, BatchesSettings), BatchesSettings, argv, problems)
     if not os.path.isfile(args.log):
         problems.add(f"{args.log}: " + ("a folder; expected a batch log file" if os.path.isdir(args.log)
                                         else "no such file; expected a batch log (docs/batch-log.md)"))
-    check_sampler_flags(args, problems)
+    check_sampler_flags(args, given, problems)
     problems.stop_if_any()
     return args
 

@@ -14,12 +14,14 @@ training step --step of train.py with these --data, --sampler, --seed and --batc
 The other settings are train.py's, with its defaults; the AdamW constants are torch's.
 Exit status 2 for a bad setting (one line naming the flag), 1 for an error while working.
 """
-import argparse
 import json
 import os
 import subprocess
+from dataclasses import dataclass
+from typing import List, Optional
 
 from .. import __version__, cli
+from ..cli import AT_LEAST_0, AT_LEAST_1, POSITIVE, Range, setting
 from ..config import ConfigError, ModelConfig
 from ..encoder import WORD_TABLE
 from ..files import sha256_file
@@ -29,7 +31,7 @@ from ..step import CANDIDATES
 from ..weights import checkpoint_files
 from . import bundle
 from ..batchlog import sampler_batches
-from .common import Parser, build_sampler, check_sampler_flags
+from .common import SamplerSettings, build_sampler, check_sampler_flags
 from .golden import StepSettings, record_step
 
 PROG = "python -m minihbt.check export"
@@ -53,97 +55,84 @@ SEMANTICS = [
 ]
 
 
-def add_flags(ap):
-    ap.add_argument("--model", required=True, metavar="DIR", help="Hugging Face model folder (config.json, "
-                                                                  "model.safetensors, tokenizer.json)")
-    ap.add_argument("--out", required=True, metavar="BUNDLE", help="the bundle folder to write")
-    ap.add_argument("--overwrite", action="store_true", help="write into --out even if it holds files")
-    ap.add_argument("--batch", metavar="FILE", help="the batch: a .jsonl file, one triplet a line")
-    ap.add_argument("--data", action="append", metavar="PATH", help="training data as train.py's --train, "
-                                                                    "repeatable; with --sampler")
-    ap.add_argument("--sampler", choices=SAMPLERS, help="with --data: xx, xy or hybrid")
-    ap.add_argument("--alpha", type=float, default=None, metavar="A", help="hybrid: probability of xx (0.5)")
-    ap.add_argument("--xx-weighting", choices=("uniform", "proportional"), default=None, help="as train.py")
-    for flag, default, kind, what in (
-            ("--seed", 0, int, "seed of the batches"), ("--batch-size", 8, int, "triplets per batch"),
-            ("--max-negatives", 1, int, "hard negatives per triplet"),
-            ("--step", 1, int, "take the batch of train.py's step N (from 1)"),
-            ("--max-query-len", None, int, "query truncation in tokens, at most the model's positions (64)"),
-            ("--max-passage-len", None, int, "passage truncation in tokens, at most the model's positions (256)"),
-            ("--temperature", 0.05, float, "InfoNCE temperature"), ("--lr", 3e-5, float, "AdamW learning rate"),
-            ("--weight-decay", 0.01, float, "AdamW weight decay (not on biases and LayerNorm weights)"),
-            ("--beta1", 0.9, float, "AdamW beta1"), ("--beta2", 0.999, float, "AdamW beta2"),
-            ("--adam-eps", 1e-8, float, "AdamW eps"), ("--max-grad-norm", 1.0, float, "clipping; 0 disables")):
-        ap.add_argument(flag, type=kind, default=default, metavar="X" if kind is float else "N",
-                        help=what if default is None else f"{what} (default {default})")
-    ap.add_argument("--candidates", choices=CANDIDATES, default="inbatch", help="as train.py (default inbatch)")
-    ap.add_argument("--symmetric", action="store_true", help="add the passage -> query loss term")
-    ap.add_argument("--pooling", choices=POOLINGS, default=None, help="default: the checkpoint's own, else mean")
-    ap.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype (default float32; float64 "
-                                                                       "shows differences float32 rounding hides)")
-
-
-def check_numbers(args, problems):
-    for flag, value, low in (("--seed", args.seed, 0), ("--batch-size", args.batch_size, 1),
-                             ("--max-negatives", args.max_negatives, 0), ("--step", args.step, 1),
-                             ("--max-query-len", args.max_query_len, 2), ("--max-passage-len", args.max_passage_len, 2)):
-        if value is not None and value < low:
-            problems.bad_value(flag, value, f"an integer >= {low}")
-    for flag, value, accepted in (("--temperature", args.temperature, cli.POSITIVE), ("--lr", args.lr, cli.POSITIVE),
-                                  ("--weight-decay", args.weight_decay, cli.AT_LEAST_0),
-                                  ("--beta1", args.beta1, cli.Range(0, 1)), ("--beta2", args.beta2, cli.Range(0, 1)),
-                                  ("--adam-eps", args.adam_eps, cli.AT_LEAST_0),
-                                  ("--max-grad-norm", args.max_grad_norm, cli.AT_LEAST_0)):
-        if not accepted.accepts(value) or flag.startswith("--beta") and value == 1:
-            problems.bad_value(flag, value, "a number in [0, 1)" if flag.startswith("--beta")
-                               else accepted.describe("a number"))
+@dataclass
+class ExportSettings(SamplerSettings):
+    """The bundle's settings: train.py's, with its defaults; the AdamW constants are torch's."""
+    model: str = setting(None, "Hugging Face model folder (config.json, model.safetensors, tokenizer.json)",
+                         metavar="DIR", required=True)
+    out: str = setting(None, "the bundle folder to write", metavar="BUNDLE", required=True)
+    overwrite: bool = setting(False, "write into --out even if it holds files")
+    batch: Optional[str] = setting(None, "the batch: a .jsonl file, one triplet a line", metavar="FILE")
+    data: Optional[List[str]] = setting(None, "training data as train.py's --train, repeatable; with --sampler",
+                                        repeat=True, metavar="PATH")
+    sampler: Optional[str] = setting(None, "with --data: xx, xy or hybrid", choices=SAMPLERS)
+    seed: int = setting(0, "seed of the batches", accepted=AT_LEAST_0)
+    batch_size: int = setting(8, "triplets per batch", accepted=AT_LEAST_1)
+    max_negatives: int = setting(1, "hard negatives per triplet", accepted=AT_LEAST_0)
+    step: int = setting(1, "take the batch of train.py's step N (from 1)", accepted=AT_LEAST_1)
+    max_query_len: Optional[int] = setting(None, "query truncation in tokens, at most the model's positions",
+                                           accepted=Range(2), default_text="64")
+    max_passage_len: Optional[int] = setting(None, "passage truncation in tokens, at most the model's positions",
+                                             accepted=Range(2), default_text="256")
+    temperature: float = setting(0.05, "InfoNCE temperature", accepted=POSITIVE)
+    lr: float = setting(3e-5, "AdamW learning rate", accepted=POSITIVE)
+    weight_decay: float = setting(0.01, "AdamW weight decay (not on biases and LayerNorm weights)", accepted=AT_LEAST_0)
+    beta1: float = setting(0.9, "AdamW beta1, in [0, 1)")           # [0, 1), a Range is closed: checked by hand
+    beta2: float = setting(0.999, "AdamW beta2, in [0, 1)")
+    adam_eps: float = setting(1e-8, "AdamW eps", accepted=AT_LEAST_0)
+    max_grad_norm: float = setting(1.0, "clipping; 0 disables", accepted=AT_LEAST_0)
+    candidates: str = setting("inbatch", "as train.py", choices=CANDIDATES)
+    symmetric: bool = setting(False, "add the passage -> query loss term")
+    pooling: Optional[str] = setting(None, "pooling", choices=POOLINGS, default_text="the checkpoint's own, else mean")
+    dtype: str = setting("float32", "compute dtype (float64 shows differences float32 rounding hides)", choices=DTYPES)
 
 
 def check_args(argv):
-    """Every setting before anything is loaded: one line per problem, exit status 2."""
-    ap = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_flags(ap)
-    args = ap.parse_args(argv)
+    """(settings, lowered, triplets): every setting before anything is loaded, one line per
+    problem, exit status 2; `lowered` says which default lengths the model's positions cut;
+    `triplets`: the --batch file's."""
     problems = cli.Problems()
-    if cli.check_input_dir("--model", args.model, problems):
-        check_model_config(args, problems)
+    args, given = cli.parse_settings(cli.parser(PROG, __doc__, ExportSettings), ExportSettings, argv, problems)
+    lowered = check_model_config(args, problems) if cli.check_input_dir("--model", args.model, problems) else []
     if (args.batch is None) == (args.data is None):
         problems.add("the batch: expected --batch FILE.jsonl, or --data PATH with --sampler (not both)")
     elif args.data is not None:
         if args.sampler is None:
             problems.add("--data: needs --sampler xx|xy|hybrid")
         else:
-            check_sampler_flags(args, problems)
+            check_sampler_flags(args, given, problems)
     elif args.batch is not None and not os.path.isfile(args.batch):
         problems.add(f"--batch {args.batch}: no such file; expected a .jsonl file, one triplet a line")
-    check_numbers(args, problems)
+    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(args, name) < 1:
+            problems.bad_value(f"--{name}", getattr(args, name), "a number in [0, 1)")
     if os.path.isfile(args.out):
         problems.add(f"--out {args.out}: a file; expected a folder for the bundle")
     elif os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
         problems.add(f"--out {args.out}: holds files already; add --overwrite to write the bundle into it")
     problems.stop_if_any()
-    if args.batch is not None:
-        args.triplets = read_batch_file(args.batch)
-    return args
+    return args, lowered, read_batch_file(args.batch) if args.batch is not None else None
 
 
 def check_model_config(args, problems):
     """config.json readable, and the truncation lengths within its positions, as train.py: one
-    given above them is refused, a default (64 for queries, 256 for passages) lowered to them."""
+    given above them is refused, a default (64 for queries, 256 for passages) lowered to them
+    (returns a line saying so for each)."""
     try:
         config = ModelConfig.from_file(os.path.join(args.model, "config.json"))
     except ConfigError as e:
         problems.add(f"--model {args.model}: {cli.one_line(e)}")
-        return
+        return []
     positions = config.max_length
-    args.lowered = []
+    lowered = []
     for flag, name, default in (("--max-query-len", "max_query_len", 64), ("--max-passage-len", "max_passage_len", 256)):
         value = getattr(args, name)
         if value is not None and value > positions:
             problems.bad_value(flag, value, f"an integer in [2, {positions}] for this model ({positions} positions)")
         if value is None and default > positions:
-            args.lowered.append(f"{flag}'s default {default} lowered to this model's {positions} positions")
+            lowered.append(f"{flag}'s default {default} lowered to this model's {positions} positions")
         setattr(args, name, min(default if value is None else value, positions))
+    return lowered
 
 
 def read_batch_file(path):
@@ -245,10 +234,9 @@ def build_manifest(model, s, dtype, triplets, batch_info):
 
 @cli.program(PROG)
 def main(argv=None):
-    args = check_args(argv)
+    args, lowered, triplets = check_args(argv)
     if args.batch is not None:
-        triplets, batch_info = args.triplets, {"kind": batch_kind(args.triplets), "source": None,
-                                               "origin": {"batch": os.path.abspath(args.batch)}}
+        batch_info = {"kind": batch_kind(triplets), "source": None, "origin": {"batch": os.path.abspath(args.batch)}}
     else:
         triplets, batch_info = sampled_batch(args)
     model = load_model(args.model, dtype=args.dtype, pooling=args.pooling)
@@ -265,5 +253,5 @@ def main(argv=None):
           f"{s.max_passage_length}, prefixes {model.prefixes['query']!r}/{model.prefixes['passage']!r}, pooling "
           f"{model.pooling}, temperature {s.temperature}, candidates {s.candidates}, symmetric {s.symmetric}, lr {s.lr}, "
           f"weight decay {s.weight_decay}, max grad norm {s.max_grad_norm}"
-          + "".join(f"; {note}" for note in args.lowered))
+          + "".join(f"; {note}" for note in lowered))
     return 0

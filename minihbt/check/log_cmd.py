@@ -6,37 +6,31 @@ training steps 1..N of `train.py` with the same --train, --sampler, --alpha, --x
 --batch-size, --max-negatives and --seed, without training. A reference to compare another
 trainer's log with, and a log that `python -m minihbt.check batches` must pass.
 """
-import argparse
 import os
+from dataclasses import dataclass
 
 from .. import cli
 from ..batchlog import sampler_batches, write_batch_log
-from .common import Parser, add_sampler_flags, build_sampler, check_sampler_flags
+from ..cli import AT_LEAST_0, AT_LEAST_1, setting
+from .common import SamplerSettings, build_sampler, check_sampler_flags
 
 PROG = "python -m minihbt.check log"
 
 
-def build_parser():
-    ap = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_sampler_flags(ap)
-    ap.add_argument("--batch-size", type=int, default=100, metavar="N", help="triplets per batch (default 100)")
-    ap.add_argument("--max-negatives", type=int, default=1, metavar="N",
-                    help="hard negatives per triplet, >= 0 (default 1)")
-    ap.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the batches, >= 0 (default 0)")
-    ap.add_argument("--batches", type=int, default=1000, metavar="N", help="batches to write, >= 1 (default 1000)")
-    ap.add_argument("--out", required=True, metavar="FILE", help="the log to write")
-    ap.add_argument("--overwrite", action="store_true", help="replace --out if it exists (default: refuse)")
-    return ap
+@dataclass
+class LogSettings(SamplerSettings):
+    batch_size: int = setting(100, "triplets per batch", accepted=AT_LEAST_1)
+    max_negatives: int = setting(1, "hard negatives per triplet", accepted=AT_LEAST_0)
+    seed: int = setting(0, "seed of the batches", accepted=AT_LEAST_0)
+    batches: int = setting(1000, "batches to write", accepted=AT_LEAST_1)
+    out: str = setting(None, "the log to write", metavar="FILE", required=True)
+    overwrite: bool = setting(False, "replace --out if it exists", default_text="refuse")
 
 
 def check_args(argv):
-    args = build_parser().parse_args(argv)
     problems = cli.Problems()
-    check_sampler_flags(args, problems)
-    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--max-negatives", args.max_negatives, 0),
-                             ("--seed", args.seed, 0), ("--batches", args.batches, 1)):
-        if value < low:
-            problems.bad_value(flag, value, f"an integer >= {low}")
+    args, given = cli.parse_settings(cli.parser(PROG, __doc__, LogSettings), LogSettings, argv, problems)
+    check_sampler_flags(args, given, problems)
     if os.path.isfile(args.out) and not args.overwrite:
         problems.add(f"--out {args.out}: already exists; add --overwrite to replace it")
     cli.check_output_file("--out", args.out, problems)

@@ -19,39 +19,40 @@ embeddings, not in the evaluation:
 Exit status 2 for a bad setting or input (wrong shapes name both shapes), 1 for an error
 while working.
 """
-import argparse
 import os
 import zipfile
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
 from .. import cli
+from ..cli import setting
 from ..data import DataError, load_lareqa
 from ..evaluation import evaluate, summary_table
 from ..files import write_json
 from . import cases
-from .common import Parser
 
 PROG = "python -m minihbt.check metrics"
 ARRAYS = ("queries", "candidates")
 ROW = {"queries": "query", "candidates": "candidate"}
 
 
-def build_parser():
-    ap = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", metavar="DIR", help="LAReQA folder of {lang}.json files, e.g. ../shared/data/mlqa-r")
-    ap.add_argument("--embeddings", metavar="FILE", help="an .npz of arrays `queries` and `candidates`, rows in the "
-                                                         "order --write-order lists; needs --data")
-    ap.add_argument("--write-order", metavar="FILE", help="write the texts of the rows (JSON); needs --data")
-    ap.add_argument("--out", metavar="FILE", help="with --embeddings: write the results JSON (as evaluate.py --out)")
-    ap.add_argument("--cases", metavar="FILE", help="write the hand-made metric cases (JSON)")
-    return ap
+@dataclass
+class MetricsSettings:
+    data: Optional[str] = setting(None, "LAReQA folder of {lang}.json files, e.g. ../shared/data/mlqa-r", metavar="DIR")
+    embeddings: Optional[str] = setting(None, "an .npz of arrays `queries` and `candidates`, rows in the order "
+                                              "--write-order lists; needs --data", metavar="FILE")
+    write_order: Optional[str] = setting(None, "write the texts of the rows (JSON); needs --data", metavar="FILE")
+    out: Optional[str] = setting(None, "with --embeddings: write the results JSON (as evaluate.py --out)",
+                                 metavar="FILE")
+    cases: Optional[str] = setting(None, "write the hand-made metric cases (JSON)", metavar="FILE")
 
 
 def check_args(argv):
     """Every setting before anything is read: one line per problem, exit status 2."""
-    args = build_parser().parse_args(argv)
     problems = cli.Problems()
+    args, _ = cli.parse_settings(cli.parser(PROG, __doc__, MetricsSettings), MetricsSettings, argv, problems)
     if not (args.embeddings or args.write_order or args.cases):
         problems.add("nothing to do: expected --embeddings FILE or --write-order FILE (each with --data DIR), "
                      "or --cases FILE")

@@ -25,15 +25,15 @@ Exit status 0 when every provided tensor is within tolerance, 1 at a divergence,
 input (a bundle of another format version or whose tensors are not what its manifest says, a
 tensor of a dtype the bundle does not take, a missing path, a file that cannot be read).
 """
-import argparse
 import os
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
 
 import numpy as np
 
 from .. import cli
+from ..cli import AT_LEAST_1, setting
 from . import bundle
-from .common import Parser
 
 PROG = "python -m minihbt.check step"
 SHOWN_MISSING = 12
@@ -62,20 +62,22 @@ class Row(NamedTuple):
         return 0.0 if self.rel == 0 else float("inf")
 
 
+@dataclass
+class CompareSettings:
+    bundle: str = setting(None, "a bundle folder written by `python -m minihbt.check export`", positional=True,
+                          metavar="BUNDLE")
+    theirs: str = setting(None, "the other implementation's tensors: a folder of .safetensors files or one "
+                                ".safetensors file, named as the bundle's", positional=True, metavar="THEIRS")
+    worst: Optional[int] = setting(None, "print only the N rows nearest to (or furthest past) their tolerance",
+                                   accepted=AT_LEAST_1, metavar="N", default_text="every row")
+
+
 def check_args(argv):
-    ap = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("bundle", metavar="BUNDLE", help="a bundle folder written by `python -m minihbt.check export`")
-    ap.add_argument("theirs", metavar="THEIRS", help="the other implementation's tensors: a folder of .safetensors "
-                                                     "files or one .safetensors file, named as the bundle's")
-    ap.add_argument("--worst", type=int, default=None, metavar="N",
-                    help="print only the N rows nearest to (or furthest past) their tolerance (default: every row)")
-    args = ap.parse_args(argv)
     problems = cli.Problems()
+    args, _ = cli.parse_settings(cli.parser(PROG, __doc__, CompareSettings), CompareSettings, argv, problems)
     cli.check_input_dir("BUNDLE", args.bundle, problems)
     if not os.path.exists(args.theirs):
         problems.add(f"THEIRS {args.theirs}: no such file or folder; expected a folder of .safetensors files or one")
-    if args.worst is not None and args.worst < 1:
-        problems.bad_value("--worst", args.worst, "an integer >= 1")
     problems.stop_if_any()
     return args
 
