@@ -31,6 +31,7 @@ import minihbt
 from minihbt import cli, data
 from minihbt.cli import AT_LEAST_1, Range, setting
 from minihbt.comm import CommError, from_environment
+from minihbt.config import ConfigError, ModelConfig
 from minihbt.evaluation import center_languages, evaluate, not_applicable, number, summary_table
 from minihbt.files import atomic_path, sha256_file, source_digest, stat_digest, write_json, write_text
 from minihbt.weights import checkpoint_files
@@ -77,7 +78,13 @@ def check_args(argv):
     s, _ = cli.parse_settings(cli.parser(PROG, __doc__, EvalSettings), EvalSettings, argv, problems)
     comm = ranks(s.device)
     languages = None
-    cli.check_input_dir("--model", s.model, problems)
+    if cli.check_input_dir("--model", s.model, problems) and s.max_length is not None:
+        try:
+            problem = ModelConfig.from_file(os.path.join(s.model, "config.json")).length_problem(s.max_length)
+        except ConfigError:
+            problem = None                             # the loader says what is wrong with config.json
+        if problem:
+            problems.bad_value("--max-length", s.max_length, problem)
     if cli.check_input_dir("--data", s.data, problems):
         present = sorted(f[:-5] for f in os.listdir(s.data) if f.endswith(".json"))
         if not present:
@@ -104,18 +111,13 @@ def check_args(argv):
 
 
 def fit_max_length(model, s):
-    """--max-length against the model's position table: a length the user gave must fit;
-    the default is lowered to the model's limit where that is shorter."""
+    """--max-length, or the default lowered to the model's limit where that is shorter (a length
+    the user gave was checked against the model's config.json in check_args)."""
     if s.max_length is None:
         if model.max_length < DEFAULT_MAX_LENGTH:
             print(f"--max-length: the model has {model.max_length} positions; using {model.max_length}",
                   file=sys.stderr)
         return min(DEFAULT_MAX_LENGTH, model.max_length)
-    if s.max_length > model.max_length:
-        problems = cli.Problems()
-        problems.bad_value("--max-length", s.max_length, f"an integer in [2, {model.max_length}] for this model "
-                                                         f"({model.max_length} positions)")
-        problems.stop_if_any()
     return s.max_length
 
 

@@ -25,7 +25,7 @@ A non-finite loss stops the run with a message; the last good checkpoint stays.
 """
 import os
 import sys
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from typing import NamedTuple, Optional
 
 from minihbt import cli, demo, training
@@ -33,9 +33,9 @@ from minihbt.checkpoint import is_checkpoint, latest_checkpoint, read_trainer_st
 from minihbt.cli import Problems, Stop
 from minihbt.comm import CommError, SettingsMismatch, SingleProcess, from_environment
 from minihbt.config import ConfigError, ModelConfig
-from minihbt.data import language_from_filename
+from minihbt.data import language_from_filename, spec_path
 from minihbt.files import remove_empty_folders
-from minihbt.training import RESUMABLE, TrainSettings, check_combinations
+from minihbt.training import RESUMABLE, TrainSettings, check_combinations, saved_settings
 
 PROG = "train.py"
 TRAINING_FILES = ("a SQuAD-format .json file whose name gives its language (de.json, arabic_dev.json; or LANG=PATH), "
@@ -142,8 +142,7 @@ def resume_settings(run_dir, values, origins, problems):
         problems.add(f"--resume {run_dir}: {what}")
         return None, values, origins
     state = read_trainer_state(checkpoint)
-    known = {f.name for f in fields(TrainSettings)}
-    saved = {k: v for k, v in state["settings"].items() if k in known}
+    saved = saved_settings(state)
     changed = sorted(k for k in values if k in saved and k not in RESUMABLE + ("out",) and values[k] != saved[k])
     for k in changed:
         problems.add(f"{cli.flag_of(k)} {cli.show_value(values[k])}: the run in {run_dir} has "
@@ -168,8 +167,7 @@ def check_paths(s, resume, overwrite, problems):
         if s.model:
             cli.check_input_dir("--model", s.model, problems)
         for spec in s.train or []:
-            forced = "=" in spec and not os.path.exists(spec)
-            path = spec.split("=", 1)[1] if forced else spec
+            forced, path = spec_path(spec)
             if not os.path.exists(path):
                 problems.add(f"--train {spec}: no such file or folder")
             elif os.path.isfile(path) and not (path.endswith(".jsonl") or path.endswith(".json") and
@@ -194,13 +192,13 @@ def check_lengths(s, model_dir, given, problems):
     """A truncation length set by the user must fit the model's position table (read from its
     config.json, before anything is loaded); a default longer than it is lowered at loading."""
     try:
-        positions = ModelConfig.from_file(os.path.join(model_dir, "config.json")).max_length
+        config = ModelConfig.from_file(os.path.join(model_dir, "config.json"))
     except (ConfigError, TypeError):           # no model folder, or no readable config: said elsewhere or at loading
         return
     for name in ("max_query_len", "max_passage_len"):
-        if name in given and getattr(s, name) > positions:
-            problems.bad_value(cli.flag_of(name), getattr(s, name),
-                               f"an integer in [2, {positions}] for this model ({positions} positions)")
+        problem = config.length_problem(getattr(s, name))
+        if name in given and problem:
+            problems.bad_value(cli.flag_of(name), getattr(s, name), problem)
 
 
 def train(plan):

@@ -48,6 +48,12 @@ class ModelConfig:
         """Longest sequence the position table allows (RoBERTa positions start at pad_id + 1)."""
         return self.max_position_embeddings - (self.pad_token_id + 1 if self.family == "roberta" else 0)
 
+    def length_problem(self, length):
+        """None when a truncation length fits the position table, else what a length must be."""
+        if length <= self.max_length:
+            return None
+        return f"an integer in [2, {self.max_length}] for this model ({self.max_length} positions)"
+
     @classmethod
     def from_dict(cls, d, source="config.json"):
         def need(field):

@@ -278,13 +278,20 @@ def read_jsonl(path, source=None):
     return examples
 
 
+def spec_path(spec):
+    """(language or None, path) of a --train argument: `LANG=PATH` forces the language, unless
+    the whole argument is an existing path."""
+    if "=" in spec and not os.path.exists(spec):
+        lang, path = spec.split("=", 1)
+        return lang, path
+    return None, spec
+
+
 def read_training_data(spec):
     """Examples from one --train argument: a SQuAD-format .json file, a directory of them, or
     a .jsonl file; `LANG=PATH` forces the language of SQuAD files. One source per argument,
     named after the file or directory. Returns (examples, report lines)."""
-    lang = None
-    if "=" in spec and not os.path.exists(spec):
-        lang, spec = spec.split("=", 1)
+    lang, spec = spec_path(spec)
     path = spec.rstrip("/")
     source = os.path.splitext(os.path.basename(path))[0]
     if not os.path.exists(path):

@@ -14,8 +14,9 @@ transfer leaves ``FILE.part``; the next run resumes it with an HTTP Range reques
 starts over if the server ignores the range). Files already present with the right
 checksum are skipped; ``--force`` downloads them again.
 
-``--from DIR`` copies from a local mirror instead of the network, with the same checks. Python API: ``fetch``, ``download_model``,
-``download_dataset``; every failure is a ``DownloadError`` with a message meant for people.
+``--from DIR`` copies from a local mirror instead of the network, with the same checks.
+Python API: ``fetch``, ``download_model``, ``download_dataset``; every failure is a
+``DownloadError`` with a message meant for people.
 """
 import json
 import os

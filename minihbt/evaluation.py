@@ -14,9 +14,9 @@ averaged over languages.
 `python -m minihbt.check metrics` print it.
 """
 import numpy as np
-from .bars import progress_bar
 
 from . import metrics
+from .bars import progress_bar
 from .retrieval import rank_of_relevant
 
 NOT_APPLICABLE = "n/a"

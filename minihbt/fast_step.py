@@ -46,7 +46,8 @@ def loss_and_grads(model, queries, positives, negatives=None, temperature=0.05, 
             Texts(cand_texts, max_passage_length, PASSAGE, shard.candidates, seed))
     grads, table = {}, []
     if chunk_size is None:                                    # both sides' length groups in one pass
-        emb, backward, tokens = embed_sides(model, [t.side() for t in mine], keep_activations=True, max_tokens=group_tokens)
+        emb, backward, tokens = embed_sides(model, [t.side() for t in mine], keep_activations=True,
+                                            max_tokens=group_tokens)
         local = (emb[:len(shard.queries)], emb[len(shard.queries):])
     else:
         local = [be.xp.concatenate([embed_sides(model, [t.side(s, s + chunk_size)], max_tokens=group_tokens)[0]
@@ -89,7 +90,8 @@ class Texts:
         from its rows of d_emb; returns the real tokens embedded."""
         tokens = 0
         for s in range(0, len(self.indices), chunk_size):
-            _, backward, n = embed_sides(model, [self.side(s, s + chunk_size)], keep_activations=True, max_tokens=group_tokens)
+            _, backward, n = embed_sides(model, [self.side(s, s + chunk_size)], keep_activations=True,
+                                         max_tokens=group_tokens)
             backward(d_emb[s:s + chunk_size], grads, table)
             tokens += n
         return tokens

@@ -5,7 +5,8 @@
 
 `be` is the Backend: `be.xp` is numpy or cupy, so the same code runs on CPU and GPU, in
 float32 or float64. Every operation takes it, also those that do not use it, so the encoder calls
-each alike whether `ops` is this module or kernels.FUSED. Inference simply drops the caches. Above every backward, its derivation.
+each alike whether `ops` is this module or kernels.FUSED. Inference simply drops the caches.
+Above every backward, its derivation.
 Shapes: B texts, T tokens, H hidden, F FFN width, N heads, D = H / N, V vocabulary rows.
 """
 import math

@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import List, NamedTuple, Optional
 
 import numpy as np
@@ -149,13 +149,24 @@ def check_combinations(s, given, problems):
         elif decay < s.steps:
             problems.add(f"--decay-steps {decay}: expected at least --steps {s.steps} (else steps {decay}.."
                          f"{s.steps - 1} train at lr 0)")
+    check_sampler_combinations(s, given, problems)
+    for name in CUDA_ONLY:
+        if name in given and getattr(s, name) and s.device != "cuda":
+            problems.add(f"{flag_of(name)}: only with --device cuda")
+
+
+def check_sampler_combinations(s, given, problems):
+    """--alpha only with the hybrid sampler, --xx-weighting not with xy (the kit's sampler flags too)."""
     if "alpha" in given and s.sampler != "hybrid":
         problems.add(f"--alpha {s.alpha}: only with --sampler hybrid (the probability of an xx batch)")
     if "xx_weighting" in given and s.sampler == "xy":
         problems.add("--xx-weighting: only with --sampler xx or hybrid (xy batches have no single language)")
-    for name in CUDA_ONLY:
-        if name in given and getattr(s, name) and s.device != "cuda":
-            problems.add(f"{flag_of(name)}: only with --device cuda")
+
+
+def saved_settings(state):
+    """The TrainSettings fields of a checkpoint's trainer_state.json (older keys left out)."""
+    known = {f.name for f in fields(TrainSettings)}
+    return {k: v for k, v in state["settings"].items() if k in known}
 
 
 def make_settings(values):
@@ -233,6 +244,8 @@ def train_ranks(s, comm, checkpoint, overwrite):
     step = load_training_state(checkpoint, optimizer)["step"] if checkpoint else 0
     if checkpoint:
         say(f"resuming {checkpoint} at step {step}")
+    if comm.is_root:
+        os.makedirs(s.out, exist_ok=True)
     for line in (prepare_run_folder(s.out, step, overwrite) if comm.is_root else []):
         say(line)
     comm.barrier()

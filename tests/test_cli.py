@@ -152,7 +152,7 @@ CASES = [
     ("evaluate", EVAL + " --device cuda", 2, ["--device cuda"], True),
     ("evaluate", EVAL + " --cache {file}", 2, ["--cache", "file.txt"], True),
     ("evaluate", EVAL + " --out {tmp}/new/deeper/r.json --batch-size 0", 2, ["--batch-size"], True),
-    ("evaluate", EVAL + " --max-length 100", 2, ["--max-length 100", "[2, 30]"], False),
+    ("evaluate", EVAL + " --max-length 100", 2, ["--max-length 100", "[2, 30]"], True),
     ("evaluate", "--model {broken} --data {lareqa}", 1, ["config.json"], False),
     ("download", "nonsense-name", 2, ["nonsense-name"], True),
     ("download", "", 2, ["NAME"], True),

@@ -5,8 +5,9 @@ from typing import List, Optional
 
 from .. import cli
 from ..cli import FRACTION, setting
-from ..data import DataError, read_training_data
+from ..data import DataError, read_training_data, spec_path
 from ..sampler import LANGUAGE_WEIGHTINGS, SAMPLERS, HBTSampler
+from ..training import check_sampler_combinations
 
 
 @dataclass
@@ -29,13 +30,9 @@ class SamplerSettings:
 def check_sampler_flags(s, given, problems):
     """The combinations train.py refuses too (`given`: the names the command line set)."""
     for spec in s.data or []:
-        path = spec.split("=", 1)[1] if "=" in spec and not os.path.exists(spec) else spec
-        if not os.path.exists(path):
+        if not os.path.exists(spec_path(spec)[1]):
             problems.add(f"--data {spec}: no such file or folder")
-    if "alpha" in given and s.sampler != "hybrid":
-        problems.add(f"--alpha {s.alpha}: only with --sampler hybrid (the probability of an xx batch)")
-    if "xx_weighting" in given and s.sampler == "xy":
-        problems.add("--xx-weighting: only with --sampler xx or hybrid (xy batches have no single language)")
+    check_sampler_combinations(s, given, problems)
 
 
 def read_sources(specs):

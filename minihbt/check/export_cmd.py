@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from .. import __version__, cli
+from ..batchlog import sampler_batches
 from ..cli import AT_LEAST_0, AT_LEAST_1, POSITIVE, Range, setting
 from ..config import ConfigError, ModelConfig
 from ..encoder import WORD_TABLE
@@ -30,7 +31,6 @@ from ..sampler import SAMPLERS
 from ..step import CANDIDATES
 from ..weights import checkpoint_files
 from . import bundle
-from ..batchlog import sampler_batches
 from .common import SamplerSettings, build_sampler, check_sampler_flags
 from .golden import StepSettings, record_step
 
@@ -127,8 +127,8 @@ def check_model_config(args, problems):
     lowered = []
     for flag, name, default in (("--max-query-len", "max_query_len", 64), ("--max-passage-len", "max_passage_len", 256)):
         value = getattr(args, name)
-        if value is not None and value > positions:
-            problems.bad_value(flag, value, f"an integer in [2, {positions}] for this model ({positions} positions)")
+        if value is not None and config.length_problem(value):
+            problems.bad_value(flag, value, config.length_problem(value))
         if value is None and default > positions:
             lowered.append(f"{flag}'s default {default} lowered to this model's {positions} positions")
         setattr(args, name, min(default if value is None else value, positions))

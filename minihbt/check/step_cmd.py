@@ -12,8 +12,9 @@ is within tolerance when
 
 with the tolerance of its family at the bundle's dtype (manifest.json says each and why).
 Floating tensors must have the bundle's dtype (a float32 bundle also takes float64), token
-ids and masks an integer or bool dtype; anything else is bad input, named before any comparison. The first tensor out of tolerance is where the implementation
-diverges: "first divergence: passage/encoder.layer.3.output".
+ids and masks an integer or bool dtype; anything else is bad input, named before any
+comparison. The first tensor out of tolerance is where the implementation diverges:
+"first divergence: passage/encoder.layer.3.output".
 
 The word table's gradient and update may be given as the bundle's rows (the ids in
 rows/embeddings.word_embeddings.weight) or as the whole table.

@@ -17,7 +17,7 @@ import shlex
 import shutil
 import subprocess
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -26,7 +26,7 @@ from ..parallel import blas_info
 from ..checkpoint import latest_checkpoint, read_trainer_state, remove_partial_checkpoints
 from ..data import DataError, load_lareqa
 from ..evaluation import DEFINITIONS, center_languages, evaluate
-from ..training import Stopped, TrainSettings, make_settings
+from ..training import Stopped, TrainSettings, make_settings, saved_settings
 from ..files import atomic_path, sha256_file, source_digest, stat_digest, write_json
 from ..weights import checkpoint_files
 from .config import SettingError, languages_in
@@ -152,8 +152,7 @@ def train(ctx, run):
         start = state["step"]
         if os.path.basename(ckpt) == "final" and start == steps:
             return ckpt
-        saved = {k: v for k, v in state["settings"].items() if k in {f.name for f in fields(TrainSettings)}}
-        settings = TrainSettings(**{**saved, "steps": steps, "device": ctx.device, "out": out})
+        settings = TrainSettings(**{**saved_settings(state), "steps": steps, "device": ctx.device, "out": out})
     else:
         settings = train_settings(study, run, ctx.device)
         if os.path.isdir(out):      # no checkpoint: what a hard kill left (a log, no weights) is the study's own

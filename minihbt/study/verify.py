@@ -8,7 +8,6 @@ and so is the evaluation, so on the same machine kind and commit the figures agr
 the tolerance (1e-6; in practice exactly).
 """
 import dataclasses
-import json
 import os
 import shutil
 
@@ -17,6 +16,7 @@ import numpy as np
 from ..files import exclusive_lock
 from ..parallel import blas_threads
 from .config import SettingError
+from .grid import read_result
 from .runner import RunError, execute
 
 
@@ -66,8 +66,7 @@ def by_metric(diffs):
 def verify(ctx, run, tolerance=1e-6):
     """Re-run `run` in a scratch directory; returns (ok, comparison dict, stored record)."""
     study = ctx.study
-    with open(study.result_path(run), encoding="utf-8") as f:
-        saved = json.load(f)
+    saved = read_result(study, run)
     scratch_root = os.path.join(study.runs_root, ".verify")
     scratch = dataclasses.replace(study, runs_root=scratch_root, results_root=os.path.join(scratch_root, "results"))
     with exclusive_lock(scratch.lock_path(run)) as mine:
@@ -90,8 +89,7 @@ def verify(ctx, run, tolerance=1e-6):
 def check_same_blas_threads(study, run, flag_value):
     """A run made before minihbt's results stopped depending on the thread count reproduces bit
     for bit only on as many BLAS threads as it was made with (else SettingError)."""
-    with open(study.result_path(run), encoding="utf-8") as f:
-        record = json.load(f)
+    record = read_result(study, run)
     if (record.get("minihbt") or {}).get("same_bits_any_threads"):
         return                                        # made by code whose results do not depend on it
     made = (record.get("machine") or {}).get("blas") or {}
