@@ -93,7 +93,7 @@ def one_line(error):
 
 
 class Problems:
-    """One line per bad setting, reported all at once (the folders make_folder made then removed)."""
+    """One line per bad setting, reported all at once; stop_if_any removes the folders make_folder made."""
 
     def __init__(self):
         self.lines = []
