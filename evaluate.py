@@ -164,6 +164,12 @@ def encode_all(model, rs, s, comm):
     return queries, cands, False
 
 
+def pair_map(res, x, y):
+    """The mAP of queries in x against candidates in y (Mo. where x == y); None if not computed."""
+    figures = res["mono"]["per_language"][x] if x == y else res["cross"]["per_pair"].get(f"{x}-{y}")
+    return figures["map"] if figures else None
+
+
 def markdown_report(res, s):
     L = res["languages"]
     out = [f"# {res['dataset']}: {s.model}", ""] + ([f"**{res['sample']}**", ""] if "sample" in res else []) + [
@@ -186,10 +192,7 @@ def markdown_report(res, s):
     out += ["", "Cr. mAP per pair (rows: query language, columns: candidate language; diagonal: Mo.)", "",
             "| q \\ c | " + " | ".join(L) + " |", "|---" * (len(L) + 1) + "|"]
     for x in L:
-        cells = []
-        for y in L:
-            v = res["mono"]["per_language"][x] if x == y else res["cross"]["per_pair"].get(f"{x}-{y}")
-            cells.append(f"{v['map']:.3f}" if v else "–")
+        cells = ("–" if m is None else f"{m:.3f}" for m in (pair_map(res, x, y) for y in L))
         out.append(f"| {x} | " + " | ".join(cells) + " |")
     out += ["", "Definitions:", ""] + [f"- {k}: {v}" for k, v in res["definitions"].items()]
     return "\n".join(out) + "\n"
@@ -204,12 +207,7 @@ def heatmap(res, path):
         print("matplotlib not installed: no heatmap", file=sys.stderr)
         return False
     L = res["languages"]
-    mat = np.full((len(L), len(L)), np.nan)
-    for i, x in enumerate(L):
-        for j, y in enumerate(L):
-            v = res["mono"]["per_language"][x] if x == y else res["cross"]["per_pair"].get(f"{x}-{y}")
-            if v:
-                mat[i, j] = v["map"]
+    mat = np.array([[pair_map(res, x, y) for y in L] for x in L], dtype=float)      # None: nan
     fig, ax = plt.subplots(figsize=(1 + 0.6 * len(L), 0.8 + 0.6 * len(L)))
     im = ax.imshow(mat, cmap="viridis", vmin=0, vmax=1)
     ax.set_xticks(range(len(L)), L)

@@ -99,10 +99,8 @@ class BatchLog:
 
 # ----------------------------------------------------------------------------- reading
 
-def _text(obj, key, where, optional=False):
+def _text(obj, key, where):
     value = obj.get(key)
-    if optional and value is None:
-        return None
     if not isinstance(value, str) or not value:
         raise LogError(f"{where}: field {key!r} must be a non-empty string, got {json.dumps(value)[:60]}")
     return value

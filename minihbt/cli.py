@@ -131,11 +131,8 @@ class Range:
             return False
         return self.high is None or x <= self.high
 
-    def short(self):
-        """The range alone: "in [0, 1]", ">= 1", "> 0"."""
-        return self.describe("").strip()
-
-    def describe(self, kind):
+    def describe(self, kind=""):
+        """The range in words, after `kind` ("an integer"): "an integer >= 1"; alone: ">= 1"."""
         if self.low is not None and self.high is not None:
             return f"{kind} in [{self.low}, {self.high}]"
         if self.low is not None:
@@ -176,7 +173,7 @@ def flag_of(name):
 def help_text(f):
     meta, default = f.metadata, f.default
     shown = meta["default_text"] or ("on" if default is True else "off" if default is False else default)
-    parts = [meta["accepted"].short()] if meta["accepted"] else []
+    parts = [meta["accepted"].describe().strip()] if meta["accepted"] else []
     if shown is not None:
         parts.append(f"default{': ' if meta['default_text'] else ' '}{shown}{meta['note']}")
     return f"{meta['help']} ({'; '.join(parts)})" if parts else meta["help"]

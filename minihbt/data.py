@@ -6,6 +6,7 @@ XQuAD and MLQA share across languages).
 """
 import json
 import os
+import re
 from dataclasses import dataclass, field, replace
 from typing import Tuple
 
@@ -26,12 +27,6 @@ class Example:
 
 
 # ----------------------------------------------------------------------------- LAReQA
-LAREQA_LANGUAGES = {
-    "xquad-r": ["ar", "de", "el", "en", "es", "hi", "ru", "th", "tr", "vi", "zh"],
-    "mlqa-r": ["ar", "de", "en", "es", "hi", "vi", "zh"],
-}
-
-
 @dataclass
 class RetrievalSet:
     """A LAReQA-style retrieval set (XQuAD-R, MLQA-R).
@@ -73,14 +68,18 @@ def first_groups(rs, n):
                    gold={key: new_index[i] for key, i in rs.gold.items() if key[0] in kept}), len(ids)
 
 
-def _load_json(path):
+def _squad_paragraphs(path):
+    """The paragraphs of a SQuAD-format file, every article's in order."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            doc = json.load(f)
+        return [p for art in doc["data"] for p in art["paragraphs"]]
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: not valid JSON ({e})") from None
+    except (KeyError, TypeError):
+        raise DataError(f"{path}: expected SQuAD format {{'data': [{{'paragraphs': [...]}}]}}") from None
 
 
 def load_lareqa(data_dir, languages=None, name=None):
@@ -102,13 +101,8 @@ def load_lareqa(data_dir, languages=None, name=None):
     for lang in languages:
         path = os.path.join(data_dir, f"{lang}.json")
         rs.files.append(path)
-        doc = _load_json(path)
         rs.queries[lang], rs.dropped[lang] = [], 0
-        try:
-            paragraphs = [p for art in doc["data"] for p in art["paragraphs"]]
-        except (KeyError, TypeError):
-            raise DataError(f"{path}: expected SQuAD format {{'data': [{{'paragraphs': [...]}}]}}") from None
-        for pi, p in enumerate(paragraphs):
+        for pi, p in enumerate(_squad_paragraphs(path)):
             try:
                 sentences, breaks, qas = p["sentences"], p["sentence_breaks"], p["qas"]
             except KeyError as e:
@@ -140,8 +134,6 @@ def load_lareqa(data_dir, languages=None, name=None):
 
 
 # ----------------------------------------------------------------------------- training data
-import re
-
 # file-name stems that name a language: ISO codes are used as they are
 LANGUAGE_NAMES = {"arabic": "ar", "bengali": "bn", "english": "en", "finnish": "fi", "indonesian": "id",
                   "korean": "ko", "russian": "ru", "swahili": "sw", "telugu": "te", "german": "de",
@@ -210,14 +202,9 @@ def read_squad(path, lang=None, source=None):
         if lang is None:
             raise DataError(f"{path}: cannot tell the language from the file name; name it like ar.json or give "
                             "--train LANG=PATH")
-    doc = _load_json(path)
-    try:
-        paragraphs = [p for art in doc["data"] for p in art["paragraphs"]]
-    except (KeyError, TypeError):
-        raise DataError(f"{path}: expected SQuAD format {{'data': [{{'paragraphs': [...]}}]}}") from None
     source = source or os.path.splitext(os.path.basename(path))[0]
     examples, skipped = [], 0
-    for pi, p in enumerate(paragraphs):
+    for pi, p in enumerate(_squad_paragraphs(path)):
         if "context" not in p or "qas" not in p:
             raise DataError(f"{path}: paragraph {pi} lacks 'context' or 'qas'")
         ctx = p["context"]
@@ -282,8 +269,7 @@ def spec_path(spec):
     """(language or None, path) of a --train argument: `LANG=PATH` forces the language, unless
     the whole argument is an existing path."""
     if "=" in spec and not os.path.exists(spec):
-        lang, path = spec.split("=", 1)
-        return lang, path
+        return tuple(spec.split("=", 1))
     return None, spec
 
 

@@ -86,8 +86,8 @@ def embed_sides(model, sides, keep_activations=False, max_tokens=None, max_texts
             caches.append(cache)
         if bar is not None:
             bar.update(n)
-    costs = [len(group) * lengths[group[0]] for group in groups]
-    pool.map_ordered(forward, groups, store, order=_costliest_first(costs))
+    costs = [len(group) * lengths[group[0]] for group in groups]                 # padded tokens
+    pool.map_ordered(forward, groups, store, order=costliest_last_window(costs, len(costs)))   # all costliest first
     if bar is not None:
         bar.close()
 
@@ -96,11 +96,6 @@ def embed_sides(model, sides, keep_activations=False, max_tokens=None, max_texts
             raise RuntimeError("backward was already called: it runs once, on the activations it frees")
         backward_groups(model, caches, d_emb, grads, table, costs)
     return emb, (backward if keep_activations else None), sum(lengths)
-
-
-def _costliest_first(padded_tokens):
-    """Indices of length groups by padded tokens (a group's cost), largest first (stable)."""
-    return sorted(range(len(padded_tokens)), key=lambda k: -padded_tokens[k])
 
 
 def costliest_last_window(costs, window):
