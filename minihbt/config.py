@@ -16,6 +16,8 @@ import os
 from dataclasses import dataclass, asdict
 
 FAMILIES = {"xlm-roberta": "roberta", "roberta": "roberta", "bert": "bert"}
+REQUIRED_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                  "max_position_embeddings")                  # config.json must give them; positive integers
 
 
 class ConfigError(ValueError):
@@ -76,12 +78,7 @@ class ModelConfig:
         defaults_eps = 1e-5 if FAMILIES[model_type] == "roberta" else 1e-12
         cfg = cls(
             model_type=model_type,
-            vocab_size=int(need("vocab_size")),
-            hidden_size=int(need("hidden_size")),
-            num_hidden_layers=int(need("num_hidden_layers")),
-            num_attention_heads=int(need("num_attention_heads")),
-            intermediate_size=int(need("intermediate_size")),
-            max_position_embeddings=int(need("max_position_embeddings")),
+            **{name: int(need(name)) for name in REQUIRED_SIZES},
             type_vocab_size=int(d.get("type_vocab_size", 2)),
             layer_norm_eps=float(d.get("layer_norm_eps", defaults_eps)),
             pad_token_id=int(d.get("pad_token_id", 1 if FAMILIES[model_type] == "roberta" else 0) or 0),
@@ -92,8 +89,7 @@ class ModelConfig:
         if cfg.hidden_size % cfg.num_attention_heads:
             raise ConfigError(f"{source}: hidden_size {cfg.hidden_size} is not divisible by "
                               f"num_attention_heads {cfg.num_attention_heads}")
-        for f in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                  "intermediate_size", "max_position_embeddings", "type_vocab_size"):
+        for f in REQUIRED_SIZES + ("type_vocab_size",):
             if getattr(cfg, f) <= 0:
                 raise ConfigError(f"{source}: field {f!r} must be positive, got {getattr(cfg, f)}")
         return cfg
