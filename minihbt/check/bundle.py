@@ -212,11 +212,6 @@ def read_tensors(paths, names=None):
     return found
 
 
-def bundle_tensors(bundle, names):
-    """The tensors `names` of a bundle folder."""
-    return read_tensors([os.path.join(bundle, f) for f in FILES.values()], names)
-
-
 def theirs_files(path):
     """The safetensors files of THEIRS: a folder's *.safetensors, or one file."""
     if os.path.isdir(path):
