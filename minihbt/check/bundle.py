@@ -135,8 +135,9 @@ def backward_names(n_layers, trainable):
     return names + ["grad_norm"]
 
 
-def update_names(trainable):
-    return ["updated/" + n for n in trainable]
+def tensor_order(n_layers, trainable):
+    """Every tensor name of a bundle, in comparison order: forward, backward, the update."""
+    return forward_names(n_layers) + backward_names(n_layers, trainable) + ["updated/" + n for n in trainable]
 
 
 def family(name):
