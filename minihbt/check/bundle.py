@@ -135,8 +135,9 @@ def backward_names(n_layers, trainable):
     return names + ["grad_norm"]
 
 
-def update_names(trainable):
-    return ["updated/" + n for n in trainable]
+def tensor_order(n_layers, trainable):
+    """Every tensor name of a bundle, in comparison order: forward, backward, the update."""
+    return forward_names(n_layers) + backward_names(n_layers, trainable) + ["updated/" + n for n in trainable]
 
 
 def family(name):
@@ -210,11 +211,6 @@ def read_tensors(paths, names=None):
         except (SafetensorError, OSError, TypeError) as e:
             raise BundleError(f"{path}: cannot be read as safetensors ({cli.one_line(e)})") from None
     return found
-
-
-def bundle_tensors(bundle, names):
-    """The tensors `names` of a bundle folder."""
-    return read_tensors([os.path.join(bundle, f) for f in FILES.values()], names)
 
 
 def theirs_files(path):

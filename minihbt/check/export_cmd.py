@@ -96,12 +96,11 @@ def check_args(argv):
     lowered = check_model_config(args, problems) if cli.check_input_dir("--model", args.model, problems) else []
     if (args.batch is None) == (args.data is None):
         problems.add("the batch: expected --batch FILE.jsonl, or --data PATH with --sampler (not both)")
+    elif args.data is not None and args.sampler is None:
+        problems.add("--data: needs --sampler xx|xy|hybrid")
     elif args.data is not None:
-        if args.sampler is None:
-            problems.add("--data: needs --sampler xx|xy|hybrid")
-        else:
-            check_sampler_flags(args, given, problems)
-    elif args.batch is not None and not os.path.isfile(args.batch):
+        check_sampler_flags(args, given, problems)
+    elif not os.path.isfile(args.batch):
         problems.add(f"--batch {args.batch}: no such file; expected a .jsonl file, one triplet a line")
     for name in ("beta1", "beta2"):
         if not 0 <= getattr(args, name) < 1:
@@ -167,9 +166,8 @@ def sampled_batch(args):
     *_, batch = sampler_batches(sampler, args.step)
     triplets = [{"query": t.query, "positive": t.positive, "negatives": list(t.negatives), "query_lang": t.query_lang,
                  "passage_lang": t.passage_lang, "group": t.group} for t in batch.triplets]
-    origin = {"data": args.data, "sampler": args.sampler, "alpha": args.alpha, "xx_weighting": args.xx_weighting,
-              "seed": args.seed, "batch_size": args.batch_size, "max_negatives": args.max_negatives,
-              "step": args.step}
+    origin = {name: getattr(args, name) for name in ("data", "sampler", "alpha", "xx_weighting", "seed", "batch_size",
+                                                      "max_negatives", "step")}
     return triplets, {"kind": batch.kind, "source": batch.source, "lang": batch.lang, "origin": origin}
 
 
@@ -197,34 +195,28 @@ def git_commit():
     return head.stdout.strip(), bool(status.stdout.strip())
 
 
-def model_record(model):
-    c = model.config
-    files = {os.path.relpath(p, model.path): sha256_file(p) for p in checkpoint_files(model.path)}
-    return {"path": os.path.abspath(model.path), "sha256": files, "model_type": c.model_type,
-            "num_hidden_layers": c.num_hidden_layers, "hidden_size": c.hidden_size,
-            "num_attention_heads": c.num_attention_heads, "vocab_size": c.vocab_size,
-            "layer_norm_eps": c.layer_norm_eps, "pad_token_id": c.pad_token_id, "max_length": model.max_length}
-
-
-def settings_record(model, s):
-    return {"query_prefix": model.prefixes["query"], "passage_prefix": model.prefixes["passage"],
-            "max_query_length": s.max_query_length, "max_passage_length": s.max_passage_length,
-            "pooling": model.pooling, "temperature": s.temperature, "candidates": s.candidates,
-            "symmetric": s.symmetric, "dropout": False, "lr": s.lr, "betas": list(s.betas), "eps": s.eps,
-            "weight_decay": s.weight_decay, "max_grad_norm": s.max_grad_norm}
-
-
 def build_manifest(model, s, dtype, triplets, batch_info):
     commit, dirty = git_commit()
-    trained = model.trainable_names()
+    c = model.config
+    files = {os.path.relpath(p, model.path): sha256_file(p) for p in checkpoint_files(model.path)}
     n_cands = len(triplets) + sum(len(t["negatives"]) for t in triplets)
     full = list(model.params[WORD_TABLE].shape)
     return {
         "format": bundle.FORMAT, "format_version": bundle.FORMAT_VERSION,
         "created_by": {"program": PROG, "minihbt": __version__, "git_commit": commit, "git_dirty": dirty},
-        "model": model_record(model), "dtype": dtype, "settings": settings_record(model, s), "semantics": SEMANTICS,
+        "model": {"path": os.path.abspath(model.path), "sha256": files, "model_type": c.model_type,
+                  "num_hidden_layers": c.num_hidden_layers, "hidden_size": c.hidden_size,
+                  "num_attention_heads": c.num_attention_heads, "vocab_size": c.vocab_size,
+                  "layer_norm_eps": c.layer_norm_eps, "pad_token_id": c.pad_token_id, "max_length": model.max_length},
+        "dtype": dtype,
+        "settings": {"query_prefix": model.prefixes["query"], "passage_prefix": model.prefixes["passage"],
+                     "max_query_length": s.max_query_length, "max_passage_length": s.max_passage_length,
+                     "pooling": model.pooling, "temperature": s.temperature, "candidates": s.candidates,
+                     "symmetric": s.symmetric, "dropout": False, "lr": s.lr, "betas": list(s.betas), "eps": s.eps,
+                     "weight_decay": s.weight_decay, "max_grad_norm": s.max_grad_norm},
+        "semantics": SEMANTICS,
         "batch": {"file": bundle.BATCH, "triplets": len(triplets), "candidates": n_cands, **batch_info},
-        "trained": trained,
+        "trained": model.trainable_names(),
         "row_stored": {name: {"rows": bundle.WORD_ROWS, "full_shape": full} for name in bundle.ROW_STORED},
         "other_rows": "a word-table row not in rows/...: gradient 0, after the step p * (1 - lr * weight_decay)",
         "rule": bundle.RULE, "tolerances": bundle.tolerances(s.lr, s.temperature),
@@ -243,9 +235,7 @@ def main(argv=None):
     s = StepSettings(args.max_query_len, args.max_passage_len, args.temperature, args.candidates, args.symmetric, args.lr,
                      (args.beta1, args.beta2), args.adam_eps, args.weight_decay, args.max_grad_norm)
     tensors = record_step(model, [(t["query"], t["positive"], t["negatives"]) for t in triplets], s)
-    trained = model.trainable_names()
-    order = (bundle.forward_names(model.config.num_hidden_layers)
-             + bundle.backward_names(model.config.num_hidden_layers, trained) + bundle.update_names(trained))
+    order = bundle.tensor_order(model.config.num_hidden_layers, model.trainable_names())
     bundle.write_bundle(args.out, build_manifest(model, s, args.dtype, triplets, batch_info), triplets, tensors, order)
     print(f"{args.out}: one step of {len(triplets)} triplets ({batch_info['kind'] or 'unknown kind'}, {args.dtype}), "
           f"loss {float(tensors['loss']):.6f}, gradient norm {float(tensors['grad_norm']):.4g}, {len(order)} tensors")

@@ -73,12 +73,11 @@ def pool_cells(observed, expected, min_expected=MIN_EXPECTED):
             obs.append(o)
             exp.append(e)
             o, e = 0.0, 0.0
-    if e > 0:
-        if exp:
-            obs[-1], exp[-1] = obs[-1] + o, exp[-1] + e
-        else:
-            obs.append(o)
-            exp.append(e)
+    if e > 0 and exp:
+        obs[-1], exp[-1] = obs[-1] + o, exp[-1] + e
+    elif e > 0:
+        obs.append(o)
+        exp.append(e)
     return np.array(obs), np.array(exp)
 
 

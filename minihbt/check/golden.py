@@ -81,20 +81,16 @@ def loss_and_gradients(model, triplets, s):
     return rec, {name: grads[name] for name in model.trainable_names()}
 
 
-def record_step(model, triplets, settings):
-    """Every tensor of a golden bundle of one step (names as bundle.py), as numpy arrays."""
-    s = settings
+def record_step(model, triplets, s):
+    """Every tensor of a golden bundle of one step (names as bundle.py; `s`: StepSettings), as numpy arrays."""
     rec, grads = loss_and_gradients(model, triplets, s)
-    for name, g in grads.items():
-        rec["grad/" + name] = g
+    rec.update({"grad/" + name: g for name, g in grads.items()})
     clipped = {name: g.copy() for name, g in grads.items()}
-    rec["grad_norm"] = np.asarray(step.clip_grad_norm(clipped, s.max_grad_norm if s.max_grad_norm else float("inf")),
-                                  dtype=np.float64)
+    rec["grad_norm"] = np.asarray(step.clip_grad_norm(clipped, s.max_grad_norm or float("inf")), dtype=np.float64)
     rows = rec[WORD_ROWS]
     params = {name: (model.params[name][rows] if name == WORD else model.params[name]).copy() for name in grads}
     optimizer = step.AdamW(params, lr=s.lr, betas=s.betas, eps=s.eps, weight_decay=s.weight_decay,
                            backend=model.backend)
     optimizer.step(params, clipped)
-    for name, p in params.items():
-        rec["updated/" + name] = p
+    rec.update({"updated/" + name: p for name, p in params.items()})
     return {name: np.array(to_numpy(a), order="C") for name, a in rec.items()}     # (0-d stays 0-d)

@@ -61,12 +61,12 @@ def _languages(batch):
     if batch.kind == "xx":
         langs = sorted({t.query_lang for t in batch.triplets} | {t.passage_lang for t in batch.triplets})
         if len(langs) > 1:
-            return "xx-one-language", f"an xx batch in {len(langs)} languages ({', '.join(langs)})"
-        return None
+            return {"xx-one-language": f"an xx batch in {len(langs)} languages ({', '.join(langs)})"}
+        return {}
     for i, t in enumerate(batch.triplets, 1):
         if t.query_lang == t.passage_lang:
-            return "xy-two-languages", f"triplet {i} has its query and passages all in {t.query_lang}"
-    return None
+            return {"xy-two-languages": f"triplet {i} has its query and passages all in {t.query_lang}"}
+    return {}
 
 
 def _repeats(batch):
@@ -100,10 +100,7 @@ def _provenance(batch, index):
 
 def batch_problems(batch, index) -> Dict[str, str]:
     """{rule: its first problem in `batch`} for each rule the batch breaks."""
-    found = _provenance(batch, index)
-    language = _languages(batch)
-    if language:
-        found[language[0]] = language[1]
+    found = {**_provenance(batch, index), **_languages(batch)}
     repeat = _repeats(batch)
     if repeat:
         found["distinct-texts"] = repeat

@@ -83,14 +83,6 @@ def check_args(argv):
     return args
 
 
-def aligned(name, theirs, ours, manifest):
-    """THEIRS' tensor `name`, a whole word table cut to the bundle's rows."""
-    stored = manifest.get("row_stored", {}).get(name)
-    if stored and list(theirs.shape) == stored["full_shape"]:
-        theirs = theirs[ours[stored["rows"]]]
-    return theirs
-
-
 def dtype_problems(manifest, ours, theirs):
     """One line naming each tensor whose dtype the comparison cannot take, or None: first the
     bundle's own tensors (a broken bundle: a dtype other than its manifest's entry), then THEIRS'.
@@ -116,10 +108,15 @@ def dtype_problems(manifest, ours, theirs):
 
 
 def compare(entry, theirs, ours, manifest):
-    """One Row: the error of THEIRS against the bundle for the tensor of manifest entry `entry`;
-    a tensor of another shape is out of tolerance by an infinite error."""
+    """One Row: the error of THEIRS' tensor against the bundle's for manifest entry `entry`
+    (`theirs`, `ours`: {name: array}; a whole word table is cut to the bundle's rows first); a
+    tensor of another shape is out of tolerance by an infinite error."""
     name = entry["name"]
     tol = manifest["tolerances"][manifest["dtype"]][entry["family"]]
+    theirs, stored = theirs[name], manifest.get("row_stored", {}).get(name)
+    if stored and list(theirs.shape) == stored["full_shape"]:
+        theirs = theirs[ours[stored["rows"]]]
+    ours = ours[name]
     if theirs.shape != ours.shape:
         shapes = f"THEIRS {list(theirs.shape)}, the bundle {list(ours.shape)}"
         return Row(name, entry["phase"], entry["family"], float("inf"), float("inf"), tol, shapes)
@@ -152,7 +149,7 @@ def read_inputs(args):
         theirs = bundle.read_tensors(bundle.theirs_files(args.theirs))
         entries = {t["name"] for t in manifest["tensors"]}
         wanted = {n for n in theirs if n in entries} | {bundle.WORD_ROWS}
-        ours = bundle.bundle_tensors(args.bundle, wanted)
+        ours = bundle.read_tensors([os.path.join(args.bundle, f) for f in bundle.FILES.values()], wanted)
     except bundle.BundleError as e:
         raise cli.Stop(cli.EXIT_USAGE, f"error: {cli.one_line(e)}") from None
     missing = sorted(wanted - set(ours))
@@ -174,13 +171,12 @@ def main(argv=None):
         raise cli.Stop(cli.EXIT_USAGE, f"error: THEIRS {args.theirs}: none of its {len(extra)} tensors has a name of "
                                        f"the bundle (e.g. {names_line(extra[:3]) or 'none'}); see manifest.json")
     entries = manifest["tensors"]
-    given = {e["name"]: aligned(e["name"], theirs[e["name"]], ours, manifest) for e in entries if e["name"] in theirs}
-    rows = [compare(e, given[e["name"]], ours[e["name"]], manifest) for e in entries if e["name"] in given]
+    rows = [compare(e, theirs, ours, manifest) for e in entries if e["name"] in theirs]
     b = manifest["batch"]
     print(f"bundle {args.bundle}: {manifest['dtype']}, {b['triplets']} triplets ({b.get('kind') or 'unknown kind'}), "
           f"{len(entries)} tensors; THEIRS {args.theirs}: {len(rows)} of them")
     print_table(rows, args.worst)
-    not_given = [e["name"] for e in entries if e["name"] not in given]
+    not_given = [e["name"] for e in entries if e["name"] not in theirs]
     if not_given:
         print(f"not provided ({len(not_given)}): {names_line(not_given)}")
     if extra:
