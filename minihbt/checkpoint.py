@@ -20,7 +20,7 @@ import shutil
 
 import numpy as np
 
-from .files import atomic_path, write_json
+from .files import write_json, write_text
 from .weights import CheckpointError
 
 STATE_FILE = "trainer_state.json"
@@ -39,8 +39,7 @@ def save_checkpoint(out_dir, name, model, optimizer, state):
     os.makedirs(tmp)
     model.save(tmp)
     opt = optimizer.state_dict()
-    arrays = {f"m/{k}": v for k, v in opt.pop("m").items()}
-    arrays.update({f"v/{k}": v for k, v in opt.pop("v").items()})
+    arrays = {f"{moment}/{k}": v for moment in ("m", "v") for k, v in opt.pop(moment).items()}
     np.savez(os.path.join(tmp, OPTIMIZER_FILE), **arrays)
     write_json(os.path.join(tmp, STATE_FILE), {**state, "optimizer": opt}, indent=1)
     if os.path.exists(final):                       # an older checkpoint of the same name: replace it
@@ -181,6 +180,4 @@ def truncate_log(run_dir, step):
             raise CheckpointError(f"{path}: line {i + 1} is not valid JSON; the log is damaged") from None
         if record["step"] <= step:
             kept.append(line if line.endswith("\n") else line + "\n")
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(kept)
+    write_text(path, "".join(kept))
