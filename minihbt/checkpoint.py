@@ -78,10 +78,8 @@ def latest_checkpoint(run_dir):
     """The checkpoint of `run_dir` with the most steps (checkpoint-N or final), or None."""
     if not os.path.isdir(run_dir):
         return None
-    found = []
-    for d in os.listdir(run_dir):
-        if is_checkpoint(os.path.join(run_dir, d)):
-            found.append((read_trainer_state(os.path.join(run_dir, d))["step"], d == "final", d))
+    found = [(read_trainer_state(os.path.join(run_dir, d))["step"], d == "final", d)
+             for d in os.listdir(run_dir) if is_checkpoint(os.path.join(run_dir, d))]
     return os.path.join(run_dir, max(found)[2]) if found else None
 
 
