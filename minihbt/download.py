@@ -230,13 +230,10 @@ def main(argv=None):
     """Command-line entry point; returns the exit status (0 ok, 1 error, 130 interrupted); bad
     arguments raise cli.Stop (exit status 2)."""
     args, mirror, names = check_args(argv)
-    progress = not args.quiet
     try:
         for n in names:
-            if n in DATASETS:
-                out = download_dataset(n, args.dir, mirror=mirror, progress=progress, force=args.force)
-            else:
-                out = download_model(n, args.dir, mirror=mirror, progress=progress, force=args.force)
+            download = download_dataset if n in DATASETS else download_model
+            out = download(n, args.dir, mirror=mirror, progress=not args.quiet, force=args.force)
             print(f"{n}: {out}")
     except (DownloadError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
