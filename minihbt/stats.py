@@ -133,11 +133,9 @@ def seed_weights(seeds_per_column, resamples, seed):
 def combine_seeds(per_run, weights, seeds_per_column):
     """[B, K] column figures from [B, sum(n)] per-run figures and weights of the same shape
     (weights [1, sum(n)] or [B, sum(n)]; uniform weights give the mean over seeds)."""
-    weighted, out, start = per_run * weights, [], 0
-    for n in seeds_per_column:
-        out.append(weighted[:, start:start + n].sum(axis=1))
-        start += n
-    return np.stack(out, axis=1)
+    weighted, ends = per_run * weights, np.cumsum(seeds_per_column)
+    columns = [weighted[:, end - n:end].sum(axis=1) for n, end in zip(seeds_per_column, ends)]
+    return np.stack(columns, axis=1)
 
 
 def resampled_macro(counts, units):
