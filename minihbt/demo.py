@@ -151,8 +151,7 @@ def run(out_dir, seeds=(0,), steps=DEMO_STEPS, batch_size=32, samplers=("xx", "x
             settings = TrainSettings(model=init, train=[train_dir], sampler=sampler, batch_size=batch_size,
                                      steps=steps, lr=lr, warmup=steps // 10, max_negatives=1, seed=seed, save_every=0,
                                      out=os.path.join(base, sampler), quiet=True)
-            final = train(settings, overwrite=True).path
-            model = load_model(final)
+            model = load_model(train(settings, overwrite=True).path)
             q = {l: encode(model, [t for _, t in rs.queries[l]], kind="query") for l in rs.languages}
             c = encode(model, rs.cand_text, kind="passage")
             r = table[seed][sampler] = evaluate(rs, q, c)
