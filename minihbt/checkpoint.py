@@ -20,7 +20,7 @@ import shutil
 
 import numpy as np
 
-from .files import atomic_path, write_json
+from .files import write_json, write_text
 from .weights import CheckpointError
 
 STATE_FILE = "trainer_state.json"
@@ -39,8 +39,7 @@ def save_checkpoint(out_dir, name, model, optimizer, state):
     os.makedirs(tmp)
     model.save(tmp)
     opt = optimizer.state_dict()
-    arrays = {f"m/{k}": v for k, v in opt.pop("m").items()}
-    arrays.update({f"v/{k}": v for k, v in opt.pop("v").items()})
+    arrays = {f"{moment}/{k}": v for moment in ("m", "v") for k, v in opt.pop(moment).items()}
     np.savez(os.path.join(tmp, OPTIMIZER_FILE), **arrays)
     write_json(os.path.join(tmp, STATE_FILE), {**state, "optimizer": opt}, indent=1)
     if os.path.exists(final):                       # an older checkpoint of the same name: replace it
@@ -79,10 +78,8 @@ def latest_checkpoint(run_dir):
     """The checkpoint of `run_dir` with the most steps (checkpoint-N or final), or None."""
     if not os.path.isdir(run_dir):
         return None
-    found = []
-    for d in os.listdir(run_dir):
-        if is_checkpoint(os.path.join(run_dir, d)):
-            found.append((read_trainer_state(os.path.join(run_dir, d))["step"], d == "final", d))
+    found = [(read_trainer_state(os.path.join(run_dir, d))["step"], d == "final", d)
+             for d in os.listdir(run_dir) if is_checkpoint(os.path.join(run_dir, d))]
     return os.path.join(run_dir, max(found)[2]) if found else None
 
 
@@ -181,6 +178,4 @@ def truncate_log(run_dir, step):
             raise CheckpointError(f"{path}: line {i + 1} is not valid JSON; the log is damaged") from None
         if record["step"] <= step:
             kept.append(line if line.endswith("\n") else line + "\n")
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(kept)
+    write_text(path, "".join(kept))

@@ -151,12 +151,10 @@ def run(out_dir, seeds=(0,), steps=DEMO_STEPS, batch_size=32, samplers=("xx", "x
             settings = TrainSettings(model=init, train=[train_dir], sampler=sampler, batch_size=batch_size,
                                      steps=steps, lr=lr, warmup=steps // 10, max_negatives=1, seed=seed, save_every=0,
                                      out=os.path.join(base, sampler), quiet=True)
-            final = train(settings, overwrite=True).path
-            model = load_model(final)
+            model = load_model(train(settings, overwrite=True).path)
             q = {l: encode(model, [t for _, t in rs.queries[l]], kind="query") for l in rs.languages}
             c = encode(model, rs.cand_text, kind="passage")
-            table[seed][sampler] = evaluate(rs, q, c)
-            r = table[seed][sampler]
+            r = table[seed][sampler] = evaluate(rs, q, c)
             log(f"seed {seed} {sampler:6s}  Mo. {r['mono']['map']:.3f}  Cr. {r['cross']['map']:.3f}  "
                 f"Mul. {r['multi']['map']:.3f}  bias {r['bias']['rank_distance']:6.1f}  "
                 f"({time.perf_counter() - t0:.0f} s)")
@@ -223,6 +221,5 @@ def main(argv):
     print(format_table(table))
     print(f"\n{time.perf_counter() - t0:.0f} s. X-X batches leave the languages unaligned (low Cr./Mul. mAP, large "
           "bias); X-Y and hybrid batches align them and keep most of X-X's Mo. quality (see README.md for "
-          "what three seeds show). "
-          "Real data: see README.md.")
+          "what three seeds show). Real data: see README.md.")
     return table

@@ -27,7 +27,7 @@ import urllib.request
 from dataclasses import dataclass
 from typing import List, Optional
 
-from .cli import EXIT_USAGE, Problems, build_settings, make_folder, parser, program, setting
+from .cli import Problems, build_settings, make_folder, parser, program, setting
 from .sources import (DATASETS, ENV_GITHUB, ENV_HF, GITHUB_RAW, HF_ENDPOINT, MODELS, OPTIONAL_MODEL_FILES,
                       REQUIRED_MODEL_FILES, TIMEOUT, WEIGHTS_FILE, WEIGHTS_INDEX)
 from .transfer import DownloadError, copy_file, fetch
@@ -188,8 +188,8 @@ class DownloadSettings:
 
 
 def check_args(argv):
-    """(settings, --from, names, problems): every argument checked before anything is fetched,
-    one line per problem in the Problems."""
+    """(settings, --from, names), every argument checked before anything is fetched: bad ones
+    end the program (cli.Stop, exit status 2) with one line per problem."""
     problems = Problems()
     ap = parser(PROG, "Download models (Hugging Face) and evaluation datasets (pinned GitHub commits), verified, "
                       "atomic and resumable.", DownloadSettings, epilog=_epilog())
@@ -221,25 +221,19 @@ def check_args(argv):
                          "model directory.")
     if not problems.lines and args.dir:
         make_folder("--dir", args.dir, problems)
-    return args, mirror, names, problems
+    problems.stop_if_any()
+    return args, mirror, names
 
 
 @program(PROG)
 def main(argv=None):
-    """Command-line entry point; returns the exit status (0 ok, 1 error, 2 bad arguments,
-    130 interrupted)."""
-    args, mirror, names, problems = check_args(argv)
-    for line in problems.lines:
-        print(f"{PROG}: error: {line}", file=sys.stderr)
-    if problems.lines:
-        return EXIT_USAGE
-    progress = not args.quiet
+    """Command-line entry point; returns the exit status (0 ok, 1 error, 130 interrupted); bad
+    arguments raise cli.Stop (exit status 2)."""
+    args, mirror, names = check_args(argv)
     try:
         for n in names:
-            if n in DATASETS:
-                out = download_dataset(n, args.dir, mirror=mirror, progress=progress, force=args.force)
-            else:
-                out = download_model(n, args.dir, mirror=mirror, progress=progress, force=args.force)
+            download = download_dataset if n in DATASETS else download_model
+            out = download(n, args.dir, mirror=mirror, progress=not args.quiet, force=args.force)
             print(f"{n}: {out}")
     except (DownloadError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

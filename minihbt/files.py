@@ -11,6 +11,7 @@ import os
 import secrets
 import shutil
 import socket
+from pathlib import Path
 
 try:
     import fcntl
@@ -31,8 +32,7 @@ def atomic_path(path):
         yield tmp
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        Path(tmp).unlink(missing_ok=True)
 
 
 LOCKING = fcntl is not None     # whether exclusive_lock excludes other processes on this platform
@@ -77,8 +77,7 @@ def presence(folder):
         with exclusive_lock(mine, wait=True):        # a probe (live_processes) holds it only for an instant
             yield lambda: 1 + live_processes(folder, exclude=mine)
     finally:
-        if os.path.exists(mine):
-            os.remove(mine)
+        Path(mine).unlink(missing_ok=True)
 
 
 def live_processes(folder, exclude=None):
@@ -141,8 +140,7 @@ def source_digest():
     """sha256 of minihbt's own source files (this package, subpackages included): a cache key part
     that changes whenever the code that computed a cached result may have."""
     root, h = os.path.dirname(os.path.abspath(__file__)), hashlib.sha256()
-    for folder, dirs, files in sorted(os.walk(root)):
-        dirs.sort()
+    for folder, _, files in sorted(os.walk(root)):
         for name in sorted(f for f in files if f.endswith(".py")):
             path = os.path.join(folder, name)
             h.update(os.path.relpath(path, root).encode())

@@ -97,8 +97,7 @@ def top_k(queries, candidates, k, max_bytes=DEFAULT_MAX_BYTES, workers=None):
             work(block)
     else:
         with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
-            for _ in pool.map(work, blocks):
-                pass
+            list(pool.map(work, blocks))    # waits for every block; a worker's error raises here
     return idx_out, score_out
 
 

@@ -85,14 +85,17 @@ def t_quantile(p, df):
     lo, hi = 0.0, 1.0
     while _upper_tail(hi, df) > target:
         lo, hi = hi, 2.0 * hi
+    return _bisect(lambda t: _upper_tail(t, df) > target, lo, hi)
+
+
+def _bisect(below, lo, hi):
+    """The point in [lo, hi] where `below(x)`, true left of it and false right of it, turns
+    false, by bisection down to adjacent doubles."""
     while True:
         mid = 0.5 * (lo + hi)
         if mid in (lo, hi):                          # adjacent doubles: as precise as it gets
             return mid
-        if _upper_tail(mid, df) > target:
-            lo = mid
-        else:
-            hi = mid
+        lo, hi = (mid, hi) if below(mid) else (lo, mid)
 
 
 def mean_ci(values, level=0.95):
@@ -130,11 +133,9 @@ def seed_weights(seeds_per_column, resamples, seed):
 def combine_seeds(per_run, weights, seeds_per_column):
     """[B, K] column figures from [B, sum(n)] per-run figures and weights of the same shape
     (weights [1, sum(n)] or [B, sum(n)]; uniform weights give the mean over seeds)."""
-    weighted, out, start = per_run * weights, [], 0
-    for n in seeds_per_column:
-        out.append(weighted[:, start:start + n].sum(axis=1))
-        start += n
-    return np.stack(out, axis=1)
+    weighted, ends = per_run * weights, np.cumsum(seeds_per_column)
+    columns = [weighted[:, end - n:end].sum(axis=1) for n, end in zip(seeds_per_column, ends)]
+    return np.stack(columns, axis=1)
 
 
 def resampled_macro(counts, units):
@@ -244,15 +245,7 @@ def beta_quantile(p, a, b):
     """The x in [0, 1] with I_x(a, b) = p, by bisection (I_x increases in x) down to adjacent doubles."""
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"p must lie in [0, 1], got {p}")
-    lo, hi = 0.0, 1.0
-    while True:
-        mid = 0.5 * (lo + hi)
-        if mid in (lo, hi):
-            return mid
-        if regularized_incomplete_beta(a, b, mid) < p:
-            lo = mid
-        else:
-            hi = mid
+    return _bisect(lambda x: regularized_incomplete_beta(a, b, x) < p, 0.0, 1.0)
 
 
 def clopper_pearson(k, n, level=0.999):

@@ -8,6 +8,7 @@ import re
 import shutil
 import sys
 import urllib.request
+from pathlib import Path
 from urllib.error import HTTPError, URLError
 
 from tqdm import tqdm
@@ -33,13 +34,6 @@ def _say(msg, progress):
         tqdm.write(msg, file=sys.stderr)
 
 
-def _remove(path):
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
-
-
 def _present(dest, sha256, force, progress):
     """True when dest is already there and (where a checksum is known) correct."""
     if force or not os.path.exists(dest):
@@ -59,7 +53,7 @@ def _present(dest, sha256, force, progress):
 def _commit(part, dest, sha256, actual, source):
     """Rename part to dest if its checksum is right; otherwise delete it and raise."""
     if sha256 is not None and actual != sha256.lower():
-        _remove(part)
+        Path(part).unlink(missing_ok=True)
         raise DownloadError(
             f"checksum mismatch for {os.path.basename(dest)}\n"
             f"  source:   {source}\n  expected sha256: {sha256}\n  actual sha256:   {actual}\n"
@@ -101,14 +95,14 @@ def fetch(url, dest, sha256=None, progress=True, force=False, timeout=TIMEOUT):
         return dest
     part = dest + ".part"
     if force:
-        _remove(part)
+        Path(part).unlink(missing_ok=True)
     offset = os.path.getsize(part) if os.path.exists(part) else 0
     try:
         resp = _open(url, offset, timeout)
     except DownloadError as e:
         if not (offset and e.status == 416):       # 416: the .part is already as long as the file
             raise
-        _remove(part)
+        Path(part).unlink(missing_ok=True)
         offset, resp = 0, _open(url, 0, timeout)
     if offset and resp.status == 206 and _range_start(resp) != offset:   # not the range we asked for
         resp.close()
@@ -160,12 +154,9 @@ def copy_file(src, dest, sha256=None, progress=True, force=False):
     if _present(dest, sha256, force, progress):
         return dest
     part = dest + ".part"
-    _remove(part)
+    Path(part).unlink(missing_ok=True)
     os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
     shutil.copyfile(src, part)
     _commit(part, dest, sha256, sha256_file(part) if sha256 else None, src)
     _say(f"{dest}: copied from {src}" + (", checksum ok" if sha256 else ""), progress)
     return dest
-
-
-# ---------------------------------------------------------------- models

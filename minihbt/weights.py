@@ -8,7 +8,6 @@ Reading goes through the `safetensors` library; before that the header is checke
 so that a damaged file gives an error naming the file and the problem. BF16 has no NumPy
 dtype, so BF16 tensors are widened from their raw bytes (bf16 is the top half of fp32).
 """
-import glob
 import json
 import os
 import struct
@@ -115,7 +114,6 @@ def checkpoint_files(model_dir):
     """The safetensors file(s) of a model directory; refuses pickled checkpoints."""
     if os.path.isfile(model_dir):
         files = [model_dir]
-        model_dir = os.path.dirname(model_dir)
     else:
         index = os.path.join(model_dir, "model.safetensors.index.json")
         single = os.path.join(model_dir, "model.safetensors")
@@ -143,7 +141,7 @@ def checkpoint_files(model_dir):
                     "which writes model.safetensors beside it.")
             raise CheckpointError(f"{model_dir}: no model.safetensors or model.safetensors.index.json found")
     for p in files:
-        if p.endswith(".bin") or p.endswith(".pt") or p.endswith(".pth"):
+        if p.endswith((".bin", ".pt", ".pth")):
             raise CheckpointError(f"{p}: refusing to load a pickled checkpoint (unpickling can run arbitrary code); "
                                   "convert it to safetensors first")
     return files
@@ -277,6 +275,6 @@ def default_pooling(model_dir, params):
     with open(pcfg, encoding="utf-8") as f:
         d = json.load(f)
     if d.get("pooling_mode_cls_token"):
-        has_dense = bool(glob.glob(os.path.join(model_dir, "2_Dense")))
+        has_dense = os.path.exists(os.path.join(model_dir, "2_Dense"))
         return "pooler" if has_dense and "pooler.dense.weight" in params else "cls"
     return "mean"

@@ -483,11 +483,12 @@ def test_cli_error_exit_1_no_traceback(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "--from" in err and "Traceback" not in err
     # bad arguments are refused before any transfer, with argparse's exit status 2
-    assert main(["xquad-r", "--from", str(tmp_path / "nowhere")]) == 2
-    assert "no such directory" in capsys.readouterr().err
-    assert main(["nonsense"]) == 2
-    assert "unknown name" in capsys.readouterr().err
-    assert main(["xquad-r", "mlqa-r", "--dir", str(tmp_path)]) == 2
+    for args, words in ((["xquad-r", "--from", str(tmp_path / "nowhere")], "no such directory"),
+                        (["nonsense"], "unknown name"), (["xquad-r", "mlqa-r", "--dir", str(tmp_path)], "--dir")):
+        with pytest.raises(SystemExit) as stop:
+            main(args)
+        assert stop.value.code == 2
+        assert words in capsys.readouterr().err
 
 
 def test_cli_success(server, tmp_path, fake_dataset, monkeypatch, capsys):
