@@ -28,12 +28,12 @@ from typing import List, Optional
 
 from minihbt import cli
 from minihbt.cli import setting
-from minihbt.files import LOCKING
+from minihbt.files import LOCKING, git_info
 from minihbt.study import SettingError, grid, load_study, select_runs, verify
 from minihbt.study.config import check_inputs
 from minihbt.study.data import ReportError
 from minihbt.study.report import write_report
-from minihbt.study.runner import Context, Interrupted, RunError, check_existing, git_info
+from minihbt.study.runner import Context, Interrupted, RunError, check_existing
 
 PROG = "study.py"
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -11,6 +11,7 @@ import os
 import secrets
 import shutil
 import socket
+import subprocess
 from pathlib import Path
 
 try:
@@ -177,3 +178,15 @@ def value_digest(value):
     objects by repr): equal settings give equal digests on every process."""
     as_json = json.dumps(value, sort_keys=True, default=lambda v: v.tolist() if hasattr(v, "tolist") else repr(v))
     return hashlib.sha256(as_json.encode()).hexdigest()[:32]
+
+
+def git_info(root):
+    """{"commit": HEAD of the repository at root, "dirty": tracked files differ from it}; None
+    for both outside a repository or without git."""
+    def run(*args):
+        return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, check=True,
+                              timeout=20).stdout.strip()
+    try:
+        return {"commit": run("rev-parse", "HEAD"), "dirty": bool(run("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}

@@ -16,7 +16,6 @@ Exit status 2 for a bad setting (one line naming the flag), 1 for an error while
 """
 import json
 import os
-import subprocess
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -25,7 +24,7 @@ from ..batchlog import sampler_batches
 from ..cli import AT_LEAST_0, AT_LEAST_1, POSITIVE, Range, setting
 from ..config import ConfigError, ModelConfig
 from ..encoder import WORD_TABLE
-from ..files import sha256_file
+from ..files import git_info, sha256_file
 from ..model import POOLINGS, load_model
 from ..sampler import SAMPLERS
 from ..step import CANDIDATES
@@ -181,29 +180,15 @@ def batch_kind(triplets):
     return "xy" if all(a != b for a, b in pairs) else None
 
 
-def git_commit():
-    """(commit, dirty) of the repository minihbt runs from, or (None, None) outside one."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    try:
-        head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=20)
-        status = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
-                                capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.SubprocessError):
-        return None, None
-    if head.returncode or status.returncode:
-        return None, None
-    return head.stdout.strip(), bool(status.stdout.strip())
-
-
 def build_manifest(model, s, dtype, triplets, batch_info):
-    commit, dirty = git_commit()
+    git = git_info(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     c = model.config
     files = {os.path.relpath(p, model.path): sha256_file(p) for p in checkpoint_files(model.path)}
     n_cands = len(triplets) + sum(len(t["negatives"]) for t in triplets)
     full = list(model.params[WORD_TABLE].shape)
     return {
         "format": bundle.FORMAT, "format_version": bundle.FORMAT_VERSION,
-        "created_by": {"program": PROG, "minihbt": __version__, "git_commit": commit, "git_dirty": dirty},
+        "created_by": {"program": PROG, "minihbt": __version__, "git_commit": git["commit"], "git_dirty": git["dirty"]},
         "model": {"path": os.path.abspath(model.path), "sha256": files, "model_type": c.model_type,
                   "num_hidden_layers": c.num_hidden_layers, "hidden_size": c.hidden_size,
                   "num_attention_heads": c.num_attention_heads, "vocab_size": c.vocab_size,

@@ -15,7 +15,6 @@ import os
 import platform
 import shlex
 import shutil
-import subprocess
 import time
 from dataclasses import dataclass, field
 
@@ -60,16 +59,6 @@ class Context:
     flags: list = field(default_factory=list)   # study.py flags that select this study's files
     datasets: dict = field(default_factory=dict)
     git: dict = None
-
-
-def git_info(root):
-    """{"commit": HEAD of the repository at root, "dirty": tracked files differ from it}."""
-    try:
-        run = lambda *a: subprocess.run(["git", "-C", root, *a], capture_output=True, text=True,   # noqa: E731
-                                        check=True).stdout.strip()
-        return {"commit": run("rev-parse", "HEAD"), "dirty": bool(run("status", "--porcelain", "--untracked-files=no"))}
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "dirty": None}
 
 
 def machine_info():
