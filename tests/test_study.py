@@ -5,6 +5,7 @@ during training, after training, or by Ctrl-C, the report from the result files 
 --verify, and settings checked before anything is loaded."""
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -16,10 +17,10 @@ import pytest
 
 import study
 import train
-from minihbt import demo, training
+from minihbt import cli, demo, training
 from minihbt.parallel import blas_info, blas_threads
 from minihbt.files import exclusive_lock, live_processes, presence
-from minihbt.study import grid as study_grid, load_study, paper
+from minihbt.study import grid as study_grid, load_study, paper, runner as study_runner
 from minihbt.study.runner import Interrupted
 from minihbt.study.data import DirectionBootstrap, StudyResults
 from minihbt.study.perquery import METRICS, RankFile, unit_values
@@ -220,6 +221,22 @@ def test_resume_a_run_stopped_during_training(grid, tmp_path):
     again, clean = result(tmp_path, "A/hybrid-seed0"), result(out, "A/hybrid-seed0")
     assert again["results"] == clean["results"] and again["loss_curve"] == clean["loss_curve"]
     assert again["seconds"]["train_sessions"] == 1 and again["seconds"]["train_steps"] == 1   # only step 3 here
+
+
+def test_the_shown_train_command_is_what_the_run_trains_with(grid):
+    """train.py's command a run shows (the dry run, its JSON's train_command), read by train.py's own
+    parser, gives the TrainSettings the study trains the run with: both come from Study.train_values."""
+    config, out, st = grid
+    trained = [r for r in st.runs() if st.conditions[r.condition] is not None]
+    assert len(trained) == 12
+    for run in trained:
+        argv = st.train_argv(run) + ["--device", "cpu", "--quiet"]
+        problems = cli.Problems()
+        shown, _ = cli.parse_settings(train.build_parser(), training.TrainSettings, argv, problems)
+        assert problems.lines == [] and shown == study_runner.train_settings(st, run, "cpu")
+        if run.direction == "A":
+            command = "python train.py " + shlex.join(st.train_argv(run, display=True) + ["--device", "cpu"])
+            assert result(out, run.id)["train_command"] == command
 
 
 def test_a_run_killed_before_its_first_checkpoint_starts_over(grid, tmp_path):

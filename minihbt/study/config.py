@@ -21,6 +21,7 @@ import os
 import re
 from dataclasses import dataclass
 
+from ..cli import flag_of
 from ..data import language_from_filename
 
 
@@ -159,19 +160,28 @@ class Study:
         rel = os.path.relpath(os.path.abspath(path), self.root)
         return os.path.abspath(path) if rel.startswith(os.path.join("..", "..")) else rel
 
-    def train_argv(self, run, out, display=False):
-        """train.py's argv for a trained run (paths shown relative to the repository if display)."""
+    def train_values(self, run, out=None):
+        """Everything a trained run gives train.py, in command-line order: the model, the training
+        sources, train_settings, the seed and the run directory (`out`, default run_dir(run)). The
+        run's TrainSettings (runner.train_settings) and its shown command (train_argv) both come from it."""
+        return {"model": self.model, "train": list(self.directions[run.direction].train), **self.train_settings(run),
+                "seed": run.seed, "out": out or self.run_dir(run)}
+
+    def train_argv(self, run, out=None, display=False):
+        """train.py's argv for a trained run: train_values as flags (paths shown relative to the
+        repository if display)."""
         show = self.display if display else (lambda p: p)
-        argv = ["--model", show(self.model)]
-        for source in self.directions[run.direction].train:
+        values = self.train_values(run, out)
+        argv = ["--model", show(values.pop("model"))]
+        for source in values.pop("train"):
             argv += ["--train", show(source)]
-        for key, value in self.train_settings(run).items():
-            flag = "--" + key.replace("_", "-")
+        values["out"] = show(values["out"])
+        for key, value in values.items():
             if isinstance(value, bool):
-                argv += [flag] if value else []
+                argv += [flag_of(key)] if value else []
             elif value is not None:
-                argv += [flag, repr(value) if isinstance(value, float) else str(value)]
-        return argv + ["--seed", str(run.seed), "--out", show(out)]
+                argv += [flag_of(key), repr(value) if isinstance(value, float) else str(value)]
+        return argv
 
 
 def languages_in(path):

@@ -75,7 +75,7 @@ def dry_run(study, runs, pending, device):
         print(f"direction {d}: train on {', '.join(study.display(p) for p in direction.train)}, evaluate on "
               f"{study.display(direction.eval)} (every run: plain and centered)")
         for run in mine:
-            what = ("python train.py " + shlex.join(study.train_argv(run, study.run_dir(run), display=True))
+            what = ("python train.py " + shlex.join(study.train_argv(run, display=True))
                     if study.conditions[run.condition] is not None else f"no training: {study.display(study.model)}")
             print(f"  {run.id:16s} {run_state(study, run):16s} {what}")
     try:

@@ -119,10 +119,9 @@ def _train_state(run_dir):
 
 
 def train_settings(study, run, device):
-    """The TrainSettings of a trained run (a problem with them: SettingError)."""
-    values = {**study.train_settings(run), "model": study.model, "train": list(study.directions[run.direction].train),
-              "seed": run.seed, "out": study.run_dir(run), "quiet": True, "device": device}
-    settings, problems = make_settings(values)
+    """The TrainSettings of a trained run, from Study.train_values as its shown command is (a
+    problem with them: SettingError)."""
+    settings, problems = make_settings({**study.train_values(run), "quiet": True, "device": device})
     if problems:
         raise SettingError(f"{run.id}: train.py would refuse its settings: {problems[0]}")
     return settings
@@ -262,7 +261,7 @@ def commands(ctx, run, model_path):
                      "--batch-size", str(ev["batch_size"]), "--max-length", str(ev["max_length"]),
                      "--candidates", ev["candidates"], "--device", ctx.device]
     return {"command": "python study.py " + shlex.join(ctx.flags + ["--verify", run.id]),
-            "train_command": ("python train.py " + shlex.join(study.train_argv(run, study.run_dir(run), display=True)
+            "train_command": ("python train.py " + shlex.join(study.train_argv(run, display=True)
                                                             + ["--device", ctx.device])) if trained else None,
             "evaluate_commands": {"plain": "python evaluate.py " + shlex.join(evaluate_argv),
                                   "centered": "python evaluate.py "
