@@ -8,19 +8,14 @@ import numpy as np
 try:                                   # optional: without it the report has no figures
     import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as _plt
+    import matplotlib.pyplot as plt
 except ImportError:
-    _plt = None
-
-
-def _pyplot():
-    return _plt
+    plt = None
 
 
 def metrics_figure(path, title, rows):
     """rows: {column: {metric: (mean, half-width, n)}}; left panel Mo./Cr./Mul. mAP, right
     panel the bias, each bar with its 95% t-interval whisker (none where n = 1)."""
-    plt = _pyplot()
     if plt is None:
         return False
     names = list(rows)
@@ -50,7 +45,6 @@ def metrics_figure(path, title, rows):
 def loss_figure(path, title, curves, window=10):
     """curves: {condition: [per-seed loss lists]}; the mean over seeds, smoothed by a trailing
     moving average of `window` steps (the raw mean faint behind it)."""
-    plt = _pyplot()
     if plt is None or not curves:
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
