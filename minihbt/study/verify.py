@@ -23,16 +23,12 @@ from .runner import RunError, execute
 def numeric_leaves(obj, prefix=""):
     """{"a.b.c": number} for every int/float leaf of nested dicts and lists (booleans excluded)."""
     if isinstance(obj, dict):
-        out = {}
-        for k, v in obj.items():
-            out.update(numeric_leaves(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    if isinstance(obj, list):
-        out = {}
-        for i, v in enumerate(obj):
-            out.update(numeric_leaves(v, f"{prefix}[{i}]"))
-        return out
-    return {prefix: float(obj)} if isinstance(obj, (int, float)) and not isinstance(obj, bool) else {}
+        children = [(f"{prefix}.{k}" if prefix else str(k), v) for k, v in obj.items()]
+    elif isinstance(obj, list):
+        children = [(f"{prefix}[{i}]", v) for i, v in enumerate(obj)]
+    else:
+        return {prefix: float(obj)} if isinstance(obj, (int, float)) and not isinstance(obj, bool) else {}
+    return {name: x for path, child in children for name, x in numeric_leaves(child, path).items()}
 
 
 def compare(saved, again, saved_npz, again_npz):
