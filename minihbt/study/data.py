@@ -13,7 +13,7 @@ import numpy as np
 
 from .. import stats
 from .config import CENTERED
-from .perquery import METRICS, RankFile, macro_value, unit_values
+from .perquery import METRICS, VARIANTS, RankFile, macro_value, unit_values
 
 
 class ReportError(Exception):
@@ -84,7 +84,7 @@ class DirectionBootstrap:
     seed draws only reweight them."""
 
     def __init__(self, results, direction, resamples, seed):
-        self.columns = [column(c, v) for c in results.conditions(direction) for v in ("plain", "centered")]
+        self.columns = [column(c, v) for c in results.conditions(direction) for v in VARIANTS]
         self.files = {c: [RankFile(results.study.result_path(r, ".npz")) for r, _ in results.runs(direction, c)]
                       for c in results.conditions(direction)}
         first = next(iter(self.files.values()))[0]
@@ -92,13 +92,12 @@ class DirectionBootstrap:
             if any(f.qids != first.qids for f in files):
                 raise ReportError(f"direction {direction}: the runs of {c} were evaluated on other questions")
         self.n_items = len(first.qids)
-        any_record = results.runs(direction)[0][1]
-        self.seen = set(any_record["seen"])
+        self.seen = set(results.runs(direction)[0][1]["seen"])
         self.seeds = [len(self.files[split_column(name)[0]]) for name in self.columns]
         self.counts = stats.resample_counts(self.n_items, resamples, seed)
         self.weights = {"questions": np.hstack([np.full(n, 1.0 / n) for n in self.seeds])[None, :],
                         "seeds": stats.seed_weights(self.seeds, resamples, [seed, 1])}
-        self.resamples, self.seed, self._cache = resamples, seed, {}
+        self._cache = {}
 
     def _units(self, metric, subset):
         """[(item_index, values [n_u, sum(seeds)])]: every run of every column, per unit."""

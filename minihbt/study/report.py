@@ -10,13 +10,12 @@ import os
 from ..files import write_text
 from . import figures, paper
 from .data import DirectionBootstrap, StudyResults, column, split_column
-from .perquery import METRICS, macro_value
+from .perquery import METRICS, VARIANTS, macro_value
 from .progress import human
 from .verdicts import fmt_difference, fmt_signed, verdicts
 
 TABLE_METRICS = ("mo_map", "mo_r1", "cr_map", "cr_r1", "mul_map", "mul_r10", "bias")
 SEED_METRICS = ("mo_map", "cr_map", "mul_map", "bias")
-VARIANTS = ("plain", "centered")
 
 
 def fmt_value(metric, x):
@@ -24,9 +23,7 @@ def fmt_value(metric, x):
 
 
 def fmt_summary(metric, mean, half, n):
-    if n < 2:
-        return fmt_value(metric, mean)
-    return f"{fmt_value(metric, mean)} ± {fmt_value(metric, half)}"
+    return fmt_value(metric, mean) + (f" ± {fmt_value(metric, half)}" if n > 1 else "")
 
 
 def _table(header, rows):
@@ -240,16 +237,14 @@ def direction_section(study, results, d):
     if not results.runs(d):
         return lines + ["No runs yet.", ""]
     record = results.runs(d)[0][1]
-    lines.append("Trained on " + ", ".join(f"`{study.display(p)}`" for p in direction.train) +
-                 f" ({', '.join(record['train_languages'])}); evaluated on `{study.display(direction.eval)}` "
-                 f"({', '.join(record['eval_languages'])}).")
-    lines.append("")
+    lines += ["Trained on " + ", ".join(f"`{study.display(p)}`" for p in direction.train) +
+              f" ({', '.join(record['train_languages'])}); evaluated on `{study.display(direction.eval)}` "
+              f"({', '.join(record['eval_languages'])}).", ""]
     boot = DirectionBootstrap(results, d, study.report["bootstrap_resamples"], study.report["bootstrap_seed"])
     metrics, plot_rows = metrics_section(results, d)
-    has_unseen = bool(results.runs(d)[0][1]["unseen"])
     return (lines + metrics + differences_section(study, boot) + seeds_section(study, results, d)
-            + languages_section(study, results, boot, d)
-            + verdicts_section(boot, has_unseen) + paper_section(study, boot, d) + figures_section(study, results, d, plot_rows)
+            + languages_section(study, results, boot, d) + verdicts_section(boot, bool(record["unseen"]))
+            + paper_section(study, boot, d) + figures_section(study, results, d, plot_rows)
             + cost_section(results, d))
 
 
