@@ -62,22 +62,24 @@ class Progress:
             self.record(res)
         self.session_steps, self.session_eval = [0.0, 0], {}          # the same, this invocation only
         self.current, self.index, self.run_start = None, 0, clock()
-        self.phase_name, self.phase_start = "", clock()
+        self.phase_name = ""
         self.train_watch = None                        # (log path, steps at start, total steps, start time)
         self.eval_direction, self.eval_start = None, None
         self._stop = threading.Event()
         self._thread = None
 
-    def record(self, res):
-        """Add a finished run's measured times (its JSON) to the estimate."""
+    def record(self, res, session=False):
+        """Add a finished run's measured times (its JSON) to the estimate (session: a run of this
+        invocation, whose evaluation time also counts as this invocation's own)."""
         sec = res.get("seconds", {})
         if sec.get("train") and sec.get("train_steps"):
             self.step_time[0] += sec["train"]
             self.step_time[1] += sec["train_steps"]
         if "evaluate" in sec:
-            slot = self.eval_time.setdefault(res["direction"], [0.0, 0])
-            slot[0] += sec["evaluate"]
-            slot[1] += 1
+            for times in (self.eval_time, self.session_eval) if session else (self.eval_time,):
+                slot = times.setdefault(res["direction"], [0.0, 0])
+                slot[0] += sec["evaluate"]
+                slot[1] += 1
 
     # ----------------------------------------------------------------- events
     def begin(self, run):
@@ -108,11 +110,7 @@ class Progress:
         self.say(what)
 
     def finished(self, res):
-        self.record(res)
-        if "evaluate" in res.get("seconds", {}):
-            slot = self.session_eval.setdefault(res["direction"], [0.0, 0])
-            slot[0] += res["seconds"]["evaluate"]
-            slot[1] += 1
+        self.record(res, session=True)
         self.todo = [t for t in self.todo if t[0] != self.current]
         self.done += 1
         self.eval_direction = None
@@ -152,7 +150,7 @@ class Progress:
 
     def say(self, phase):
         self.notice_others()
-        self.phase_name, self.phase_start = phase, self.clock()
+        self.phase_name = phase
         self.print_line()
 
     # ----------------------------------------------------------------- the line
