@@ -35,8 +35,7 @@ def run_state(study, run):
     if is_locked(study.lock_path(run)):
         return "running now"
     if study.conditions[run.condition] is not None:
-        steps = study.train_settings(run)["steps"]
-        done = steps - steps_left(study, run)
+        steps, done = study.train_settings(run)["steps"], steps_in_run_dir(study.run_dir(run))
         if done:
             return f"trained {done}/{steps}" if done < steps else "trained"
     return "to do"

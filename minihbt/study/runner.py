@@ -213,14 +213,9 @@ def embed(ctx, run, model_path, rs):
 
 def loss_curve(run_dir):
     """The per-step training loss and batch kind, from the run's log.jsonl."""
-    loss, kind = [], []
     with open(os.path.join(run_dir, "log.jsonl"), encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                rec = json.loads(line)
-                loss.append(rec["loss"])
-                kind.append(rec["kind"])
-    return {"loss": loss, "kind": kind}
+        steps = [json.loads(line) for line in f if line.strip()]
+    return {"loss": [s["loss"] for s in steps], "kind": [s["kind"] for s in steps]}
 
 
 def dataset(ctx, direction):

@@ -42,11 +42,9 @@ def fmt_difference(metric, d):
     small for those decimals in scientific notation ('+2.0e-05 [...]') rather than as zeros."""
     values = (d["difference"], d["low"], d["high"])
     tiny = 0.05 if metric == "bias" else 5e-4
-    if any(values) and max(abs(v) for v in values) < tiny:
-        f = lambda x: f"{x:+.1e}"                                        # noqa: E731
-    else:
-        f = lambda x: fmt_signed(metric, x)                              # noqa: E731
-    return f"{f(values[0])} [{f(values[1])}, {f(values[2])}]"
+    scientific = any(values) and max(abs(v) for v in values) < tiny
+    difference, low, high = (f"{x:+.1e}" if scientific else fmt_signed(metric, x) for x in values)
+    return f"{difference} [{low}, {high}]"
 
 
 def fmt_signed(metric, x):
