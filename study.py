@@ -30,7 +30,6 @@ from minihbt import cli
 from minihbt.cli import setting
 from minihbt.files import LOCKING, git_info
 from minihbt.study import SettingError, grid, load_study, select_runs, verify
-from minihbt.study.config import check_inputs
 from minihbt.study.data import ReportError
 from minihbt.study.report import write_report
 from minihbt.study.runner import Context, Interrupted, RunError, check_existing
@@ -178,8 +177,7 @@ def main(argv=None):
         if args.dry_run:
             grid.dry_run(study, runs, pending, args.device)
             return 0
-        check_inputs(study, runs if args.verify else pending)
-        grid.check_train_settings(study, runs if args.verify else pending, args.device)
+        grid.check_ready(study, runs if args.verify else pending, args.device)
     except SettingError as e:
         raise cli.Stop(cli.EXIT_USAGE, f"error: {e}") from None
     ctx = Context(study, None, device=args.device, keep_models=args.keep_models, flags=reproduce_flags(study, args),

@@ -53,9 +53,10 @@ def make_progress(study, runs, pending, every, stream=None, processes=None):
                     finished_elsewhere=lambda run: read_result(study, run) if is_finished(study, run) else None)
 
 
-def check_train_settings(study, runs, device):
-    """Every planned training run's settings, checked by train.py's own rules before any run
-    starts (a combination train.py refuses would otherwise stop the grid hours in)."""
+def check_ready(study, runs, device):
+    """The runs' model and data exist (config.check_inputs) and each training run's settings pass
+    train.py's own rules, before any run starts (else SettingError, not a stop hours into the grid)."""
+    check_inputs(study, runs)
     for run in runs:
         if study.conditions[run.condition] is not None:
             train_settings(study, run, device)
@@ -78,8 +79,7 @@ def dry_run(study, runs, pending, device):
                     if study.conditions[run.condition] is not None else f"no training: {study.display(study.model)}")
             print(f"  {run.id:16s} {run_state(study, run):16s} {what}")
     try:
-        check_inputs(study, pending)
-        check_train_settings(study, pending, device)
+        check_ready(study, pending, device)
     except SettingError as e:
         print(f"not ready: {e}")
     live = live_processes(grid_folder(study))
