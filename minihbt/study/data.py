@@ -127,10 +127,8 @@ class DirectionBootstrap:
             observed = stats.resampled_macro(np.ones((1, self.n_items)), units)             # [1, runs]
             self._cache[key] = (observed, stats.resampled_macro(self.counts, units))       # [B, runs]
         observed, per_run = self._cache[key]
-        uniform = self.weights["questions"]
-        observed = stats.combine_seeds(observed, uniform, self.seeds)[0]
-        samples = stats.combine_seeds(per_run, self.weights[interval] if interval == "seeds" else uniform,
-                                      self.seeds)
+        observed = stats.combine_seeds(observed, self.weights["questions"], self.seeds)[0]
+        samples = stats.combine_seeds(per_run, self.weights[interval], self.seeds)
         i, j = self.columns.index(a), self.columns.index(b)
         low, high = stats.percentile_interval(samples[:, i] - samples[:, j])
         return {"difference": float(observed[i] - observed[j]), "low": low, "high": high}
