@@ -169,7 +169,7 @@ def main(argv=None):
         check_existing(study, runs)
         if args.report:
             return report(study, args)
-        pending = [r for r in runs if not grid.is_finished(study, r)]
+        pending = [r for r in runs if not study.is_finished(r)]
         if args.verify and pending:
             raise SettingError(f"--verify {args.verify}: the run has no result yet (run it first)")
         if args.verify:

@@ -147,6 +147,14 @@ class Study:
     def result_path(self, run, ext=".json"):
         return os.path.join(self.results_dir, run.direction, run.stem + ext)
 
+    def is_finished(self, run):
+        """A run is finished once its JSON and its .npz of per-query ranks are both there."""
+        return os.path.exists(self.result_path(run)) and os.path.exists(self.result_path(run, ".npz"))
+
+    def read_result(self, run):
+        with open(self.result_path(run), encoding="utf-8") as f:
+            return json.load(f)
+
     def run_dir(self, run):
         return os.path.join(self.runs_root, self.name, run.direction, run.stem)
 

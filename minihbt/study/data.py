@@ -6,8 +6,6 @@ condition's per-query value is its mean over the seeds present, and every condit
 measured on the same resamples of question ids. A column is a condition under one variant:
 "hybrid" (plain) or "hybrid+centered" (per-language centring).
 """
-import json
-import os
 
 import numpy as np
 
@@ -34,13 +32,11 @@ class StudyResults:
     def __init__(self, study):
         self.study, self.records, self.missing = study, {}, []
         for run in study.runs():
-            path = study.result_path(run)
-            if os.path.exists(path) and os.path.exists(study.result_path(run, ".npz")):
+            if study.is_finished(run):
                 try:
-                    with open(path, encoding="utf-8") as f:
-                        self.records[run] = json.load(f)
+                    self.records[run] = study.read_result(run)
                 except (OSError, ValueError) as e:
-                    raise ReportError(f"{path}: not a readable result ({e})") from None
+                    raise ReportError(f"{study.result_path(run)}: not a readable result ({e})") from None
             else:
                 self.missing.append(run)
 

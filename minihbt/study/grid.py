@@ -3,7 +3,6 @@
 Several study processes may share one grid: each locks the run it works on (files.exclusive_lock)
 and marks its presence in the grid's folder, so the others skip the run and share the time left.
 """
-import json
 import os
 import shlex
 import signal
@@ -14,15 +13,6 @@ from .progress import Progress, human, steps_in_run_dir
 from .runner import Interrupted, execute, train_settings
 
 
-def is_finished(study, run):
-    return os.path.exists(study.result_path(run)) and os.path.exists(study.result_path(run, ".npz"))
-
-
-def read_result(study, run):
-    with open(study.result_path(run), encoding="utf-8") as f:
-        return json.load(f)
-
-
 def steps_left(study, run):
     if study.conditions[run.condition] is None:
         return 0
@@ -30,7 +20,7 @@ def steps_left(study, run):
 
 
 def run_state(study, run):
-    if is_finished(study, run):
+    if study.is_finished(run):
         return "finished"
     if is_locked(study.lock_path(run)):
         return "running now"
@@ -47,10 +37,10 @@ def grid_folder(study):
 
 
 def make_progress(study, runs, pending, every, stream=None, processes=None):
-    finished = [read_result(study, run) for run in study.runs() if is_finished(study, run)]
+    finished = [study.read_result(run) for run in study.runs() if study.is_finished(run)]
     todo = [(r, steps_left(study, r), r.direction) for r in pending]
     return Progress(study.name, len(runs), todo, finished, stream=stream, every=every, processes=processes,
-                    finished_elsewhere=lambda run: read_result(study, run) if is_finished(study, run) else None)
+                    finished_elsewhere=lambda run: study.read_result(run) if study.is_finished(run) else None)
 
 
 def check_ready(study, runs, device):
@@ -67,7 +57,7 @@ def dry_run(study, runs, pending, device):
     print(f"study {study.name} ({study.display(study.path)}): {len(runs)} runs selected, "
           f"{len(runs) - len(pending)} finished, {len(pending)} to do")
     print(f"results in {study.display(study.results_dir)}/, run directories in "
-          f"{study.display(os.path.join(study.runs_root, study.name))}/ (commands run from the repository root)")
+          f"{study.display(grid_folder(study))}/ (commands run from the repository root)")
     for d, direction in study.directions.items():
         mine = [r for r in runs if r.direction == d]
         if not mine:
@@ -113,11 +103,11 @@ def work_on(ctx, run):
     "finished" (by another process) or "held" (by another process now)."""
     study = ctx.study
     with exclusive_lock(study.lock_path(run)) as mine:
-        if mine and not is_finished(study, run):
+        if mine and not study.is_finished(run):
             execute(ctx, run)
             return "here"
-    if is_finished(study, run):
-        ctx.progress.elsewhere(run, read_result(study, run))
+    if study.is_finished(run):
+        ctx.progress.elsewhere(run, study.read_result(run))
         return "finished"
     ctx.progress.elsewhere(run)
     return "held"

@@ -89,8 +89,7 @@ def check_existing(study, runs):
         path = study.result_path(run)
         if os.path.exists(path):
             try:
-                with open(path, encoding="utf-8") as f:
-                    saved = json.load(f)
+                saved = study.read_result(run)
             except (OSError, ValueError) as e:
                 raise SettingError(f"{study.display(path)}: not a readable result ({e}); move it away") from None
             want = expected_record(study, run)

@@ -16,7 +16,6 @@ import numpy as np
 from ..files import exclusive_lock
 from ..parallel import blas_threads
 from .config import SettingError
-from .grid import read_result
 from .runner import RunError, execute
 
 
@@ -62,7 +61,7 @@ def by_metric(diffs):
 def verify(ctx, run, tolerance=1e-6):
     """Re-run `run` in a scratch directory; returns (ok, comparison dict, stored record)."""
     study = ctx.study
-    saved = read_result(study, run)
+    saved = study.read_result(run)
     scratch_root = os.path.join(study.runs_root, ".verify")
     scratch = dataclasses.replace(study, runs_root=scratch_root, results_root=os.path.join(scratch_root, "results"))
     with exclusive_lock(scratch.lock_path(run)) as mine:
@@ -85,7 +84,7 @@ def verify(ctx, run, tolerance=1e-6):
 def check_same_blas_threads(study, run, flag_value):
     """A run made before minihbt's results stopped depending on the thread count reproduces bit
     for bit only on as many BLAS threads as it was made with (else SettingError)."""
-    record = read_result(study, run)
+    record = study.read_result(run)
     if (record.get("minihbt") or {}).get("same_bits_any_threads"):
         return                                        # made by code whose results do not depend on it
     made = (record.get("machine") or {}).get("blas") or {}
