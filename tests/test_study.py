@@ -418,6 +418,7 @@ def test_progress_prefers_this_invocations_own_times(tmp_path):
     p.finished({"direction": "A", "seconds": {"train": 150.0, "train_steps": 50, "evaluate": 45.0},
                 "results": {"plain": {"mono": {"map": 0}, "cross": {"map": 0}, "multi": {"map": 0},
                                       "bias": {"rank_distance": 0}}}})
+    assert p.step_time == [100.0 + 150.0, 50 + 50]                    # a1's training counted once
     assert p.time_left() == (pytest.approx(50 * 3.0 + 45.0), [])
 
 

@@ -70,9 +70,10 @@ class Progress:
 
     def record(self, res, session=False):
         """Add a finished run's measured times (its JSON) to the estimate (session: a run of this
-        invocation, whose evaluation time also counts as this invocation's own)."""
+        invocation, whose training `trained` counted as it ended, and whose evaluation time also
+        counts as this invocation's own)."""
         sec = res.get("seconds", {})
-        if sec.get("train") and sec.get("train_steps"):
+        if sec.get("train") and sec.get("train_steps") and not session:
             self.step_time[0] += sec["train"]
             self.step_time[1] += sec["train_steps"]
         if "evaluate" in sec:
