@@ -6,8 +6,10 @@
     runner.py    one run: train (minihbt.training, resumable), evaluate plain and centred, write its files
     verify.py    one finished run again from nothing, compared with its stored result
     perquery.py  the per-query ranks (.npz beside each run's JSON) and the metrics they give
+    data.py      the result files as the report reads them: means over seeds, paired bootstrap
     report.py    REPORT.md from the result files alone: tables, bootstrap differences, verdicts
     verdicts.py  the paper's claims checked against the bootstrap intervals
+    paper.py     the paper's own figures, set beside the study's differences
     figures.py   metric and loss-curve figures (matplotlib, optional)
 """
 from .config import SettingError, load_study, select_runs

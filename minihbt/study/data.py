@@ -6,12 +6,11 @@ condition's per-query value is its mean over the seeds present, and every condit
 measured on the same resamples of question ids. A column is a condition under one variant:
 "hybrid" (plain) or "hybrid+centered" (per-language centring).
 """
-
 import numpy as np
 
 from .. import stats
 from .config import CENTERED
-from .perquery import METRICS, VARIANTS, RankFile, macro_value, unit_values
+from .perquery import VARIANTS, RankFile, macro_value, unit_values
 
 
 class ReportError(Exception):
@@ -51,8 +50,7 @@ class StudyResults:
     def summary(self, direction, condition, variant, metric):
         """(mean, 95% t half-width, n) of a macro figure over the condition's seeds."""
         values = [macro_value(rec["results"][variant], metric) for _, rec in self.runs(direction, condition)]
-        mean, half = stats.mean_ci(values)
-        return mean, half, len(values)
+        return (*stats.mean_ci(values), len(values))
 
     def unit_means(self, direction, condition, variant, metric):
         """{unit: mean over seeds} of a per-language (per-pair) figure."""
@@ -128,7 +126,3 @@ class DirectionBootstrap:
         i, j = self.columns.index(a), self.columns.index(b)
         low, high = stats.percentile_interval(samples[:, i] - samples[:, j])
         return {"difference": float(observed[i] - observed[j]), "low": low, "high": high}
-
-
-def higher_is_better(metric):
-    return METRICS[metric][3]

@@ -9,8 +9,14 @@ import signal
 
 from ..files import exclusive_lock, is_locked, live_processes, presence
 from .config import SettingError, check_inputs
-from .progress import Progress, human, steps_in_run_dir
-from .runner import Interrupted, execute, train_settings
+from .progress import Progress, human
+from .runner import Interrupted, execute, latest_trainer_state, train_settings
+
+
+def steps_in_run_dir(run_dir):
+    """Steps already trained in a run directory (its latest checkpoint), 0 if none."""
+    state = latest_trainer_state(run_dir)
+    return state["step"] if state else 0
 
 
 def steps_left(study, run):

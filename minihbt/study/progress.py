@@ -13,8 +13,6 @@ import sys
 import threading
 import time
 
-from ..checkpoint import latest_checkpoint, read_trainer_state
-
 SESSION_STEPS = 10          # steps this invocation must have timed before its own rate replaces the records'
 
 
@@ -61,8 +59,7 @@ class Progress:
         for res in finished:
             self.record(res)
         self.session_steps, self.session_eval = [0.0, 0], {}          # the same, this invocation only
-        self.current, self.index, self.run_start = None, 0, clock()
-        self.phase_name = ""
+        self.current, self.index, self.run_start, self.phase_name = None, 0, clock(), ""
         self.train_watch = None                        # (log path, steps at start, total steps, start time)
         self.eval_direction, self.eval_start = None, None
         self._stop = threading.Event()
@@ -245,20 +242,3 @@ class Progress:
     def _tick(self):
         while not self._stop.wait(self.every):
             self.print_line()
-
-
-def steps_in_run_dir(run_dir):
-    """Steps already trained in a run directory (its latest checkpoint), 0 if none."""
-    state = latest_trainer_state(run_dir)
-    return state["step"] if state else 0
-
-
-def latest_trainer_state(run_dir):
-    """The trainer state ({"step", "settings", ...}) of a run directory's latest checkpoint, or
-    None: no checkpoint, or one that another study process removed while this one read it
-    (its run is trained)."""
-    try:
-        ckpt = latest_checkpoint(run_dir)
-        return read_trainer_state(ckpt) if ckpt else None
-    except (OSError, ValueError):
-        return None

@@ -12,18 +12,15 @@ from . import figures, paper
 from .data import DirectionBootstrap, StudyResults, column, split_column
 from .perquery import METRICS, VARIANTS, macro_value
 from .progress import human
-from .verdicts import fmt_difference, fmt_signed, verdicts
+from .verdicts import fmt_difference, fmt_value, verdicts
 
 TABLE_METRICS = ("mo_map", "mo_r1", "cr_map", "cr_r1", "mul_map", "mul_r10", "bias")
 SEED_METRICS = ("mo_map", "cr_map", "mul_map", "bias")
 
 
-def fmt_value(metric, x):
-    return f"{x:.1f}" if metric == "bias" else f"{x:.3f}".replace("0.", ".", 1)
-
-
 def fmt_summary(metric, mean, half, n):
-    return fmt_value(metric, mean) + (f" ± {fmt_value(metric, half)}" if n > 1 else "")
+    """'.631 ± .012' ('.631' for a single run; bias to one decimal)."""
+    return fmt_value(metric, mean) + (f" ± {fmt_value(metric, half)}" if n >= 2 else "")
 
 
 def _table(header, rows):
@@ -32,7 +29,6 @@ def _table(header, rows):
 
 
 def header_lines(study, results, command):
-    n_runs = len(study.runs())
     commits = sorted({(r["minihbt"].get("commit") or "unknown")[:10] + (" (dirty)" if r["minihbt"].get("dirty") else "")
                       for r in results.records.values()})
     recipe = ", ".join(f"{k} {v}" for k, v in study.recipe.items())
@@ -40,7 +36,7 @@ def header_lines(study, results, command):
                            for c, s in study.conditions.items())
     lines = [f"# Study {study.name}", ""] + ([study.description, ""] if study.description else []) + [
              f"Written by `{command}` from the result files in `{study.display(study.results_dir)}/` alone: "
-             f"{len(results.records)} of {n_runs} planned runs.", "",
+             f"{len(results.records)} of {len(study.runs())} planned runs.", "",
              f"- model: `{study.display(study.model)}`; conditions: {conditions}; seeds: {study.seeds}",
              f"- recipe (every trained run): {recipe}",
              f"- evaluation: {', '.join(f'{k} {v}' for k, v in study.evaluation.items())}; every run is evaluated "
@@ -136,7 +132,7 @@ def seeds_section(study, results, d):
                 continue
             diffs = [x - y for x, y in pairs]
             side = sum(x > 0 for x in diffs) if sum(diffs) > 0 else sum(x < 0 for x in diffs)
-            cells.append(" ".join(fmt_signed(m, x) for x in diffs) + f" ({side}/{len(diffs)})")
+            cells.append(" ".join(fmt_value(m, x, "+") for x in diffs) + f" ({side}/{len(diffs)})")
         rows.append([f"{a} − {b}"] + cells)
     lines = ["### Differences seed by seed", "",
              "The same differences for each seed on its own (seed 0, 1, 2 of one condition minus the same seed "
@@ -186,7 +182,7 @@ def paper_section(study, boot, d):
         return []
     rows = []
     for a, b in paper.DIFFERENCES:
-        rows += [[f"{a} − {b}", f"paper, {init}"] + [fmt_signed(m, paper.paper_difference(f, a, b, m))
+        rows += [[f"{a} − {b}", f"paper, {init}"] + [fmt_value(m, paper.paper_difference(f, a, b, m), "+")
                                                      for m in paper.SETTINGS]
                  for init, f in figures_by_init.items()]
         rows.append([f"{a} − {b}", "this study"] + [_cell(m, boot.difference(a, b, m, interval="seeds"))

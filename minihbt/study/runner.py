@@ -30,7 +30,7 @@ from ..files import atomic_path, sha256_file, source_digest, stat_digest, write_
 from ..weights import checkpoint_files
 from .config import SettingError, languages_in
 from .perquery import save_ranks
-from .progress import count_steps, latest_trainer_state
+from .progress import count_steps
 
 STUDY_STATE = "study_state.json"          # training wall time of a run, summed over sessions
 EMBEDDINGS = "embeddings.npz"
@@ -80,6 +80,17 @@ def expected_record(study, run):
             "train_data": [study.display(p) for p in direction.train] if trained else None,
             "settings": {"train": {**study.train_settings(run), "seed": run.seed} if trained else None,
                          "evaluation": study.evaluation}}
+
+
+def latest_trainer_state(run_dir):
+    """The trainer state ({"step", "settings", ...}) of a run directory's latest checkpoint, or
+    None: no checkpoint, or one that another study process removed while this one read it
+    (its run is trained)."""
+    try:
+        ckpt = latest_checkpoint(run_dir)
+        return read_trainer_state(ckpt) if ckpt else None
+    except (OSError, ValueError):
+        return None
 
 
 def check_existing(study, runs):

@@ -8,7 +8,6 @@ worse side, "not separable" when it covers 0. A claim of several comparisons hol
 all hold, is refuted when any is refuted, and is not separable otherwise. "Best or
 tied-best" is judged differently: it holds unless another condition is separably better.
 """
-from .data import higher_is_better
 from .perquery import METRICS
 
 HOLDS, REFUTED, NOT_SEPARABLE = "holds", "refuted", "not separable"
@@ -32,7 +31,7 @@ CLAIMS = [
 
 def judge(metric, d):
     """The verdict of one difference dict {"difference", "low", "high"} (A - B)."""
-    sign = 1 if higher_is_better(metric) else -1
+    sign = 1 if METRICS[metric][3] else -1                       # higher is better, or lower
     low, high = sorted((sign * d["low"], sign * d["high"]))
     return HOLDS if low > 0 else REFUTED if high < 0 else NOT_SEPARABLE
 
@@ -43,13 +42,13 @@ def fmt_difference(metric, d):
     values = (d["difference"], d["low"], d["high"])
     tiny = 0.05 if metric == "bias" else 5e-4
     scientific = any(values) and max(abs(v) for v in values) < tiny
-    difference, low, high = (f"{x:+.1e}" if scientific else fmt_signed(metric, x) for x in values)
+    difference, low, high = (f"{x:+.1e}" if scientific else fmt_value(metric, x, "+") for x in values)
     return f"{difference} [{low}, {high}]"
 
 
-def fmt_signed(metric, x):
-    """'+.031' (mAP, recall) or '-35.2' (bias)."""
-    return f"{x:+.1f}" if metric == "bias" else f"{x:+.3f}".replace("0.", ".", 1)
+def fmt_value(metric, x, sign=""):
+    """'.031' (mAP, recall) or '35.2' (bias); with sign "+": '+.031', '-35.2'."""
+    return f"{x:{sign}.1f}" if metric == "bias" else f"{x:{sign}.3f}".replace("0.", ".", 1)
 
 
 def _describe(a, b, metric, subset, d, q):
