@@ -32,10 +32,9 @@ from minihbt import cli, demo, training
 from minihbt.checkpoint import is_checkpoint, latest_checkpoint, read_trainer_state, remove_partial_checkpoints, run_contents
 from minihbt.cli import Problems, Stop
 from minihbt.comm import CommError, SettingsMismatch, SingleProcess, from_environment
-from minihbt.config import ConfigError, ModelConfig
 from minihbt.data import language_from_filename, spec_path
 from minihbt.files import remove_empty_folders
-from minihbt.training import RESUMABLE, TrainSettings, check_combinations, saved_settings
+from minihbt.training import RESUMABLE, TrainSettings, check_combinations, check_lengths, saved_settings
 
 PROG = "train.py"
 TRAINING_FILES = ("a SQuAD-format .json file whose name gives its language (de.json, arabic_dev.json; or LANG=PATH), "
@@ -186,19 +185,6 @@ def check_paths(s, resume, overwrite, problems):
         if overwrite and s.model and any(model == d or model.startswith(d + os.sep) for d in doomed):
             problems.add(f"--overwrite: --model {s.model} lies in the run in --out {s.out}, which --overwrite would "
                          "delete; copy it elsewhere first or choose another --out")
-
-
-def check_lengths(s, model_dir, given, problems):
-    """A truncation length set by the user must fit the model's position table (read from its
-    config.json, before anything is loaded); a default longer than it is lowered at loading."""
-    try:
-        config = ModelConfig.from_file(os.path.join(model_dir, "config.json"))
-    except (ConfigError, TypeError):           # no model folder, or no readable config: said elsewhere or at loading
-        return
-    for name in ("max_query_len", "max_passage_len"):
-        problem = config.length_problem(getattr(s, name))
-        if name in given and problem:
-            problems.bad_value(cli.flag_of(name), getattr(s, name), problem)
 
 
 def train(plan):

@@ -23,6 +23,7 @@ from .batchlog import BatchLog
 from .checkpoint import LOG_FILE, load_training_state, prepare_run_folder, save_checkpoint
 from .cli import AT_LEAST_0, AT_LEAST_1, FRACTION, POSITIVE, Problems, Range, build_settings, flag_of, setting
 from .comm import SingleProcess
+from .config import ConfigError, ModelConfig
 from .fast_step import loss_and_grads
 from .model import load_model
 from .parallel import pool_for
@@ -163,6 +164,19 @@ def check_sampler_combinations(s, given, problems):
         problems.add("--xx-weighting: only with --sampler xx or hybrid (xy batches have no single language)")
 
 
+def check_lengths(s, model_dir, given, problems):
+    """A truncation length set by the user must fit the model's position table (read from its
+    config.json, before anything is loaded); a default longer than it is lowered at loading."""
+    try:
+        config = ModelConfig.from_file(os.path.join(model_dir, "config.json"))
+    except (ConfigError, TypeError):           # no model folder, or no readable config: said elsewhere or at loading
+        return
+    for name in ("max_query_len", "max_passage_len"):
+        problem = config.length_problem(getattr(s, name))
+        if name in given and problem:
+            problems.bad_value(flag_of(name), getattr(s, name), problem)
+
+
 def saved_settings(state):
     """The TrainSettings fields of a checkpoint's trainer_state.json (older keys left out)."""
     known = {f.name for f in fields(TrainSettings)}
@@ -171,12 +185,13 @@ def saved_settings(state):
 
 def make_settings(values):
     """(TrainSettings, problems) from {name: value}, checked as train.py checks a new run's
-    settings (types, ranges, combinations; no paths, device or existing runs). None and False
-    count as not given (the defaults)."""
+    settings (types, ranges, combinations, lengths against the model's positions; no paths,
+    device or existing runs). None and False count as not given (the defaults)."""
     values = {k: v for k, v in values.items() if v is not None and v is not False}
-    problems = Problems()
+    problems, given = Problems(), frozenset(values)
     settings = build_settings(TrainSettings, values, {}, problems)
-    check_combinations(settings, frozenset(values), problems)
+    check_combinations(settings, given, problems)
+    check_lengths(settings, settings.model, given, problems)
     return settings, problems.lines
 
 

@@ -210,14 +210,17 @@ def test_differences_seed_by_seed(grid):
     assert rows["hybrid − base+centered"][3].startswith(" ".join(f"{h - base:+.1f}" for h in hybrid) + " (")
 
 
-def test_resume_a_run_stopped_during_training(grid, tmp_path):
+def test_resume_a_run_stopped_during_training(grid, tmp_path, capsys):
     config, out, st = grid
     run = next(r for r in st.runs() if r.id == "A/hybrid-seed0")
     run_dir = tmp_path / "runs" / "tiny" / "A" / "hybrid-seed0"
     argv = st.train_argv(run, str(run_dir))
     argv[argv.index("--steps") + 1] = "2"                            # the state a stop after step 2 leaves
     train.main(argv + ["--quiet"])
+    (run_dir / ".tmp-checkpoint-3").mkdir()                          # and a save cut short after step 3
     assert study.main(flags(config, tmp_path) + ["--only", "A/hybrid-seed0"]) == 0
+    assert (f"A/hybrid-seed0: removed .tmp-checkpoint-3 (left by an interrupted save) from {run_dir}"
+            in capsys.readouterr().err)
     again, clean = result(tmp_path, "A/hybrid-seed0"), result(out, "A/hybrid-seed0")
     assert again["results"] == clean["results"] and again["loss_curve"] == clean["loss_curve"]
     assert again["seconds"]["train_sessions"] == 1 and again["seconds"]["train_steps"] == 1   # only step 3 here
@@ -422,10 +425,16 @@ def test_progress_prefers_this_invocations_own_times(tmp_path):
     assert p.time_left() == (pytest.approx(50 * 3.0 + 45.0), [])
 
 
-def test_a_recipe_train_py_would_refuse_is_refused_before_any_run(world, tmp_path, capsys, monkeypatch):
-    """The recipe is shared by every condition: --xx-weighting reaching an xy run is refused by
-    train.py, so study.py must refuse the grid up front, naming the run and the flag."""
-    config = make_config(world, tmp_path / "study.json", xx_weighting="uniform")
+@pytest.mark.parametrize("recipe,refusal", [
+    ({"xx_weighting": "uniform"}, "A/xy-seed0: train.py would refuse its settings: --xx-weighting"),
+    ({"max_query_len": 31}, "A/xx-seed0: train.py would refuse its settings: --max-query-len 31: expected an "
+                            "integer in [2, 30] for this model (30 positions)")])
+def test_a_recipe_train_py_would_refuse_is_refused_before_any_run(world, tmp_path, capsys, monkeypatch, recipe,
+                                                                  refusal):
+    """The recipe is shared by every condition: --xx-weighting reaching an xy run, or a length past
+    the model's positions, is refused by train.py, so study.py must refuse the grid up front,
+    naming the run and the flag."""
+    config = make_config(world, tmp_path / "study.json", **recipe)
 
     def boom(*a, **k):
         raise AssertionError("trained although the settings are refused")
@@ -433,7 +442,7 @@ def test_a_recipe_train_py_would_refuse_is_refused_before_any_run(world, tmp_pat
     with pytest.raises(SystemExit) as e:
         study.main(flags(config, tmp_path))
     err = capsys.readouterr().err
-    assert e.value.code == 2 and "A/xy-seed0: train.py would refuse its settings: --xx-weighting" in err
+    assert e.value.code == 2 and refusal in err
     assert "Traceback" not in err and not (tmp_path / "results").exists()
 
 

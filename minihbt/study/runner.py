@@ -15,6 +15,7 @@ import os
 import platform
 import shlex
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -141,8 +142,9 @@ def train(ctx, run):
     """Train the run (or resume it, or find it trained); returns its final/ directory."""
     study, out = ctx.study, ctx.study.run_dir(run)
     steps = study.train_settings(run)["steps"]
-    if os.path.isdir(out):
-        remove_partial_checkpoints(out)           # a cut save may have left the latest as .old-NAME
+    removed = remove_partial_checkpoints(out)      # a cut save may have left the latest as .old-NAME
+    if removed:
+        print(f"{run.id}: removed {', '.join(removed)} (left by an interrupted save) from {out}", file=sys.stderr)
     ckpt = latest_checkpoint(out)
     start = 0
     if ckpt:
