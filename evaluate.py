@@ -192,8 +192,8 @@ def markdown_report(res, s):
     out += ["", "Cr. mAP per pair (rows: query language, columns: candidate language; diagonal: Mo.)", "",
             "| q \\ c | " + " | ".join(L) + " |", "|---" * (len(L) + 1) + "|"]
     for x in L:
-        cells = ("–" if m is None else f"{m:.3f}" for m in (pair_map(res, x, y) for y in L))
-        out.append(f"| {x} | " + " | ".join(cells) + " |")
+        maps = [pair_map(res, x, y) for y in L]
+        out.append(f"| {x} | " + " | ".join("–" if m is None else f"{m:.3f}" for m in maps) + " |")
     out += ["", "Definitions:", ""] + [f"- {k}: {v}" for k, v in res["definitions"].items()]
     return "\n".join(out) + "\n"
 

@@ -132,7 +132,7 @@ class Range:
         return self.high is None or x <= self.high
 
     def describe(self, kind=""):
-        """The range in words, after `kind` ("an integer"): "an integer >= 1"; alone: ">= 1"."""
+        """The range in words, after `kind` ("an integer"): "an integer >= 1"; alone: " >= 1"."""
         if self.low is not None and self.high is not None:
             return f"{kind} in [{self.low}, {self.high}]"
         if self.low is not None:

@@ -425,6 +425,28 @@ def test_progress_prefers_this_invocations_own_times(tmp_path):
     assert p.time_left() == (pytest.approx(50 * 3.0 + 45.0), [])
 
 
+def test_progress_counts_every_session_of_a_finished_runs_training_once():
+    """A run trained by an earlier invocation (stopped before its evaluation) is finished here
+    without `trained`; a resumed run's `trained` counts only this invocation's steps: either
+    way its JSON's training (every session) ends up in the estimate once."""
+    class Run:
+        def __init__(self, rid):
+            self.id, self.direction = rid, "A"
+    a1, a2, a3 = Run("A/x-seed0"), Run("A/x-seed1"), Run("A/x-seed2")
+    p = Progress("t", 3, [(a1, 0, "A"), (a2, 20, "A"), (a3, 50, "A")], [], every=0, clock=lambda: 0.0)
+    p.stream = type("S", (), {"write": lambda self, s: None, "flush": lambda self: None})()
+    results = {"plain": {"mono": {"map": 0}, "cross": {"map": 0}, "multi": {"map": 0}, "bias": {"rank_distance": 0}}}
+    p.begin(a1)
+    p.finished({"direction": "A", "seconds": {"train": 100.0, "train_steps": 50, "evaluate": 30.0}, "results": results})
+    assert p.step_time == [100.0, 50]
+    p.begin(a2)
+    p.trained(60.0, 20)                                               # steps 31..50, here; 1..30 took 90 s before
+    assert p.step_time == [160.0, 70]
+    p.finished({"direction": "A", "seconds": {"train": 150.0, "train_steps": 50, "evaluate": 30.0}, "results": results})
+    assert p.step_time == [250.0, 100]
+    assert p.time_left() == (pytest.approx(50 * 3.0 + 30.0), [])       # a3 at this invocation's own 3 s a step
+
+
 @pytest.mark.parametrize("recipe,refusal", [
     ({"xx_weighting": "uniform"}, "A/xy-seed0: train.py would refuse its settings: --xx-weighting"),
     ({"max_query_len": 31}, "A/xx-seed0: train.py would refuse its settings: --max-query-len 31: expected an "

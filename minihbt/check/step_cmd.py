@@ -113,14 +113,13 @@ def compare(entry, theirs, ours, manifest):
     tensor of another shape is out of tolerance by an infinite error."""
     name = entry["name"]
     tol = manifest["tolerances"][manifest["dtype"]][entry["family"]]
-    theirs, stored = theirs[name], manifest.get("row_stored", {}).get(name)
-    if stored and list(theirs.shape) == stored["full_shape"]:
-        theirs = theirs[ours[stored["rows"]]]
-    ours = ours[name]
-    if theirs.shape != ours.shape:
-        shapes = f"THEIRS {list(theirs.shape)}, the bundle {list(ours.shape)}"
+    given, expected, stored = theirs[name], ours[name], manifest.get("row_stored", {}).get(name)
+    if stored and list(given.shape) == stored["full_shape"]:
+        given = given[ours[stored["rows"]]]
+    if given.shape != expected.shape:
+        shapes = f"THEIRS {list(given.shape)}, the bundle {list(expected.shape)}"
         return Row(name, entry["phase"], entry["family"], float("inf"), float("inf"), tol, shapes)
-    a, b = theirs.astype(np.float64), ours.astype(np.float64)
+    a, b = given.astype(np.float64), expected.astype(np.float64)
     max_abs = float(np.abs(a - b).max()) if a.size else 0.0
     scale = max(1.0, float(np.abs(b).max()) if b.size else 0.0)
     return Row(name, entry["phase"], entry["family"], max_abs, max_abs / scale, tol)

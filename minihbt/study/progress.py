@@ -59,6 +59,7 @@ class Progress:
         for res in finished:
             self.record(res)
         self.session_steps, self.session_eval = [0.0, 0], {}          # the same, this invocation only
+        self.counted = [0.0, 0]                        # the current run's training `trained` added to step_time
         self.current, self.index, self.run_start, self.phase_name = None, 0, clock(), ""
         self.train_watch = None                        # (log path, steps at start, total steps, start time)
         self.eval_direction, self.eval_start = None, None
@@ -66,15 +67,17 @@ class Progress:
         self._thread = None
 
     def record(self, res, session=False):
-        """Add a finished run's measured times (its JSON) to the estimate (session: a run of this
-        invocation, whose training `trained` counted as it ended, and whose evaluation time also
-        counts as this invocation's own)."""
+        """Add a finished run's measured times (its JSON: every session's training) to the
+        estimate. session: the run this invocation just finished, whose training `trained` has
+        counted in part already, and whose evaluation time also counts as this invocation's own."""
         sec = res.get("seconds", {})
-        if sec.get("train") and sec.get("train_steps") and not session:
-            self.step_time[0] += sec["train"]
-            self.step_time[1] += sec["train_steps"]
+        if sec.get("train") and sec.get("train_steps"):
+            counted = self.counted if session else (0.0, 0)
+            self.step_time[0] += sec["train"] - counted[0]
+            self.step_time[1] += sec["train_steps"] - counted[1]
         if "evaluate" in sec:
-            for times in (self.eval_time, self.session_eval) if session else (self.eval_time,):
+            targets = [self.eval_time, self.session_eval] if session else [self.eval_time]
+            for times in targets:
                 slot = times.setdefault(res["direction"], [0.0, 0])
                 slot[0] += sec["evaluate"]
                 slot[1] += 1
@@ -84,6 +87,7 @@ class Progress:
         self.todo += [t for t in self.held if t[0] == run]             # its holder ended: this process takes it
         self.held = [t for t in self.held if t[0] != run]
         self.current, self.run_start = run, self.clock()
+        self.counted = [0.0, 0]                        # none of the new run yet
         self.notice_others()
         self.index = self.done + len(self.held) + 1                     # runs done or under way, this one included
         self.say("starting")
@@ -96,7 +100,7 @@ class Progress:
     def trained(self, seconds, steps):
         """Training of the current run ended after `seconds` of wall time for `steps` steps."""
         if steps:
-            for slot in (self.step_time, self.session_steps):
+            for slot in (self.step_time, self.session_steps, self.counted):
                 slot[0] += seconds
                 slot[1] += steps
         self.train_watch = None
