@@ -51,6 +51,11 @@ def batch_record(batch, step=None):
     return record
 
 
+def batch_line(batch, step):
+    """One line of the log: the batch of training step `step` (from 1) as JSON, newline-terminated."""
+    return json.dumps(batch_record(batch, step), ensure_ascii=False) + "\n"
+
+
 def sampler_batches(sampler, count):
     """The batches of training steps 0 .. count-1: epoch 0's batches in order, then epoch 1's, ..."""
     epoch = 0
@@ -65,7 +70,7 @@ def write_batch_log(batches, path):
     """Write `batches` (minihbt sampler Batches, in step order) to `path`, one line each, atomically."""
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for step, batch in enumerate(batches, 1):
-            f.write(json.dumps(batch_record(batch, step), ensure_ascii=False) + "\n")
+            f.write(batch_line(batch, step))
 
 
 class BatchLog:
@@ -81,7 +86,7 @@ class BatchLog:
         if self.path:
             self.file = open(self.path, "w", encoding="utf-8")
             for step, batch in enumerate(sampler_batches(self.sampler, self.step), 1):
-                self.file.write(json.dumps(batch_record(batch, step), ensure_ascii=False) + "\n")
+                self.file.write(batch_line(batch, step))
             self.file.flush()
         return self
 
@@ -89,7 +94,7 @@ class BatchLog:
         """Log the batch of the step just taken."""
         self.step += 1
         if self.file:
-            self.file.write(json.dumps(batch_record(batch, self.step), ensure_ascii=False) + "\n")
+            self.file.write(batch_line(batch, self.step))
             self.file.flush()
 
     def __exit__(self, *exc):
