@@ -75,7 +75,7 @@ def check_args(argv):
     problem, exit status 2; `languages`: --languages as a de-duplicated list of languages present
     in --data (None: all of them); `comm`: the ranks of this launch."""
     problems = cli.Problems()
-    s, _ = cli.parse_settings(cli.parser(PROG, __doc__, EvalSettings), EvalSettings, argv, problems)
+    s, _ = cli.parse_settings(PROG, __doc__, EvalSettings, argv, problems)
     comm = ranks(s.device)
     languages = None
     if cli.check_input_dir("--model", s.model, problems) and s.max_length is not None:

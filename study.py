@@ -70,7 +70,7 @@ class StudySettings:
 def check_flags(argv):
     """The settings, their combinations and paths, all checked before the study is read."""
     problems = cli.Problems()
-    args, _ = cli.parse_settings(cli.parser(PROG, __doc__, StudySettings), StudySettings, argv, problems)
+    args, _ = cli.parse_settings(PROG, __doc__, StudySettings, argv, problems)
     if not 0 <= args.progress_every < float("inf"):     # by hand: the message says "seconds"
         problems.add(f"--progress-every: expected a number of seconds >= 0, got {args.progress_every}")
     modes = [f for f, on in (("--report", args.report), ("--verify", args.verify), ("--dry-run", args.dry_run)) if on]

@@ -214,11 +214,12 @@ def parser(prog, description, *classes, epilog=None):
     return ap
 
 
-def parse_settings(ap, cls, argv, problems):
-    """(settings, given) from the command line `argv`: `ap` parses it (argparse's own errors
-    end the program at once), build_settings checks every value (unfit ones go to `problems`);
-    `given` holds the names the command line set."""
-    values = vars(ap.parse_args(argv))
+def parse_settings(prog, description, cls, argv, problems):
+    """(settings, given) from the command line `argv` of a program whose flags are the fields of
+    `cls`: parser(prog, description, cls) parses it (argparse's own errors end the program at
+    once), build_settings checks every value (unfit ones go to `problems`); `given` holds the
+    names the command line set."""
+    values = vars(parser(prog, description, cls).parse_args(argv))
     return build_settings(cls, values, {}, problems), frozenset(values)
 
 

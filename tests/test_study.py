@@ -235,7 +235,7 @@ def test_the_shown_train_command_is_what_the_run_trains_with(grid):
     for run in trained:
         argv = st.train_argv(run) + ["--device", "cpu", "--quiet"]
         problems = cli.Problems()
-        shown, _ = cli.parse_settings(train.build_parser(), training.TrainSettings, argv, problems)
+        shown = cli.build_settings(training.TrainSettings, vars(train.build_parser().parse_args(argv)), {}, problems)
         assert problems.lines == [] and shown == study_runner.train_settings(st, run, "cpu")
         if run.direction == "A":
             command = "python train.py " + shlex.join(st.train_argv(run, display=True) + ["--device", "cpu"])

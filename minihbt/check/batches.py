@@ -44,7 +44,7 @@ class BatchesSettings(SamplerSettings):
 def check_args(argv):
     """The settings, checked before anything is read: one line per problem, exit status 2."""
     problems = cli.Problems()
-    args, given = cli.parse_settings(cli.parser(PROG, __doc__, BatchesSettings), BatchesSettings, argv, problems)
+    args, given = cli.parse_settings(PROG, __doc__, BatchesSettings, argv, problems)
     if not os.path.isfile(args.log):
         problems.add(f"{args.log}: " + ("a folder; expected a batch log file" if os.path.isdir(args.log)
                                         else "no such file; expected a batch log (docs/batch-log.md)"))

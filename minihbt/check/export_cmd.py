@@ -91,7 +91,7 @@ def check_args(argv):
     problem, exit status 2; `lowered` says which default lengths the model's positions cut;
     `triplets`: the --batch file's."""
     problems = cli.Problems()
-    args, given = cli.parse_settings(cli.parser(PROG, __doc__, ExportSettings), ExportSettings, argv, problems)
+    args, given = cli.parse_settings(PROG, __doc__, ExportSettings, argv, problems)
     lowered = check_model_config(args, problems) if cli.check_input_dir("--model", args.model, problems) else []
     if (args.batch is None) == (args.data is None):
         problems.add("the batch: expected --batch FILE.jsonl, or --data PATH with --sampler (not both)")

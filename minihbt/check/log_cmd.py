@@ -29,7 +29,7 @@ class LogSettings(SamplerSettings):
 
 def check_args(argv):
     problems = cli.Problems()
-    args, given = cli.parse_settings(cli.parser(PROG, __doc__, LogSettings), LogSettings, argv, problems)
+    args, given = cli.parse_settings(PROG, __doc__, LogSettings, argv, problems)
     check_sampler_flags(args, given, problems)
     if os.path.isfile(args.out) and not args.overwrite:
         problems.add(f"--out {args.out}: already exists; add --overwrite to replace it")

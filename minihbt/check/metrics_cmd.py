@@ -52,7 +52,7 @@ class MetricsSettings:
 def check_args(argv):
     """Every setting before anything is read: one line per problem, exit status 2."""
     problems = cli.Problems()
-    args, _ = cli.parse_settings(cli.parser(PROG, __doc__, MetricsSettings), MetricsSettings, argv, problems)
+    args, _ = cli.parse_settings(PROG, __doc__, MetricsSettings, argv, problems)
     if not (args.embeddings or args.write_order or args.cases):
         problems.add("nothing to do: expected --embeddings FILE or --write-order FILE (each with --data DIR), "
                      "or --cases FILE")

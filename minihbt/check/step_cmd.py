@@ -75,7 +75,7 @@ class CompareSettings:
 
 def check_args(argv):
     problems = cli.Problems()
-    args, _ = cli.parse_settings(cli.parser(PROG, __doc__, CompareSettings), CompareSettings, argv, problems)
+    args, _ = cli.parse_settings(PROG, __doc__, CompareSettings, argv, problems)
     cli.check_input_dir("BUNDLE", args.bundle, problems)
     if not os.path.exists(args.theirs):
         problems.add(f"THEIRS {args.theirs}: no such file or folder; expected a folder of .safetensors files or one")
